@@ -1,0 +1,3 @@
+from legend.cli import main
+
+main()

@@ -1,0 +1,177 @@
+"""Experiment config: nested pydantic models, loaded from TOML plus dotted command-line overrides.
+
+Every field carries its help text once (``description``); ``legend run --help`` and the README's
+config reference are both made from the same fields. Validation happens once, at load.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from legend.errors import LegendError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("minilm-l6", description="'minilm-l6', 'smollm2-135m', a local model directory or a hub id")
+    dropout: float | None = Field(0.0, ge=0, lt=1, description="set every dropout rate of the pre-trained model to this (None keeps the model's own)")
+
+
+class DataConfig(Section):
+    task: str = Field("sst2", description="'sst2', 'agnews', 'qnli', or 'custom' (then set text_columns and label_column)")
+    path: str = Field("", description="folder with train and test files (.tsv or .csv); default ../shared/data/<task>")
+    hub_id: str = Field("", description="a Hugging Face hub dataset id to use instead of path (needs network)")
+    hub_config: str = Field("", description="configuration name of the hub dataset, e.g. 'sst2' for 'nyu-mll/glue'")
+    train_split: str = Field("train", description="split (file stem) to train on")
+    test_split: str = Field("test", description="split (file stem) to evaluate on")
+    text_columns: list[str] = Field(default_factory=list, description="one column, or two for sentence pairs; default from the task")
+    label_column: str = Field("label", description="column holding the class label")
+    labels: list[str] = Field(default_factory=list, description="label values in class order; default from the task, else sorted")
+    max_length: int = Field(64, gt=0, description="truncate each example to this many tokens (batches are padded dynamically)")
+    train_size: int = Field(0, ge=0, description="use a seeded random subset of this many training examples (0 = all)")
+    test_size: int = Field(0, ge=0, description="evaluate on the first this many test examples (0 = all)")
+    partition: Literal["iid", "dirichlet"] = Field("dirichlet", description="how training data is split over clients")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over labels: smaller is more non-IID")
+    min_partition_size: int = Field(10, ge=1, description="every client gets at least this many examples")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(default_factory=list, description="linear layers inside each block to adapt; default per architecture (PEFT's table)")
+
+
+class StrategyConfig(Section):
+    name: str = Field("fedit", description="federated algorithm: see `legend strategies`")
+
+
+class FlConfig(Section):
+    num_clients: int = Field(20, gt=0, description="simulated clients (devices)")
+    clients_per_round: int = Field(4, gt=0, description="clients sampled each round")
+    rounds: int = Field(30, gt=0, description="communication rounds")
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of tensors on the wire, both directions")
+
+
+class TrainConfig(Section):
+    lr: float | None = Field(None, gt=0, description="local AdamW learning rate; default: the strategy's (LoRA 3e-3, full fine-tuning 5e-5)")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over rounds: constant, or cosine decay to lr_min_ratio * lr at the last round")
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a share of lr, for the cosine schedule")
+    batch_size: int = Field(16, gt=0, description="local batch size")
+    local_steps: int = Field(10, ge=0, description="local optimizer steps per round (ignored when local_epochs > 0)")
+    local_epochs: int = Field(0, ge=0, description="local epochs per round instead of a fixed step count")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the local gradient norm (0 = off)")
+    group_by_length: bool = Field(True, description="batch examples of similar length together (less padding), as Hugging Face's Trainer does")
+
+
+class EvalConfig(Section):
+    every: int = Field(1, gt=0, description="evaluate the global model every this many rounds (and after the last)")
+    batch_size: int = Field(128, gt=0, description="evaluation batch size")
+    target_accuracy: float = Field(0.8, ge=0, le=1, description="accuracy that defines time_to_target_s and bytes_to_target")
+
+
+class EngineConfig(Section):
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores)")
+
+
+class Config(Section):
+    seed: int = Field(0, description="seeds data split, client sampling, initialisation and local training")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    fl: FlConfig = Field(default_factory=FlConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or the defaults when path is None), apply ``a.b=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LegendError(f"config file {path} not found: pass the path of a .toml file, e.g. configs/quickstart.toml")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise LegendError(f"config file {path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> Config:
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise LegendError(_describe(exc.errors()[0])) from None
+    if config.fl.clients_per_round > config.fl.num_clients:
+        raise LegendError(
+            f"config: fl.clients_per_round ({config.fl.clients_per_round}) exceeds fl.num_clients "
+            f"({config.fl.num_clients}): lower it or add clients"
+        )
+    return config
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise LegendError(f"override '{item}' is not key=value: write it like fl.rounds=5")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise LegendError(f"override '{item}': {part} is a value, not a section")
+    node[leaf] = _parse_value(text.strip())
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML literal (5, 0.1, true, [1, 2], "x"); anything else is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = _section_of(error["loc"][:-1])
+        allowed = ", ".join(section.model_fields)
+        where = ".".join(str(p) for p in error["loc"][:-1]) or "the top level"
+        return f"config: unknown key '{key}'; allowed in {where}: {allowed}"
+    return f"config: {key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _section_of(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return model
+
+
+def reference_markdown() -> str:
+    """The config reference as a Markdown table, made from the fields' own help text."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, field in Config.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for key, sub in annotation.model_fields.items():
+                default = sub.default_factory() if sub.default_factory else sub.default
+                lines.append(f"| `{name}.{key}` | `{default!r}` | {sub.description} |")
+        else:
+            lines.append(f"| `{name}` | `{field.default!r}` | {field.description} |")
+    return "\n".join(lines) + "\n"

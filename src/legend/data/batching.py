@@ -1,0 +1,66 @@
+"""Tokenise once, then build batches padded only to their own longest example."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import datasets
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    """Token ids per example (no padding), optional segment ids, and class ids."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray] | None
+    labels: np.ndarray
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self))
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """Right-padded tensors for these rows: input_ids, attention_mask, [token_type_ids], labels."""
+        rows = [self.input_ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # (B, T)
+        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+        for j, row in enumerate(rows):
+            input_ids[j, : len(row)] = row
+            attention_mask[j, : len(row)] = 1
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "labels": torch.from_numpy(self.labels[np.asarray(indices)]),
+        }
+        if self.token_type_ids is not None:
+            token_types = np.zeros((len(rows), width), dtype=np.int64)
+            for j, i in enumerate(indices):
+                token_types[j, : len(self.token_type_ids[i])] = self.token_type_ids[i]
+            batch["token_type_ids"] = torch.from_numpy(token_types)
+        return batch
+
+
+def encode(table: datasets.Dataset, tokenizer, max_length: int) -> EncodedSplit:
+    pairs = list(table["text_pair"]) if "text_pair" in table.column_names else None
+    encoded = tokenizer(list(table["text"]), pairs, truncation=True, max_length=max_length)
+    token_types = encoded.get("token_type_ids")
+    return EncodedSplit(
+        input_ids=[np.asarray(ids, dtype=np.int64) for ids in encoded["input_ids"]],
+        token_type_ids=[np.asarray(t, dtype=np.int64) for t in token_types] if token_types is not None else None,
+        labels=np.asarray(list(table["label"]), dtype=np.int64),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def length_buckets(split: EncodedSplit, batch_size: int) -> list[np.ndarray]:
+    """Evaluation batches of similar length, so little compute goes to padding."""
+    order = np.argsort(split.lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

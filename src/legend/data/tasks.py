@@ -1,0 +1,117 @@
+"""Tasks: where the text and labels are, read with Hugging Face datasets into class ids."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from legend.config import DataConfig
+from legend.errors import LegendError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    text_columns: tuple[str, ...]
+    labels: tuple[str, ...]
+    label_column: str = "label"
+
+
+TASKS = {
+    "sst2": TaskSpec(("sentence",), ("0", "1")),
+    "agnews": TaskSpec(("text",), ("World", "Sports", "Business", "Sci/Tech")),
+    "qnli": TaskSpec(("question", "sentence"), ("entailment", "not_entailment")),
+}
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Train and test splits with columns ``text``, optional ``text_pair``, and integer ``label``."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    label_names: tuple[str, ...]
+
+    @property
+    def is_pair(self) -> bool:
+        return "text_pair" in self.train.column_names
+
+
+def default_data_path(task: str) -> Path:
+    return Path("..") / "shared" / "data" / task
+
+
+def load_task(cfg: DataConfig) -> TaskData:
+    spec = TASKS.get(cfg.task)
+    if spec is None and cfg.task != "custom":
+        raise LegendError(f"data.task '{cfg.task}' is unknown: use one of {', '.join(TASKS)} or 'custom'")
+    text_columns = tuple(cfg.text_columns) or (spec.text_columns if spec else ())
+    if not 1 <= len(text_columns) <= 2:
+        raise LegendError("data.text_columns must name one column, or two for sentence pairs (e.g. [\"question\", \"sentence\"])")
+    label_column = cfg.label_column
+    raw = _load_hub(cfg) if cfg.hub_id else _load_folder(cfg)
+    for split, table in raw.items():
+        for column in (*text_columns, label_column):
+            if column not in table.column_names:
+                raise LegendError(
+                    f"data: column '{column}' not in the {split} split (columns: {', '.join(table.column_names)}); "
+                    "set data.text_columns / data.label_column"
+                )
+    train, test = raw[cfg.train_split], raw[cfg.test_split]
+    label_names = tuple(cfg.labels) or (spec.labels if spec else _sorted_labels(train, label_column))
+    return TaskData(
+        train=_to_ids(train, cfg.train_split, text_columns, label_column, label_names),
+        test=_to_ids(test, cfg.test_split, text_columns, label_column, label_names),
+        label_names=label_names,
+    )
+
+
+def _load_folder(cfg: DataConfig) -> dict[str, datasets.Dataset]:
+    folder = Path(cfg.path) if cfg.path else default_data_path(cfg.task)
+    if not folder.is_dir():
+        raise LegendError(f"data.path {folder} is not a folder: set data.path to a folder holding train.tsv and test.tsv")
+    splits = {}
+    for split in (cfg.train_split, cfg.test_split):
+        file = next((folder / f"{split}{ext}" for ext in (".tsv", ".csv") if (folder / f"{split}{ext}").is_file()), None)
+        if file is None:
+            raise LegendError(f"data: no {split}.tsv or {split}.csv in {folder}: add it or set data.{'train' if split == cfg.train_split else 'test'}_split")
+        splits[split] = datasets.load_dataset(
+            "csv",
+            data_files=str(file),
+            split="train",
+            delimiter="\t" if file.suffix == ".tsv" else ",",
+            quoting=csv.QUOTE_NONE if file.suffix == ".tsv" else csv.QUOTE_MINIMAL,
+            keep_default_na=False,
+        )
+    return splits
+
+
+def _load_hub(cfg: DataConfig) -> dict[str, datasets.Dataset]:
+    try:
+        loaded = datasets.load_dataset(cfg.hub_id, cfg.hub_config or None)
+    except Exception as exc:  # the hub raises many types; all mean "not reachable here"
+        raise LegendError(f"data.hub_id '{cfg.hub_id}' could not be loaded ({type(exc).__name__}): check the id and the network, or use data.path") from None
+    for split in (cfg.train_split, cfg.test_split):
+        if split not in loaded:
+            raise LegendError(f"data: hub dataset '{cfg.hub_id}' has no split '{split}' (splits: {', '.join(loaded)}); set data.train_split / data.test_split")
+    return {split: loaded[split] for split in (cfg.train_split, cfg.test_split)}
+
+
+def _sorted_labels(table: datasets.Dataset, label_column: str) -> tuple[str, ...]:
+    return tuple(sorted({str(v) for v in table[label_column]}))
+
+
+def _to_ids(table, split, text_columns, label_column, label_names) -> datasets.Dataset:
+    index = {name: i for i, name in enumerate(label_names)}
+    raw_labels = [str(v) for v in table[label_column]]
+    unknown = sorted(set(raw_labels) - index.keys())
+    if unknown:
+        raise LegendError(
+            f"data: label '{unknown[0]}' in the {split} split is not one of {', '.join(label_names)}; set data.labels to every label in class order"
+        )
+    columns = {"text": [str(t) for t in table[text_columns[0]]], "label": [index[v] for v in raw_labels]}
+    if len(text_columns) == 2:
+        columns["text_pair"] = [str(t) for t in table[text_columns[1]]]
+    return datasets.Dataset.from_dict(columns)

@@ -1,0 +1,1 @@
+"""Client-side training, the embedded simulation loop, and checkpoints."""

@@ -1,0 +1,67 @@
+"""Checkpoints written atomically (temp file, fsync, rename), refused when corrupt or mismatched."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from legend.errors import LegendError
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """After a crash at any point, ``path`` holds either the old content or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, **payload}, buffer)
+    atomic_write(out_dir / CHECKPOINT, buffer.getvalue())
+
+
+def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The saved run state; refuses a file that is unreadable or was written by another config."""
+    path = out_dir / CHECKPOINT
+    if not path.is_file():
+        raise LegendError(f"--resume: no {CHECKPOINT} in {out_dir}: run without --resume to start fresh")
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise LegendError(f"--resume: {path} is unreadable ({type(exc).__name__}): delete it to start over") from None
+    if payload.get("format") != FORMAT_VERSION:
+        raise LegendError(f"--resume: {path} has format {payload.get('format')}, this legend writes {FORMAT_VERSION}: start a new run")
+    differing = _differences(payload["config"], config)
+    if differing:
+        raise LegendError(f"--resume: {out_dir} was run with a different config ({', '.join(differing)}): resume with the same config, or use a new --out")
+    return payload
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ; fl.rounds may grow, so a finished run can be extended."""
+    keys = sorted(set(saved) | set(current))
+    out = []
+    for key in keys:
+        dotted = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, dotted + ".")
+        elif a != b and dotted != "fl.rounds":
+            out.append(dotted)
+    return out

@@ -1,0 +1,83 @@
+"""What a device does with its plan (local training) and how the server scores the global model."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from legend.config import TrainConfig
+from legend.data.batching import EncodedSplit
+from legend.models.shared import SharedModel, State
+from legend.strategies.base import ClientPlan, Update
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed for one (seed, round, client) draw: resuming at any round reproduces the same draws."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def local_step_count(num_samples: int, cfg: TrainConfig) -> int:
+    if cfg.local_epochs > 0:
+        return cfg.local_epochs * math.ceil(num_samples / cfg.batch_size)
+    return cfg.local_steps
+
+
+def training_batches(data: EncodedSplit, indices: np.ndarray, steps: int, cfg: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """``steps`` batches drawn epoch by epoch from a shuffled stream of the client's rows.
+
+    With group_by_length, each window of 50 batches is sorted by length before it is cut, and the
+    batches are then shuffled: the same examples per window, far less padding.
+    """
+    size = cfg.batch_size
+    epochs = max(1, math.ceil(steps * size / len(indices)))
+    stream = np.concatenate([rng.permutation(indices) for _ in range(epochs)])[: steps * size]
+    if cfg.group_by_length:
+        lengths = data.lengths
+        window = 50 * size
+        stream = np.concatenate([w[np.argsort(lengths[w], kind="stable")] for w in np.split(stream, range(window, len(stream), window))])
+    batches = [stream[i : i + size] for i in range(0, len(stream), size)]
+    if cfg.group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def train_client(model: SharedModel, plan: ClientPlan, global_state: State, data: EncodedSplit,
+                 indices: np.ndarray, cfg: TrainConfig, seed: int) -> Update:
+    """Local AdamW on the client's rows, starting from the global state overlaid with the plan's tensors."""
+    model.load({**global_state, **plan.weights})
+    params = model.set_trainable(plan.layout)
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
+    steps = local_step_count(len(indices), cfg)
+    batches = training_batches(data, indices, steps, cfg, np.random.default_rng(seed))
+    torch.manual_seed(seed)  # dropout
+    model.module.train()
+    losses = []
+    started = time.perf_counter()
+    for rows in batches:
+        batch = data.batch(rows)
+        loss = model.module(**batch).loss
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "compute_s": time.perf_counter() - started, "steps": steps}
+    return Update(plan.client, model.read(plan.layout), len(indices), metrics)
+
+
+@torch.no_grad()
+def evaluate(model: SharedModel, state: State, data: EncodedSplit, buckets: list[np.ndarray]) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of the model with ``state`` loaded, over ``data``."""
+    model.load(state)
+    model.module.eval()
+    correct, loss_sum = 0, 0.0
+    for rows in buckets:
+        batch = data.batch(rows)
+        out = model.module(**batch)
+        loss_sum += out.loss.item() * len(rows)
+        correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+    return correct / len(data), loss_sum / len(data)

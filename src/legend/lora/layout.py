@@ -1,0 +1,79 @@
+"""Adapter layouts: which blocks a device trains, with which rank, and which tensors.
+
+A layout is plain data. The shared model carries the strategy's *global* layout (every block any
+device may train, at its largest rank); each device's layout is a subset of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+LORA_FACTOR = re.compile(r"\.(lora_A|lora_B)\.")
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """What one device (or the global model) trains.
+
+    method: "lora" adds low-rank adapters to the target modules of blocks with rank > 0;
+            "full" trains every weight of the model.
+    rank_by_block: LoRA rank per block, index 0 nearest the input; 0 = no adapter there.
+    train_factors: the LoRA factors that receive gradients (FFA-LoRA trains only "lora_B").
+    train_head: whether the classification head is trained (and sent).
+    """
+
+    method: Literal["lora", "full"]
+    rank_by_block: tuple[int, ...] = ()
+    train_factors: tuple[str, ...] = ("lora_A", "lora_B")
+    train_head: bool = True
+
+    @classmethod
+    def uniform_lora(cls, num_blocks: int, rank: int, **kwargs) -> AdapterLayout:
+        return cls("lora", (rank,) * num_blocks, **kwargs)
+
+    @property
+    def depth(self) -> int:
+        """Blocks with an adapter, counted from the output."""
+        trained = [i for i, r in enumerate(self.rank_by_block) if r > 0]
+        return len(self.rank_by_block) - min(trained) if trained else 0
+
+    def trains(self, key: str, block: int | None, is_head: bool) -> bool:
+        if self.method == "full":
+            return True
+        if is_head:
+            return self.train_head
+        factor = LORA_FACTOR.search(key)
+        return bool(factor) and factor.group(1) in self.train_factors and block is not None and self.rank_by_block[block] > 0
+
+    def device_shape(self, key: str, block: int | None, full_shape: torch.Size) -> tuple[int, ...]:
+        """Shape of a tensor on a device: LoRA factors are cut to the device's rank (nested truncation)."""
+        factor = LORA_FACTOR.search(key)
+        if self.method != "lora" or factor is None or block is None:
+            return tuple(full_shape)
+        rank = self.rank_by_block[block]
+        out_features, in_features = full_shape
+        return (rank, in_features) if factor.group(1) == "lora_A" else (out_features, rank)
+
+
+def inject_lora(model: torch.nn.Module, module_names_by_block: dict[int, list[str]], layout: AdapterLayout, alpha: float, dropout: float) -> None:
+    """Add PEFT LoRA layers in place: one rank per block, given by ``layout.rank_by_block``.
+
+    Modules are named in full, so PEFT's ``rank_pattern`` maps each one to its block's rank exactly.
+    """
+    ranks = {name: layout.rank_by_block[block] for block, names in module_names_by_block.items() for name in names if layout.rank_by_block[block] > 0}
+    if not ranks:
+        return
+    config = LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=sorted(ranks),
+        rank_pattern={re.escape(name): rank for name, rank in ranks.items()},
+        alpha_pattern={re.escape(name): alpha for name in ranks},
+    )
+    inject_adapter_in_model(config, model)

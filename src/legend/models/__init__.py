@@ -1,0 +1,6 @@
+"""Model resolution (packaged, local folder, hub id), block discovery, and the shared base model."""
+
+from legend.models.resolve import resolve_model
+from legend.models.shared import ModelInfo, SharedModel, State, find_blocks
+
+__all__ = ["ModelInfo", "SharedModel", "State", "find_blocks", "resolve_model"]

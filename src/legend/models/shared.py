@@ -1,0 +1,142 @@
+"""The one base model that every simulated client shares; a client's state is swapped in as tensors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from legend.errors import LegendError
+from legend.lora.layout import AdapterLayout, inject_lora
+from legend.models.resolve import resolve_model
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What strategies and the cost model need to know about the architecture."""
+
+    model_type: str
+    num_blocks: int
+    hidden_size: int
+    target_modules: tuple[str, ...]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the longest ModuleList whose children all share one type (index 0 nearest the input)."""
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(child) for child in module}) == 1
+    ]
+    if not candidates:
+        raise LegendError(f"cannot find the transformer blocks of {type(model).__name__}: no list of identical layers")
+    return max(candidates, key=lambda item: len(item[1]))
+
+
+def default_target_modules(model_type: str) -> tuple[str, ...]:
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not targets:
+        raise LegendError(f"no default LoRA targets for model type '{model_type}': set lora.target_modules, e.g. [\"q_proj\", \"v_proj\"]")
+    return tuple(targets)
+
+
+class SharedModel:
+    """A sequence classifier with the global adapter layout injected once.
+
+    ``load`` swaps a client's (or the global) tensors in; ``read`` takes them out; nothing is copied
+    per client but those tensors.
+    """
+
+    def __init__(self, module: nn.Module, tokenizer, blocks_prefix: str, info: ModelInfo):
+        self.module = module
+        self.tokenizer = tokenizer
+        self.info = info
+        self.blocks_prefix = blocks_prefix
+        module.requires_grad_(False)
+        self._index_parameters()
+
+    def _index_parameters(self) -> None:
+        self.params = dict(self.module.named_parameters())
+        block_key = re.compile(rf"^{re.escape(self.blocks_prefix)}\.(\d+)\.")
+        self._block = {key: int(m.group(1)) if (m := block_key.match(key)) else None for key in self.params}
+        base = self.module.base_model_prefix + "."
+        self._is_head = {key: not key.startswith(base) for key in self.params}
+
+    @classmethod
+    def build(cls, name: str, num_labels: int, target_modules: tuple[str, ...] = (), seed: int = 0, dropout: float | None = None) -> SharedModel:
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        source = resolve_model(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+            if dropout is not None:  # every "*dropout*" rate of the architecture, whatever its name
+                for key, value in config.to_dict().items():
+                    if "dropout" in key and isinstance(value, float):
+                        setattr(config, key, dropout)
+            torch.manual_seed(seed)  # the new classification head is drawn from the seed
+            module = AutoModelForSequenceClassification.from_pretrained(source, config=config, dtype=torch.float32)
+        except OSError as exc:
+            raise LegendError(f"model.name '{name}' could not be loaded ({str(exc).splitlines()[0]}): use minilm-l6, smollm2-135m or a local directory") from None
+        if tokenizer.pad_token_id is None:  # decoder models: pad with EOS, and tell the head where padding starts
+            tokenizer.pad_token = tokenizer.eos_token
+        module.config.pad_token_id = tokenizer.pad_token_id
+        prefix, blocks = find_blocks(module)
+        targets = tuple(target_modules) or default_target_modules(module.config.model_type)
+        info = ModelInfo(module.config.model_type, len(blocks), module.config.hidden_size, targets)
+        return cls(module, tokenizer, prefix, info)
+
+    def add_adapters(self, layout: AdapterLayout, lora_alpha: float, lora_dropout: float, seed: int = 0) -> None:
+        """Inject the strategy's global layout once (LoRA A drawn from the seed: the same on every client and the server)."""
+        if layout.method != "lora":
+            return
+        blocks = self.module.get_submodule(self.blocks_prefix)
+        names = {
+            i: [f"{self.blocks_prefix}.{i}.{sub}" for sub, m in block.named_modules() if isinstance(m, nn.Linear) and sub.split(".")[-1] in self.info.target_modules]
+            for i, block in enumerate(blocks)
+        }
+        if not any(names.values()):
+            raise LegendError(f"lora.target_modules {list(self.info.target_modules)} match no linear layer in the model's blocks")
+        torch.manual_seed(seed)
+        inject_lora(self.module, names, layout, lora_alpha, lora_dropout)
+        self.module.requires_grad_(False)
+        self._index_parameters()
+
+    def block_of(self, key: str) -> int | None:
+        return self._block[key]
+
+    def keys(self, layout: AdapterLayout) -> list[str]:
+        """Tensors this layout trains, in a fixed order."""
+        return [k for k in self.params if layout.trains(k, self._block[k], self._is_head[k])]
+
+    def read(self, layout: AdapterLayout) -> State:
+        """Copies of the tensors this layout trains, cut to the layout's shapes."""
+        out = {}
+        for key in self.keys(layout):
+            shape = layout.device_shape(key, self._block[key], self.params[key].shape)
+            out[key] = self.params[key].detach()[tuple(slice(0, n) for n in shape)].clone()
+        return out
+
+    @torch.no_grad()
+    def load(self, state: State) -> None:
+        """Copy tensors in; a LoRA factor cut to a smaller rank fills the leading rows/columns, the rest is zero."""
+        for key, value in state.items():
+            param = self.params.get(key)
+            if param is None:
+                raise KeyError(f"tensor '{key}' is not part of the model")
+            if param.shape == value.shape:
+                param.copy_(value)
+            else:
+                param.zero_()
+                param[tuple(slice(0, n) for n in value.shape)].copy_(value)
+
+    def set_trainable(self, layout: AdapterLayout) -> list[nn.Parameter]:
+        keys = set(self.keys(layout))
+        for key, param in self.params.items():
+            param.requires_grad_(key in keys)
+        return [self.params[k] for k in self.params if k in keys]

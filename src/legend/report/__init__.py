@@ -1,0 +1,1 @@
+"""Metrics (JSONL) and run summaries."""

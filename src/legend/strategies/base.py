@@ -1,0 +1,80 @@
+"""The Strategy interface every algorithm implements, and the plain data that crosses the wire.
+
+A strategy plans each sampled device's adapter layout and starting tensors (``plan``) and turns what
+comes back into the new global state (``aggregate``). Engines (embedded, Flower) only move plans and
+updates; no strategy knows which engine runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from legend.config import Config
+from legend.lora.layout import AdapterLayout
+from legend.models.shared import ModelInfo, SharedModel, State
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What one device is told: its layout, the tensors it starts from, its learning rate."""
+
+    client: int
+    layout: AdapterLayout
+    weights: State
+    lr: float
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one device sends back: the tensors it trained (cut to its layout) and how much data it used."""
+
+    client: int
+    weights: State
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    """Base class: subclasses set ``name`` and implement the layout, the plans and the aggregation."""
+
+    name: ClassVar[str]
+    default_lr: ClassVar[float] = 3e-3  # LoRA's few parameters take a larger step than full fine-tuning
+
+    def __init__(self, config: Config, info: ModelInfo):
+        self.config = config
+        self.info = info
+
+    def lr(self, round_number: int) -> float:
+        """The clients' learning rate this round: train.lr (or the strategy's default) under train.lr_schedule."""
+        train = self.config.train
+        base = train.lr or self.default_lr
+        if train.lr_schedule == "constant":
+            return base
+        progress = (round_number - 1) / max(self.config.fl.rounds - 1, 1)
+        return base * (train.lr_min_ratio + (1 - train.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    @abstractmethod
+    def global_layout(self) -> AdapterLayout:
+        """Every tensor any device may train: the layout the shared model is built with."""
+
+    def initial_state(self, model: SharedModel) -> State:
+        """The global state before round 1: the model's freshly initialised trainable tensors."""
+        return model.read(self.global_layout())
+
+    @abstractmethod
+    def plan(self, round_number: int, clients: list[int], global_state: State) -> dict[int, ClientPlan]:
+        """One plan per sampled client."""
+
+    @abstractmethod
+    def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
+        """The new global state; never mutates its arguments."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy-private state that must survive a checkpoint (e.g. per-client tensors)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""

@@ -1,0 +1,28 @@
+"""FedIT / FedLoRA (arXiv 2305.05644): every client trains LoRA A and B; the server averages each.
+
+A = sum_k p_k A_k and B = sum_k p_k B_k, which is not the average of the products B_k A_k.
+The classification head is trained and averaged the same way.
+"""
+
+from __future__ import annotations
+
+from legend.lora.layout import AdapterLayout
+from legend.models.shared import State
+from legend.strategies.aggregate import average_updates
+from legend.strategies.base import ClientPlan, Strategy, Update
+from legend.strategies.registry import register
+
+
+@register
+class FedIT(Strategy):
+    name = "fedit"
+
+    def global_layout(self) -> AdapterLayout:
+        return AdapterLayout.uniform_lora(self.info.num_blocks, self.config.lora.r)
+
+    def plan(self, round_number: int, clients: list[int], global_state: State) -> dict[int, ClientPlan]:
+        layout, lr = self.global_layout(), self.lr(round_number)
+        return {client: ClientPlan(client, layout, global_state, lr) for client in clients}
+
+    def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
+        return {**global_state, **average_updates(updates)}

@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import pytest
+
+from legend.config import load_config
+from legend.errors import LegendError
+from tests.conftest import ROOT
+
+
+def test_quickstart_loads_with_overrides():
+    config = load_config(ROOT / "configs" / "quickstart.toml", ["fl.rounds=5", "data.alpha=0.1", "lora.target_modules=[\"query\"]"])
+    assert config.fl.rounds == 5
+    assert config.data.alpha == 0.1
+    assert config.lora.target_modules == ["query"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["fl.roundz=5"], "unknown key 'fl.roundz'; allowed in fl: num_clients, clients_per_round, rounds"),
+        (["fl.rounds=many"], "config: fl.rounds: Input should be a valid integer"),
+        (["data.alpha=-1"], "config: data.alpha: Input should be greater than 0"),
+        (["fl.clients_per_round=50"], "fl.clients_per_round (50) exceeds fl.num_clients (20)"),
+        (["rounds"], "override 'rounds' is not key=value"),
+        (["colour.red=1"], "unknown key 'colour'; allowed in the top level: seed, model"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(LegendError, match=None) as info:
+        load_config(ROOT / "configs" / "quickstart.toml", overrides)
+    assert message in str(info.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(LegendError, match="config file nowhere.toml not found"):
+        load_config("nowhere.toml")
+
+
+def test_cli_prints_one_error_line_and_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "legend", "run", str(ROOT / "configs" / "quickstart.toml"), "fl.roundz=3", "--out", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: config: unknown key 'fl.roundz'"), result.stderr
+
+
+def test_readme_config_reference_is_current():
+    from legend.config import reference_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    assert reference_markdown() in readme, "README's config reference is stale: paste the output of `legend reference`"

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from legend.config import DataConfig
+from legend.data import encode, load_task, partition_indices
+from legend.errors import LegendError
+from legend.models import resolve_model
+from tests.conftest import DATA
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+
+
+@pytest.mark.parametrize(("task", "num_labels", "pair"), [("sst2", 2, False), ("agnews", 4, False), ("qnli", 2, True)])
+def test_shared_tasks_load_with_class_ids(task, num_labels, pair):
+    data = load_task(DataConfig(task=task, path=str(DATA / task)))
+    assert len(data.label_names) == num_labels
+    assert data.is_pair == pair
+    assert set(data.train["label"]) == set(range(num_labels))
+    assert len(data.test) == {"sst2": 872, "agnews": 7600, "qnli": 1000}[task]
+
+
+def test_custom_csv_folder_with_named_columns(tmp_path):
+    (tmp_path / "train.csv").write_text('review,stars\n"good, really good",pos\nbad,neg\nfine,pos\n')
+    (tmp_path / "test.csv").write_text("review,stars\nawful,neg\n")
+    data = load_task(DataConfig(task="custom", path=str(tmp_path), text_columns=["review"], label_column="stars"))
+    assert data.label_names == ("neg", "pos")
+    assert list(data.train["text"])[0] == "good, really good"
+    assert list(data.train["label"]) == [1, 0, 1]
+
+
+def test_wrong_column_and_unknown_label_are_named(tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\nhello\tyes\n")
+    (tmp_path / "test.tsv").write_text("text\tlabel\nbye\tmaybe\n")
+    with pytest.raises(LegendError, match="column 'sentence' not in the train split"):
+        load_task(DataConfig(task="custom", path=str(tmp_path), text_columns=["sentence"]))
+    with pytest.raises(LegendError, match="label 'maybe' in the test split is not one of yes"):
+        load_task(DataConfig(task="custom", path=str(tmp_path), text_columns=["text"], labels=["yes"]))
+    with pytest.raises(LegendError, match="is not a folder"):
+        load_task(DataConfig(task="sst2", path=str(tmp_path / "missing")))
+
+
+def test_dynamic_padding_and_truncation(tokenizer):
+    data = load_task(DataConfig(task="qnli", path=str(DATA / "qnli")))
+    split = encode(data.test.select(range(32)), tokenizer, max_length=48)
+    assert split.lengths.max() <= 48
+    batch = split.batch([0, 1, 2])
+    assert batch["input_ids"].shape[1] == split.lengths[[0, 1, 2]].max()  # padded to the longest in the batch only
+    assert batch["attention_mask"].sum().item() == split.lengths[[0, 1, 2]].sum()
+    assert batch["token_type_ids"].max().item() == 1  # sentence pairs keep their segment ids
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_partitions_cover_the_data_once_and_repeat_with_the_seed(partition):
+    data = load_task(DataConfig(task="agnews", path=str(DATA / "agnews")))
+    cfg = DataConfig(partition=partition, alpha=0.3, min_partition_size=20)
+    parts = partition_indices(data.train, 10, cfg, seed=3)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(set(joined.tolist())) == len(data.train)
+    assert min(len(p) for p in parts) >= 20
+    again = partition_indices(data.train, 10, cfg, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_dirichlet_skews_labels_more_at_small_alpha():
+    data = load_task(DataConfig(task="sst2", path=str(DATA / "sst2")))
+    labels = np.asarray(list(data.train["label"]))
+
+    def mean_majority_share(alpha):
+        parts = partition_indices(data.train, 10, DataConfig(alpha=alpha), seed=0)
+        return np.mean([np.bincount(labels[p], minlength=2).max() / len(p) for p in parts])
+
+    assert mean_majority_share(0.3) > mean_majority_share(10.0) + 0.2

@@ -1,0 +1,97 @@
+"""End to end on the real MiniLM model and real SST-2 rows, kept tiny so CI stays fast."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from legend.config import load_config
+from legend.engine.checkpoint import CHECKPOINT
+from legend.engine.simulation import build_experiment, run_experiment
+from tests.conftest import ROOT, tiny_overrides
+
+QUICKSTART = ROOT / "configs" / "quickstart.toml"
+
+
+def run_tiny(out, **extra):
+    config = load_config(QUICKSTART, tiny_overrides(**extra))
+    return run_experiment(config, out)
+
+
+def without_wall_time(summary):
+    return {k: v for k, v in summary.items() if k != "wall_s"}
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "fedavg-full"])
+def test_run_writes_metrics_summary_and_counts_bytes(tmp_path, strategy):
+    summary = run_tiny(tmp_path, **{"strategy.name": strategy})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert {"round", "accuracy", "loss", "bytes_up", "bytes_down", "wall_s"} <= rows[1].keys()
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("strategy", "initial_accuracy", "initial_loss", "final_accuracy", "best_accuracy", "rounds",
+                "bytes_up", "bytes_down", "wall_s", "time_to_target_s", "bytes_to_target"):
+        assert key in saved
+    assert saved["strategy"] == strategy and saved["rounds"] == 2
+    exp = build_experiment(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": strategy})))
+    per_client = sum(t.numel() * 4 for t in exp.strategy.initial_state(exp.model).values())  # float32 on the wire
+    assert summary["bytes_down"] == summary["bytes_up"] == per_client * 2 * 2  # 2 clients x 2 rounds
+    if strategy == "fedit":
+        assert per_client == (6 * 2 * (8 * 384 + 384 * 8) + 2 * 384 + 2) * 4
+    else:
+        assert per_client == sum(p.numel() for p in exp.model.module.parameters()) * 4
+
+
+def test_same_seed_same_result_and_other_seed_differs(tmp_path):
+    first = run_tiny(tmp_path / "a")
+    again = run_tiny(tmp_path / "b")
+    other = run_tiny(tmp_path / "c", seed=1)
+    assert without_wall_time(first) == without_wall_time(again)
+    state_a = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)["global_state"]
+    state_b = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["global_state"]
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert without_wall_time(first) != without_wall_time(other)
+
+
+def test_training_changes_the_global_adapter(tmp_path):
+    run_tiny(tmp_path, **{"fl.rounds": 1})
+    exp = build_experiment(load_config(QUICKSTART, tiny_overrides()))
+    initial = exp.strategy.initial_state(exp.model)
+    trained = torch.load(tmp_path / CHECKPOINT, weights_only=True)["global_state"]
+    moved = [k for k in initial if not torch.equal(initial[k], trained[k])]
+    assert len(moved) == len(initial)  # every LoRA factor and the head were trained and averaged
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_summary(tmp_path):
+    overrides = tiny_overrides(**{"fl.rounds": 5})
+    uninterrupted = run_experiment(load_config(QUICKSTART, overrides), tmp_path / "whole")
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "legend", "run", str(QUICKSTART), *overrides, "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:  # rounds 0..2 done
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists()
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert without_wall_time(summary) == without_wall_time(uninterrupted)
+
+
+def test_resume_refuses_another_config(tmp_path):
+    run_tiny(tmp_path, **{"fl.rounds": 1})
+    result = subprocess.run([sys.executable, "-m", "legend", "run", str(QUICKSTART), *tiny_overrides(**{"train.local_steps": 3}),
+                             "--out", str(tmp_path), "--resume"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "was run with a different config (train.local_steps)" in result.stderr
