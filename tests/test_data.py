@@ -4,6 +4,7 @@ from transformers import AutoTokenizer
 
 from legend.config import DataConfig
 from legend.data import encode, load_task, partition_indices
+from legend.data.partition import top_up
 from legend.errors import LegendError
 from legend.models import resolve_model
 from tests.conftest import DATA
@@ -70,7 +71,22 @@ def test_dirichlet_skews_labels_more_at_small_alpha():
     labels = np.asarray(list(data.train["label"]))
 
     def mean_majority_share(alpha):
-        parts = partition_indices(data.train, 10, DataConfig(alpha=alpha), seed=0)
+        parts = partition_indices(data.train, 20, DataConfig(alpha=alpha, min_partition_size=10), seed=0)
+        assert min(len(p) for p in parts) >= 10
         return np.mean([np.bincount(labels[p], minlength=2).max() / len(p) for p in parts])
 
-    assert mean_majority_share(0.3) > mean_majority_share(10.0) + 0.2
+    assert mean_majority_share(0.1) > mean_majority_share(10.0) + 0.2
+
+
+def test_top_up_moves_rows_from_the_largest_clients_only():
+    parts = [np.arange(0, 3), np.arange(3, 100), np.arange(100, 101)]
+    topped = top_up(parts, 10, np.random.default_rng(0))
+    assert [len(p) for p in topped] == [10, 81, 10]
+    assert sorted(np.concatenate(topped).tolist()) == list(range(101))
+    assert set(parts[0]) <= set(topped[0]) and set(parts[2]) <= set(topped[2])
+
+
+def test_too_little_data_for_the_minimum_is_one_clear_error():
+    data = load_task(DataConfig(task="qnli", path=str(DATA / "qnli")))
+    with pytest.raises(LegendError, match="cannot give 1000 clients 10 each"):
+        partition_indices(data.train, 1000, DataConfig(), seed=0)

@@ -40,7 +40,6 @@ def user_errors(command):
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # packaged models and local data never need the hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
     import transformers
@@ -91,12 +90,10 @@ def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = 
 
     cfg = load_config(config, overrides or [])
     _quiet_libraries()
-    from legend.data import label_histogram, load_task, partition_indices
+    from legend.data import label_histogram, load_task, partition_indices, subsample
 
-    task = load_task(cfg.data)
+    task = subsample(load_task(cfg.data), cfg.data, cfg.seed)
     train = task.train
-    if cfg.data.train_size and cfg.data.train_size < len(train):
-        train = train.shuffle(seed=cfg.seed).select(range(cfg.data.train_size))
     parts = partition_indices(train, cfg.fl.num_clients, cfg.data, cfg.seed)
     import numpy as np
 

@@ -39,6 +39,16 @@ class TaskData:
         return "text_pair" in self.train.column_names
 
 
+def subsample(task: TaskData, cfg: DataConfig, seed: int) -> TaskData:
+    """Apply data.train_size (a seeded random subset) and data.test_size (the first rows)."""
+    train, test = task.train, task.test
+    if cfg.train_size and cfg.train_size < len(train):
+        train = train.shuffle(seed=seed).select(range(cfg.train_size))
+    if cfg.test_size and cfg.test_size < len(test):
+        test = test.select(range(cfg.test_size))
+    return TaskData(train, test, task.label_names)
+
+
 def default_data_path(task: str) -> Path:
     return Path("..") / "shared" / "data" / task
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from legend.config import Config
-from legend.data import EncodedSplit, encode, length_buckets, load_task, partition_indices
+from legend.data import EncodedSplit, encode, length_buckets, load_task, partition_indices, subsample
 from legend.engine.checkpoint import load_checkpoint, save_checkpoint
 from legend.engine.client import derived_seed, evaluate, train_client
 from legend.models.shared import SharedModel, State
@@ -43,12 +43,8 @@ class Experiment:
 def build_experiment(config: Config) -> Experiment:
     torch.set_num_threads(config.engine.threads or os.cpu_count() or 1)
     strategy_cls = strategy_class(config.strategy.name)  # fail on a bad name before loading anything
-    task = load_task(config.data)
+    task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test
-    if config.data.train_size and config.data.train_size < len(train_table):
-        train_table = train_table.shuffle(seed=config.seed).select(range(config.data.train_size))
-    if config.data.test_size and config.data.test_size < len(test_table):
-        test_table = test_table.select(range(config.data.test_size))
     model = SharedModel.build(config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout)
     strategy = strategy_cls(config, model.info)
     model.add_adapters(strategy.global_layout(), config.lora.alpha, config.lora.dropout, config.seed)
