@@ -72,7 +72,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(tmp_path):
     uninterrupted = run_experiment(load_config(QUICKSTART, overrides), tmp_path / "whole")
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "legend", "run", str(QUICKSTART), *overrides, "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         metrics = out / "metrics.jsonl"
