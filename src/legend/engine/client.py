@@ -47,7 +47,7 @@ def training_batches(data: EncodedSplit, indices: np.ndarray, steps: int, cfg: T
 def train_client(model: SharedModel, plan: ClientPlan, global_state: State, data: EncodedSplit,
                  indices: np.ndarray, cfg: TrainConfig, seed: int) -> Update:
     """Local AdamW on the client's rows, starting from the global state overlaid with the plan's tensors."""
-    model.load({**global_state, **plan.weights})
+    model.load({**global_state, **plan.weights, **plan.local})
     params = model.set_trainable(plan.layout)
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
     steps = local_step_count(len(indices), cfg)
@@ -66,7 +66,10 @@ def train_client(model: SharedModel, plan: ClientPlan, global_state: State, data
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "compute_s": time.perf_counter() - started, "steps": steps}
-    return Update(plan.client, model.read(plan.layout), len(indices), metrics)
+    trained = model.read(plan.layout)
+    sent = {key: value for key, value in trained.items() if key not in plan.local}
+    kept = {key: value for key, value in trained.items() if key in plan.local}
+    return Update(plan.client, sent, len(indices), metrics, kept)
 
 
 @torch.no_grad()

@@ -105,7 +105,7 @@ def run_round(exp: Experiment, round_number: int, global_state: State) -> tuple[
     bytes_down = bytes_up = 0
     for client in clients:
         plan = plans[client]
-        bytes_down += payload_bytes(plan.weights, config.fl.wire_dtype)
+        bytes_down += payload_bytes(plan.weights if plan.wire is None else plan.wire, config.fl.wire_dtype)
         plan = replace(plan, weights=through_wire(plan.weights, config.fl.wire_dtype))
         update = train_client(exp.model, plan, global_state, exp.train, exp.partitions[client], config.train,
                               derived_seed(config.seed, round_number, client))

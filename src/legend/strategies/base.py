@@ -19,22 +19,35 @@ from legend.models.shared import ModelInfo, SharedModel, State
 
 @dataclass(frozen=True)
 class ClientPlan:
-    """What one device is told: its layout, the tensors it starts from, its learning rate."""
+    """What one device is told: its layout, the tensors it starts from, its learning rate.
+
+    weights: tensors the device loads over the global model; sent, unless ``wire`` says otherwise.
+    local: the device's own tensors (FedSA-LoRA's B), never sent; the device keeps them after training.
+    wire: what is sent instead of ``weights`` when the device rebuilds them from a more compact
+          message (FLoRA's stacked factors, from which it merges its base weights); bytes count this.
+    """
 
     client: int
     layout: AdapterLayout
     weights: State
     lr: float
+    local: State = field(default_factory=dict)
+    wire: State | None = None
 
 
 @dataclass(frozen=True)
 class Update:
-    """What one device sends back: the tensors it trained (cut to its layout) and how much data it used."""
+    """What one device sends back: the tensors it trained (cut to its layout) and how much data it used.
+
+    local: the trained tensors the plan marked as the device's own; they stay on the device (in the
+           simulation the strategy keeps them for it) and are not sent.
+    """
 
     client: int
     weights: State
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    local: State = field(default_factory=dict)
 
 
 class Strategy(ABC):
