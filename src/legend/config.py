@@ -49,6 +49,10 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(default_factory=list, description="linear layers inside each block to adapt; default per architecture (PEFT's table)")
 
 
+class AdapterConfig(Section):
+    size: int = Field(16, gt=0, description="bottleneck width of the adapter after each block (strategy 'adapter'; 16 on MiniLM is about LoRA r=8's size)")
+
+
 class StrategyConfig(Section):
     name: str = Field("fedit", description="federated algorithm: see `legend strategies`")
 
@@ -87,6 +91,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     fl: FlConfig = Field(default_factory=FlConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -14,6 +14,18 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 LORA_FACTOR = re.compile(r"\.(lora_A|lora_B)\.")
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_A\.(?P<rest>.+)$")
+BOTTLENECK = "bottleneck"  # attribute name of the adapter module inside each block
+
+
+def lora_modules(keys) -> dict[str, tuple[str, str]]:
+    """Adapted module -> (key of its A, key of its B), for every lora_A key among ``keys`` (PEFT's names)."""
+    return {m["module"]: (key, f"{m['module']}.lora_B.{m['rest']}") for key in keys if (m := LORA_KEY.match(key))}
+
+
+def base_weight_key(module: str) -> str:
+    """PEFT keeps the frozen weight W of an adapted linear layer as ``<module>.base_layer.weight``."""
+    return f"{module}.base_layer.weight"
 
 
 @dataclass(frozen=True)
@@ -21,13 +33,16 @@ class AdapterLayout:
     """What one device (or the global model) trains.
 
     method: "lora" adds low-rank adapters to the target modules of blocks with rank > 0;
+            "adapter" adds a bottleneck adapter after each block with rank > 0 (FedAP);
+            "bitfit" trains every bias of the backbone (FedBF);
             "full" trains every weight of the model.
-    rank_by_block: LoRA rank per block, index 0 nearest the input; 0 = no adapter there.
+    rank_by_block: per block, index 0 nearest the input, 0 = no adapter there: the LoRA rank, or the
+            bottleneck width for "adapter".
     train_factors: the LoRA factors that receive gradients (FFA-LoRA trains only "lora_B").
     train_head: whether the classification head is trained (and sent).
     """
 
-    method: Literal["lora", "full"]
+    method: Literal["lora", "adapter", "bitfit", "full"]
     rank_by_block: tuple[int, ...] = ()
     train_factors: tuple[str, ...] = ("lora_A", "lora_B")
     train_head: bool = True
@@ -47,6 +62,10 @@ class AdapterLayout:
             return True
         if is_head:
             return self.train_head
+        if self.method == "bitfit":
+            return key.endswith(".bias")
+        if self.method == "adapter":
+            return f".{BOTTLENECK}." in key and block is not None and self.rank_by_block[block] > 0
         factor = LORA_FACTOR.search(key)
         return bool(factor) and factor.group(1) in self.train_factors and block is not None and self.rank_by_block[block] > 0
 

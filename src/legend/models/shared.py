@@ -10,7 +10,8 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 
 from legend.errors import LegendError
-from legend.lora.layout import AdapterLayout, inject_lora
+from legend.lora.bottleneck import inject_bottlenecks
+from legend.lora.layout import AdapterLayout, base_weight_key, inject_lora
 from legend.models.resolve import resolve_model
 
 State = dict[str, torch.Tensor]
@@ -92,20 +93,24 @@ class SharedModel:
         return cls(module, tokenizer, prefix, info)
 
     def add_adapters(self, layout: AdapterLayout, lora_alpha: float, lora_dropout: float, seed: int = 0) -> None:
-        """Inject the strategy's global layout once (LoRA A drawn from the seed: the same on every client and the server)."""
-        if layout.method != "lora":
-            return
+        """Inject the strategy's global layout once (initial adapters drawn from the seed: the same on every client and the server)."""
         blocks = self.module.get_submodule(self.blocks_prefix)
+        torch.manual_seed(seed)
+        if layout.method == "adapter":
+            inject_bottlenecks(blocks, self.info.hidden_size, layout)
+        elif layout.method == "lora":
+            self._inject_lora(blocks, layout, lora_alpha, lora_dropout)
+        self.module.requires_grad_(False)
+        self._index_parameters()
+
+    def _inject_lora(self, blocks: nn.ModuleList, layout: AdapterLayout, lora_alpha: float, lora_dropout: float) -> None:
         names = {
             i: [f"{self.blocks_prefix}.{i}.{sub}" for sub, m in block.named_modules() if isinstance(m, nn.Linear) and sub.split(".")[-1] in self.info.target_modules]
             for i, block in enumerate(blocks)
         }
         if not any(names.values()):
             raise LegendError(f"lora.target_modules {list(self.info.target_modules)} match no linear layer in the model's blocks")
-        torch.manual_seed(seed)
         inject_lora(self.module, names, layout, lora_alpha, lora_dropout)
-        self.module.requires_grad_(False)
-        self._index_parameters()
 
     def block_of(self, key: str) -> int | None:
         return self._block[key]
@@ -121,6 +126,10 @@ class SharedModel:
             shape = layout.device_shape(key, self._block[key], self.params[key].shape)
             out[key] = self.params[key].detach()[tuple(slice(0, n) for n in shape)].clone()
         return out
+
+    def base_weights(self, modules) -> State:
+        """Copies of the frozen weights W of these LoRA-adapted modules (strategies that merge into W make them global state)."""
+        return {key: self.params[key].detach().clone() for key in map(base_weight_key, modules)}
 
     @torch.no_grad()
     def load(self, state: State) -> None:
