@@ -25,3 +25,56 @@ def average_updates(updates: list[Update]) -> State:
     """FedAvg: every tensor is the sample-weighted mean of the clients' tensors of that name."""
     weights = sample_weights(updates)
     return {key: weighted_average([u.weights[key] for u in updates], weights) for key in updates[0].weights}
+
+
+# LoRA factors of one adapted module: A (r x in), B (out x r); the adapter adds s * B @ A.
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def client_factors(updates: list[Update], a_key: str, b_key: str) -> list[Factors]:
+    return [(u.weights[a_key].float(), u.weights[b_key].float()) for u in updates]
+
+
+def lora_delta(factors: list[Factors], weights: list[float]) -> torch.Tensor:
+    """sum_k w_k B_k @ A_k (out x in): the update the clients' adapters make together."""
+    return sum(w * (b @ a) for (a, b), w in zip(factors, weights, strict=True))
+
+
+def stack_factors(factors: list[Factors], weights: list[float]) -> Factors:
+    """FLoRA: A = concat_k(p_k A_k) on rows, B = concat_k(B_k) on columns, so B @ A = sum_k p_k B_k A_k exactly."""
+    a = torch.cat([w * a for (a, _), w in zip(factors, weights, strict=True)], dim=0)  # (sum r_k, in)
+    b = torch.cat([b for _, b in factors], dim=1)  # (out, sum r_k)
+    return a, b
+
+
+def fedex_residual(factors: list[Factors], weights: list[float]) -> torch.Tensor:
+    """FedEx-LoRA: R = sum_k p_k B_k A_k - B A with A, B the weighted means, so B A + R is exact."""
+    a = weighted_average([a for a, _ in factors], weights)
+    b = weighted_average([b for _, b in factors], weights)
+    return lora_delta(factors, weights) - b @ a
+
+
+def pad_factors(factors: Factors, rank: int) -> Factors:
+    """Zero rows of A and columns of B up to ``rank``: a truncated (nested) adapter inside the full one."""
+    a, b = factors
+    missing = rank - a.shape[0]
+    return torch.nn.functional.pad(a, (0, 0, 0, missing)), torch.nn.functional.pad(b, (0, missing))
+
+
+def hetlora_factors(factors: list[Factors], rank: int) -> Factors:
+    """HetLoRA: zero-pad every client to ``rank``, weight it by w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F."""
+    norms = [torch.linalg.matrix_norm(b @ a).item() for a, b in factors]
+    total = sum(norms)
+    weights = [n / total for n in norms] if total > 0 else [1 / len(factors)] * len(factors)  # all still zero: equal weights
+    padded = [pad_factors(f, rank) for f in factors]
+    return weighted_average([a for a, _ in padded], weights), weighted_average([b for _, b in padded], weights)
+
+
+def svd_factors(delta: torch.Tensor, rank: int, scaling: float) -> Factors:
+    """FlexLoRA's redistribution: delta = U S V^T; a client of ``rank`` gets B = U_r diag(S_r) / s, A = V_r^T.
+
+    Then s * B @ A is the best rank-r approximation of delta. Build delta with ``lora_delta`` and
+    weights p_k * s_k (FlexLoRA's dW = sum_k p_k s_k B_k A_k).
+    """
+    u, singular, vh = torch.linalg.svd(delta, full_matrices=False)
+    return vh[:rank].clone(), u[:, :rank] * singular[:rank] / scaling
