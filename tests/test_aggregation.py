@@ -64,9 +64,9 @@ def test_lora_delta_is_the_weighted_sum_of_products():
 
 def test_ffa_averaging_b_under_one_shared_a_is_exact():
     shared_a = torch.randn(2, IN)
-    factors = [(shared_a, b) for _, b in random_factors([2, 2, 2])]
-    b = sum(pk * bk for pk, (_, bk) in zip(P, factors, strict=True))
-    torch.testing.assert_close(b @ shared_a, exact_average(factors, P))
+    updates = [Update(k, {"x.lora_B.w": b}, n) for k, ((_, b), n) in enumerate(zip(random_factors([2, 2, 2]), [10, 30, 60], strict=True))]
+    b = average_updates(updates)["x.lora_B.w"]
+    torch.testing.assert_close(b @ shared_a, exact_average([(shared_a, u.weights["x.lora_B.w"]) for u in updates], P))
 
 
 def test_fedex_residual_makes_the_mean_adapter_exact():
