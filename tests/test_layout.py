@@ -53,3 +53,27 @@ def test_lora_init_is_seeded_and_b_starts_at_zero():
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["classifier.weight"], other["classifier.weight"])
     assert all(first[k].abs().sum() == 0 for k in first if ".lora_B." in k)
+
+
+def test_bitfit_trains_every_bias_and_the_head(model):
+    keys = model.keys(AdapterLayout("bitfit"))
+    assert all(k.endswith(".bias") for k in keys if k != "classifier.weight")
+    assert len(keys) == 6 * 8 + 2 + 2  # 8 biases per block, embeddings LayerNorm and pooler, the head's weight and bias
+    assert all(not k.endswith(".bias") for k in model.params if k not in keys)
+
+
+@torch.no_grad()
+def test_bottleneck_adapters_start_as_the_identity_and_sit_in_their_blocks():
+    plain = SharedModel.build("minilm-l6", num_labels=2, seed=0)
+    adapted = SharedModel.build("minilm-l6", num_labels=2, seed=0)
+    layout = AdapterLayout("adapter", (0, 0, 0, 0, 16, 16))
+    adapted.add_adapters(layout, 16, 0.0, seed=0)
+    adapter_keys = [k for k in adapted.keys(layout) if ".bottleneck." in k]
+    assert len(adapter_keys) == 2 * 4 and {adapted.block_of(k) for k in adapter_keys} == {4, 5}
+    assert adapted.params[adapter_keys[0]].shape == (16, 384)  # down: hidden -> 16
+    batch = plain.tokenizer(["a fine film", "dull and far too long"], padding=True, return_tensors="pt")
+    plain.module.eval()
+    adapted.module.eval()
+    assert torch.equal(plain.module(**batch).logits, adapted.module(**batch).logits)  # up-projection starts at zero
+    adapted.params[next(k for k in adapter_keys if ".up.bias" in k)].fill_(0.1)
+    assert not torch.equal(plain.module(**batch).logits, adapted.module(**batch).logits)  # and it is in the forward pass
