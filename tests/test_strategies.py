@@ -5,6 +5,7 @@ strategy's private state) reproduces the uninterrupted run.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -45,8 +46,19 @@ WIRE = {
 }
 
 
-def run_tiny(out, resume=False, **extra):
-    return run_experiment(load_config(QUICKSTART, tiny_overrides(**extra)), out, resume=resume)
+def run_tiny(out, resume=False, on_round=None, **extra):
+    return run_experiment(load_config(QUICKSTART, tiny_overrides(**extra)), out, resume=resume, on_round=on_round)
+
+
+def keep_checkpoint_of_round_1(out, copy):
+    """An on_round callback that copies the checkpoint written after round 1, as a run killed then would leave it."""
+
+    def on_round(row):
+        if row["round"] == 1:
+            copy.mkdir()
+            shutil.copy(out / CHECKPOINT, copy / CHECKPOINT)
+
+    return on_round
 
 
 def assert_same(a, b):
@@ -67,13 +79,12 @@ def test_every_strategy_has_its_wire_format_here():
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_strategy_sends_its_wire_format_and_resumes(tmp_path, name):
-    whole = run_tiny(tmp_path / "whole", **{"strategy.name": name})
+    whole = run_tiny(tmp_path / "whole", on_round=keep_checkpoint_of_round_1(tmp_path / "whole", tmp_path / "resumed"), **{"strategy.name": name})
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     down, up = WIRE[name]
     assert [r["bytes_down"] for r in rows[1:]] == [2 * 4 * n for n in down]  # 2 clients, float32
     assert [r["bytes_up"] for r in rows[1:]] == [2 * 4 * n for n in up]
 
-    run_tiny(tmp_path / "resumed", **{"strategy.name": name, "fl.rounds": 1})
     resumed = run_tiny(tmp_path / "resumed", resume=True, **{"strategy.name": name})
     assert {k: v for k, v in resumed.items() if k != "wall_s"} == {k: v for k, v in whole.items() if k != "wall_s"}
     first, second = (torch.load(tmp_path / run / CHECKPOINT, weights_only=True) for run in ("whole", "resumed"))
