@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from rich.table import Table
 from legend.errors import LegendError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of language models with adapters on heterogeneous devices.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in pipes and logs
 errors = Console(stderr=True)
 
 CONFIG = typer.Argument(..., help="experiment config (TOML), e.g. configs/quickstart.toml", show_default=False)
@@ -108,6 +110,89 @@ def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = 
         table.add_row(str(client), str(len(rows)), *map(str, label_histogram(labels, rows, len(task.label_names))))
     table.add_row("test", str(len(task.test)), *map(str, np.bincount(list(task.test["label"]), minlength=len(task.label_names))), style="dim")
     console.print(table)
+
+
+@app.command()
+@user_errors
+def devices(config: Path = typer.Argument(None, help="experiment config (TOML); default: the default fleet", show_default=False),
+            overrides: list[str] = OVERRIDES, debug: bool = DEBUG):
+    """Show the fleet: each device class with its compute, memory, bandwidth and how many clients it runs."""
+    from legend.config import load_config
+    from legend.devices import build_fleet
+
+    cfg = load_config(config, overrides or [])
+    fleet = build_fleet(cfg.devices, cfg.fl.num_clients, cfg.seed)
+    fleet_name = cfg.devices.fleet if isinstance(cfg.devices.fleet, str) else "custom"
+    table = Table(title=f"fleet {fleet_name}: {len(fleet.devices)} devices, {cfg.fl.num_clients} clients bound to them")
+    for column in ("class", "devices", "clients", "sustained GFLOP/s", "peak GFLOP/s", "memory GB", "uplink Mbit/s", "downlink Mbit/s", "available"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for kind in dict.fromkeys(d.kind for d in fleet.devices):
+        p = next(d.profile for d in fleet.devices if d.kind == kind)
+        spread = lambda median: f"{median:g} ({median * math.exp(-p.bandwidth_sigma):.1f}-{median * math.exp(p.bandwidth_sigma):.1f})"  # noqa: E731
+        table.add_row(kind, str(sum(d.kind == kind for d in fleet.devices)), str(sum(fleet.device_of(c).kind == kind for c in range(cfg.fl.num_clients))),
+                      f"{p.flops / 1e9:.0f}", f"{p.peak_flops / 1e9:.0f}", f"{p.memory_gb:g}", spread(p.uplink_mbps), spread(p.downlink_mbps), f"{p.availability:g}")
+    console.print(table)
+    console.print("bandwidth: median (one sigma either side) of the per-round log-normal draw; sustained = peak x efficiency", style="dim")
+
+
+@app.command()
+@user_errors
+def calibrate(
+    model: str = typer.Option("minilm-l6", "--model", help="model to time (a name as in model.name)"),
+    rank: int = typer.Option(8, "--rank", help="LoRA rank of the adapters"),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = all cores)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+    save: bool = typer.Option(True, "--save/--no-save", help="store the measured rate as the 'host' device profile"),
+    debug: bool = DEBUG,
+):
+    """Time this machine's block forward/backward and whole steps; compare with the cost model; save the 'host' profile."""
+    _quiet_libraries()
+    from legend.devices.calibrate import calibrate as run_calibration
+    from legend.devices.profiles import host_profile_from, save_host_profile
+
+    result = run_calibration(model, rank, threads)
+    if save:
+        result["host_profile"] = save_host_profile(host_profile_from(result))
+    if as_json:
+        print(json.dumps(result))
+        return
+    for part in ("blocks", "steps"):
+        table = Table(title=f"{part}: measured vs cost model at {result['flops_per_s'] / 1e9:.1f} GFLOP/s ({result['threads']} threads, {model})")
+        for column in ("", "GFLOP", "measured s", "predicted s", "predicted / measured"):
+            table.add_column(column, justify="right")
+        for row in result[part]:
+            table.add_row(row["name"], f"{row['gflop']:.2f}", f"{row['measured_s']:.4f}", f"{row['predicted_s']:.4f}", f"{row['ratio']:.2f}")
+        console.print(table)
+    console.print(f"LoRA step order by time {'matches' if result['order_right'] else 'does NOT match'} the cost model's order")
+    if save:
+        console.print(f"host profile saved to {result['host_profile']}")
+
+
+@app.command()
+@user_errors
+def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
+         as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"), debug: bool = DEBUG):
+    """Show the strategy's plan for every client on its device: depth, ranks, estimated time and memory (round 1)."""
+    from legend.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    from legend.engine.simulation import build_experiment, preview_plans
+
+    rows = preview_plans(build_experiment(cfg))
+    times = [r["round_s"] for r in rows]
+    spread = {"min_s": min(times), "median_s": float(sorted(times)[len(times) // 2]), "max_s": max(times)}
+    if as_json:
+        print(json.dumps({"strategy": cfg.strategy.name, "clients": rows, "round_time": spread}))
+        return
+    table = Table(title=f"{cfg.strategy.name}: round-1 plan of all {len(rows)} clients (estimates from the capacity model)")
+    for column in ("client", "device", "depth", "ranks per block", "compute s", "comm s", "round s", "memory GB", "MB down", "MB up"):
+        table.add_column(column, justify="left" if column in ("device", "ranks per block") else "right")
+    for r in sorted(rows, key=lambda r: (r["round_s"], r["client"])):
+        table.add_row(str(r["client"]), r["device"], str(r["depth"]), " ".join(map(str, r["rank_by_block"])), f"{r['compute_s']:.2f}",
+                      f"{r['communication_s']:.2f}", f"{r['round_s']:.2f}", f"{r['memory_gb']:.2f}", f"{r['bytes_down'] / 1e6:.2f}", f"{r['bytes_up'] / 1e6:.2f}")
+    console.print(table)
+    console.print(f"estimated round time over the clients: min {spread['min_s']:.2f} s, median {spread['median_s']:.2f} s, max {spread['max_s']:.2f} s")
 
 
 @app.command()

@@ -43,14 +43,35 @@ class DataConfig(Section):
 
 
 class LoraConfig(Section):
-    r: int = Field(8, gt=0, description="LoRA rank")
+    r: int = Field(8, gt=0, description="LoRA rank (the largest per-device rank for hetlora and flexlora)")
+    r_min: int = Field(2, gt=0, description="smallest per-device rank for hetlora and flexlora, which rank devices by their estimated speed (at most lora.r)")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(default_factory=list, description="linear layers inside each block to adapt; default per architecture (PEFT's table)")
 
+    @property
+    def smallest_rank(self) -> int:
+        """r_min, never above r (a small lora.r needs no r_min of its own)."""
+        return min(self.r_min, self.r)
+
 
 class AdapterConfig(Section):
     size: int = Field(16, gt=0, description="bottleneck width of the adapter after each block (strategy 'adapter'; 16 on MiniLM is about LoRA r=8's size)")
+
+
+class HetLoraConfig(Section):
+    penalty: float = Field(0.01, ge=0, description="HetLoRA: lambda of the local regulariser lambda * sum ||B[:, gamma r:]|| ||A[gamma r:, :]||")
+    gamma: float = Field(0.99, gt=0, lt=1, description="HetLoRA: decay of rank self-pruning: a device whose tail norm shrank keeps floor(gamma r) ranks")
+
+
+class LegendConfig(Section):
+    ranks: Literal["linear", "geometric", "uniform"] = Field("linear", description="LEGEND: shape of the global rank ramp from r_min (deepest LoRA block) to r_max (top block)")
+    r_min: int = Field(2, gt=0, description="LEGEND: rank of the deepest LoRA block")
+    r_max: int = Field(16, gt=0, description="LEGEND: rank of the top block")
+    max_depth: int = Field(0, ge=0, description="LEGEND: LoRA blocks of the global model, counted from the output (0 = every block)")
+    slack: float = Field(0.2, ge=0, description="LEGEND: target round time T* = slowest sampled device's depth-1 time x (1 + slack)")
+    rank_cap: bool = Field(False, description="LEGEND: a device may also cap its ranks (nested truncation) to go deeper within T*")
+    replan_every: int = Field(1, gt=0, description="LEGEND: refresh the capacity estimates the planner uses every this many rounds")
 
 
 class StrategyConfig(Section):
@@ -82,6 +103,37 @@ class EvalConfig(Section):
     target_accuracy: float = Field(0.8, ge=0, le=1, description="accuracy that defines time_to_target_s and bytes_to_target")
 
 
+class DeviceProfile(Section):
+    """One device class: sustained compute, memory and network, from its published figures."""
+
+    peak_flops: float = Field(..., gt=0, description="peak FP32 FLOP/s of the processor that trains (datasheet)")
+    efficiency: float = Field(..., gt=0, le=1, description="share of peak sustained in training (sustained FLOP/s = peak_flops * efficiency)")
+    memory_gb: float = Field(..., gt=0, description="memory available for training, GB (device memory less the OS and runtime)")
+    uplink_mbps: float = Field(..., gt=0, description="median uplink bandwidth, Mbit/s")
+    downlink_mbps: float = Field(..., gt=0, description="median downlink bandwidth, Mbit/s")
+    bandwidth_sigma: float = Field(0.5, ge=0, description="per-round fluctuation: bandwidth = median * exp(N(0, sigma^2)), drawn per device and round")
+    availability: float = Field(1.0, gt=0, le=1, description="probability that the device can take part in a given round")
+    source: str = Field("", description="where the figures come from")
+
+    @property
+    def flops(self) -> float:
+        """Sustained training FLOP/s."""
+        return self.peak_flops * self.efficiency
+
+
+class FleetEntry(Section):
+    profile: str = Field(..., description="device class: a catalog name (see `legend devices`) or one of devices.profiles")
+    count: int = Field(..., gt=0, description="how many devices of this class")
+
+
+class DevicesConfig(Section):
+    fleet: str | list[FleetEntry] = Field("jetson-mix-80", description="a named fleet ('jetson-mix-80', or any profile name for a fleet of that class alone) or a list of {profile, count}")
+    profiles: dict[str, DeviceProfile] = Field(default_factory=dict, description="your own device classes, by name, e.g. [devices.profiles.my-phone] with the fields below")
+    deadline_s: float = Field(0.0, ge=0, description="round deadline in virtual seconds: devices slower than this are dropped from the round (0 = wait for all)")
+    estimate_noise: float = Field(0.1, ge=0, description="capacity estimation: the server's prior is each profile figure times exp(N(0, noise^2)), per client")
+    estimate_ema: float = Field(0.5, gt=0, le=1, description="capacity estimation: weight of a device's newest report in the moving average that replaces the prior")
+
+
 class EngineConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores)")
 
@@ -92,10 +144,13 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    hetlora: HetLoraConfig = Field(default_factory=HetLoraConfig)
+    legend: LegendConfig = Field(default_factory=LegendConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     fl: FlConfig = Field(default_factory=FlConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
@@ -120,6 +175,8 @@ def validate_config(raw: dict[str, Any]) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise LegendError(_describe(exc.errors()[0])) from None
+    if config.legend.r_min > config.legend.r_max:
+        raise LegendError(f"config: legend.r_min ({config.legend.r_min}) exceeds legend.r_max ({config.legend.r_max}): the ranks grow toward the output")
     if config.fl.clients_per_round > config.fl.num_clients:
         raise LegendError(
             f"config: fl.clients_per_round ({config.fl.clients_per_round}) exceeds fl.num_clients "
@@ -179,4 +236,7 @@ def reference_markdown() -> str:
                 lines.append(f"| `{name}.{key}` | `{default!r}` | {sub.description} |")
         else:
             lines.append(f"| `{name}` | `{field.default!r}` | {field.description} |")
+    for key, sub in DeviceProfile.model_fields.items():
+        default = "required" if sub.is_required() else repr(sub.default)
+        lines.append(f"| `devices.profiles.<name>.{key}` | `{default}` | {sub.description} |")
     return "\n".join(lines) + "\n"

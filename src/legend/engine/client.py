@@ -10,8 +10,10 @@ import torch
 
 from legend.config import TrainConfig
 from legend.data.batching import EncodedSplit
+from legend.lora.layout import AdapterLayout, lora_modules
 from legend.models.shared import SharedModel, State
-from legend.strategies.base import ClientPlan, Update
+from legend.strategies.aggregate import tail_norm
+from legend.strategies.base import TAIL_NORM, ClientPlan, Update
 
 
 def derived_seed(*parts: int) -> int:
@@ -44,14 +46,22 @@ def training_batches(data: EncodedSplit, indices: np.ndarray, steps: int, cfg: T
     return batches
 
 
+def client_batches(data: EncodedSplit, indices: np.ndarray, cfg: TrainConfig, seed: int) -> list[np.ndarray]:
+    """The batches (row indices) a client trains on this round, drawn from its (seed, round, client) seed."""
+    return training_batches(data, indices, local_step_count(len(indices), cfg), cfg, np.random.default_rng(seed))
+
+
+def batch_shapes(data: EncodedSplit, batches: list[np.ndarray]) -> list[tuple[int, int]]:
+    """(sequences, padded length) of each batch: what the device's compute and memory depend on."""
+    return [(len(rows), int(data.lengths[rows].max())) for rows in batches]
+
+
 def train_client(model: SharedModel, plan: ClientPlan, global_state: State, data: EncodedSplit,
-                 indices: np.ndarray, cfg: TrainConfig, seed: int) -> Update:
-    """Local AdamW on the client's rows, starting from the global state overlaid with the plan's tensors."""
+                 batches: list[np.ndarray], num_samples: int, cfg: TrainConfig, seed: int) -> Update:
+    """Local AdamW over ``batches``, starting from the global state overlaid with the plan's tensors."""
     model.load({**global_state, **plan.weights, **plan.local})
     params = model.set_trainable(plan.layout)
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
-    steps = local_step_count(len(indices), cfg)
-    batches = training_batches(data, indices, steps, cfg, np.random.default_rng(seed))
     torch.manual_seed(seed)  # dropout
     model.module.train()
     losses = []
@@ -59,17 +69,31 @@ def train_client(model: SharedModel, plan: ClientPlan, global_state: State, data
     for rows in batches:
         batch = data.batch(rows)
         loss = model.module(**batch).loss
+        losses.append(loss.item())
+        if plan.tail_penalty is not None:
+            loss = loss + plan.tail_penalty[0] * tail_norms(model, plan.layout, plan.tail_penalty[1])
         loss.backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "compute_s": time.perf_counter() - started, "steps": steps}
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": time.perf_counter() - started, "steps": len(batches)}
+    if plan.tail_penalty is not None:
+        with torch.no_grad():
+            metrics[TAIL_NORM] = float(tail_norms(model, plan.layout, plan.tail_penalty[1]))
     trained = model.read(plan.layout)
     sent = {key: value for key, value in trained.items() if key not in plan.local}
     kept = {key: value for key, value in trained.items() if key in plan.local}
-    return Update(plan.client, sent, len(indices), metrics, kept)
+    return Update(plan.client, sent, num_samples, metrics, kept)
+
+
+def tail_norms(model: SharedModel, layout: AdapterLayout, gamma: float) -> torch.Tensor:
+    """HetLoRA's regulariser over the device's adapted modules, at the device's rank in each block."""
+    total = torch.zeros(())
+    for a_key, b_key in lora_modules(model.keys(layout)).values():
+        rank = layout.rank_by_block[model.block_of(a_key)]
+        total = total + tail_norm((model.params[a_key], model.params[b_key]), rank, gamma)
+    return total
 
 
 @torch.no_grad()

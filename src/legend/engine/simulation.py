@@ -18,12 +18,15 @@ import torch
 
 from legend.config import Config
 from legend.data import EncodedSplit, encode, length_buckets, load_task, partition_indices, subsample
+from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, device_time, synchronous_round, training_flops
+from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
+from legend.devices.cost import applied_ranks, layout_bytes, require_fits
 from legend.engine.checkpoint import load_checkpoint, save_checkpoint
-from legend.engine.client import derived_seed, evaluate, train_client
+from legend.engine.client import batch_shapes, client_batches, derived_seed, evaluate, train_client
 from legend.models.shared import SharedModel, State
 from legend.report.metrics import summarize, write_metrics, write_summary
 from legend.strategies import Strategy, Update, strategy_class
-from legend.wire import payload_bytes, through_wire
+from legend.wire import WIRE_DTYPES, payload_bytes, through_wire
 
 
 @dataclass
@@ -38,11 +41,15 @@ class Experiment:
     test_buckets: list[np.ndarray]
     partitions: list[np.ndarray]
     label_names: tuple[str, ...]
+    fleet: Fleet
+    spec: ModelSpec
+    capacity: CapacityEstimator
 
 
 def build_experiment(config: Config) -> Experiment:
     torch.set_num_threads(config.engine.threads or os.cpu_count() or 1)
     strategy_cls = strategy_class(config.strategy.name)  # fail on a bad name before loading anything
+    fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
     task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test
     model = SharedModel.build(config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout)
@@ -58,12 +65,16 @@ def build_experiment(config: Config) -> Experiment:
         test_buckets=length_buckets(test, config.eval.batch_size),
         partitions=partition_indices(train_table, config.fl.num_clients, config.data, config.seed),
         label_names=task.label_names,
+        fleet=fleet,
+        spec=ModelSpec.of(model),
+        capacity=CapacityEstimator(fleet, config.devices.estimate_noise, config.devices.estimate_ema, config.seed),
     )
 
 
-def sample_clients(seed: int, round_number: int, num_clients: int, per_round: int) -> list[int]:
+def sample_clients(seed: int, round_number: int, available: list[int], per_round: int) -> list[int]:
+    """``per_round`` clients drawn uniformly from those whose device is available (all of them if fewer)."""
     rng = np.random.default_rng([seed, round_number])
-    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+    return sorted(int(c) for c in rng.choice(available, size=min(per_round, len(available)), replace=False))
 
 
 def run_experiment(config: Config, out_dir: Path, resume: bool = False,
@@ -77,19 +88,20 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         saved = load_checkpoint(out_dir, fingerprint)
         global_state, rows = saved["global_state"], saved["metrics"]
         exp.strategy.load_state_dict(saved["strategy_state"])
+        exp.capacity.load_state_dict(saved["capacity"])
     else:
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
         accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
-        rows = [_row(0, [], accuracy, loss, [], 0, 0, time.perf_counter() - started)]
-        _persist(out_dir, fingerprint, global_state, exp.strategy, rows)
+        rows = [_row(0, accuracy, loss, [], [], set(), 0.0, 0.0, time.perf_counter() - started)]
+        _persist(out_dir, fingerprint, global_state, exp, rows)
     if on_round:
         for row in rows:
             on_round(row)
     for round_number in range(rows[-1]["round"] + 1, config.fl.rounds + 1):
-        global_state, row = run_round(exp, round_number, global_state)
+        global_state, row = run_round(exp, round_number, global_state, rows[-1]["virtual_time_s"])
         rows.append(row)
-        _persist(out_dir, fingerprint, global_state, exp.strategy, rows)
+        _persist(out_dir, fingerprint, global_state, exp, rows)
         if on_round:
             on_round(row)
     summary = summarize(config.strategy.name, rows, config.eval.target_accuracy)
@@ -97,43 +109,95 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     return summary
 
 
-def run_round(exp: Experiment, round_number: int, global_state: State) -> tuple[State, dict[str, Any]]:
+def run_round(exp: Experiment, round_number: int, global_state: State, clock_s: float) -> tuple[State, dict[str, Any]]:
+    """One synchronous round; ``clock_s`` is the virtual time at its start."""
     config, started = exp.config, time.perf_counter()
-    clients = sample_clients(config.seed, round_number, config.fl.num_clients, config.fl.clients_per_round)
-    plans = exp.strategy.plan(round_number, clients, global_state)
-    updates: list[Update] = []
-    bytes_down = bytes_up = 0
-    for client in clients:
-        plan = plans[client]
-        bytes_down += payload_bytes(plan.weights if plan.wire is None else plan.wire, config.fl.wire_dtype)
-        plan = replace(plan, weights=through_wire(plan.weights, config.fl.wire_dtype))
-        update = train_client(exp.model, plan, global_state, exp.train, exp.partitions[client], config.train,
-                              derived_seed(config.seed, round_number, client))
-        bytes_up += payload_bytes(update.weights, config.fl.wire_dtype)
-        updates.append(replace(update, weights=through_wire(update.weights, config.fl.wire_dtype)))
-    global_state = exp.strategy.aggregate(round_number, global_state, updates)
+    available = exp.fleet.available(round_number, config.seed)
+    clients = sample_clients(config.seed, round_number, available, config.fl.clients_per_round)
+    batches, view = device_view(exp, round_number, clients)
+    plans = exp.strategy.plan(round_number, clients, global_state, view) if clients else {}
+    results = [_train_on_device(exp, round_number, plans[c], global_state, batches[c], view.workload[c]) for c in clients]
+    times = [t for _, t in results]
+    round_s, dropped = synchronous_round(times, config.devices.deadline_s)
+    arrived = [u for u, _ in results if u.client not in dropped]
+    for update in arrived:
+        exp.capacity.observe(update.client, update.metrics)
+    if arrived:
+        global_state = exp.strategy.aggregate(round_number, global_state, arrived)
     accuracy = loss = None
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
         accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
-    row = _row(round_number, clients, accuracy, loss, updates, bytes_up, bytes_down, time.perf_counter() - started)
+    row = _row(round_number, accuracy, loss, arrived, times, dropped, round_s, clock_s + round_s, time.perf_counter() - started, plans)
     return global_state, row
 
 
-def _row(round_number, clients, accuracy, loss, updates, bytes_up, bytes_down, wall_s) -> dict[str, Any]:
-    losses = [u.metrics["train_loss"] for u in updates]
+def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple[dict[int, list[np.ndarray]], DeviceView]:
+    """Each client's batches this round (drawn from (seed, round, client), whatever its plan) and what the strategy may know."""
+    config = exp.config
+    batches = {c: client_batches(exp.train, exp.partitions[c], config.train, derived_seed(config.seed, round_number, c)) for c in clients}
+    workload = {c: Batches.of(batch_shapes(exp.train, b)) for c, b in batches.items()}
+    return batches, DeviceView(exp.spec, exp.capacity.estimates(), workload, WIRE_DTYPES[config.fl.wire_dtype].itemsize)
+
+
+def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
+    """The strategy's round-1 plans for every client as if all were sampled, each with its estimated cost (``legend plan``)."""
+    clients = list(range(exp.config.fl.num_clients))
+    _, view = device_view(exp, 1, clients)
+    plans = exp.strategy.plan(1, clients, exp.strategy.initial_state(exp.model), view)
+    global_layout, wire = exp.strategy.global_layout(), exp.config.fl.wire_dtype
+    rows = []
+    for client, plan in plans.items():
+        applied = applied_ranks(plan.layout, global_layout)
+        down = payload_bytes(plan.weights if plan.wire is None else plan.wire, wire)
+        up = layout_bytes(exp.model, plan.layout, wire, exclude=plan.local)
+        estimate = estimate_round(view, client, plan.layout, applied, down, up)
+        rows.append({"client": client, "device": view.capacity[client].kind, "depth": plan.layout.depth, "rank_by_block": list(plan.layout.rank_by_block),
+                     "compute_s": estimate.compute_s, "communication_s": estimate.download_s + estimate.upload_s, "round_s": estimate.total_s,
+                     "memory_gb": estimate.memory_bytes / 1e9, "bytes_down": down, "bytes_up": up})
+    return rows
+
+
+def _train_on_device(exp: Experiment, round_number: int, plan, global_state: State, batches: list[np.ndarray],
+                     work: Batches) -> tuple[Update, DeviceTime]:
+    """Receive the plan, train, send the update: the update as the server receives it (with the device's
+    report of its virtual times in its metrics), and those times."""
+    config, client = exp.config, plan.client
+    wire = config.fl.wire_dtype
+    device = exp.fleet.device_of(client)
+    require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {client} ({device.kind})")
+    bytes_down = payload_bytes(plan.weights if plan.wire is None else plan.wire, wire)
+    plan = replace(plan, weights=through_wire(plan.weights, wire))
+    seed = derived_seed(config.seed, round_number, client)
+    update = train_client(exp.model, plan, global_state, exp.train, batches, len(exp.partitions[client]), config.train, seed)
+    flops = training_flops(exp.spec, plan.layout, work, applied_ranks(plan.layout, exp.strategy.global_layout()))
+    link = exp.fleet.link(client, round_number, config.seed)
+    times = device_time(client, device.kind, flops, device.profile.flops, bytes_down, payload_bytes(update.weights, wire), link)
+    report = {FLOPS: flops, COMPUTE_S: times.compute_s, BYTES_DOWN: times.bytes_down, DOWNLOAD_S: times.download_s,
+              BYTES_UP: times.bytes_up, UPLOAD_S: times.upload_s}
+    return replace(update, weights=through_wire(update.weights, wire), metrics={**update.metrics, **report}), times
+
+
+def _row(round_number, accuracy, loss, arrived, times, dropped, round_s, virtual_time_s, wall_s, plans=None) -> dict[str, Any]:
+    """Bytes up count the updates that arrived; bytes down every device that was sent a plan."""
+    losses = [u.metrics["train_loss"] for u in arrived]
     return {
         "round": round_number,
-        "clients": clients,
+        "clients": [t.client for t in times],
         "accuracy": accuracy,
         "loss": loss,
         "train_loss": float(np.mean(losses)) if losses else None,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
+        "bytes_up": sum(t.bytes_up for t in times if t.client not in dropped),
+        "bytes_down": sum(t.bytes_down for t in times),
+        "round_time_s": round(round_s, 4),
+        "virtual_time_s": round(virtual_time_s, 4),
+        "dropped": sorted(dropped),
+        "devices": [{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block)} for t in times],
         "wall_s": round(wall_s, 4),
     }
 
 
-def _persist(out_dir: Path, fingerprint: dict, global_state: State, strategy: Strategy, rows: list[dict]) -> None:
+def _persist(out_dir: Path, fingerprint: dict, global_state: State, exp: Experiment, rows: list[dict]) -> None:
     """The checkpoint is the source of truth; metrics.jsonl is rewritten from it."""
-    save_checkpoint(out_dir, {"config": fingerprint, "global_state": global_state, "strategy_state": strategy.state_dict(), "metrics": rows})
+    save_checkpoint(out_dir, {"config": fingerprint, "global_state": global_state, "strategy_state": exp.strategy.state_dict(),
+                              "capacity": exp.capacity.state_dict(), "metrics": rows})
     write_metrics(out_dir, rows)

@@ -79,6 +79,18 @@ class AdapterLayout:
         return (rank, in_features) if factor.group(1) == "lora_A" else (out_features, rank)
 
 
+def cut_to_layout(state: dict[str, torch.Tensor], layout: AdapterLayout, block_of) -> dict[str, torch.Tensor]:
+    """The state as a device of this layout receives it: LoRA factors of the blocks it trains cut to its
+    ranks (the leading rows of A and columns of B); every other tensor whole."""
+    out = {}
+    for key, value in state.items():
+        block = block_of(key)
+        trained = block is not None and layout.rank_by_block[block] > 0
+        shape = layout.device_shape(key, block, value.shape) if trained else value.shape
+        out[key] = value[tuple(slice(0, n) for n in shape)]
+    return out
+
+
 def inject_lora(model: torch.nn.Module, module_names_by_block: dict[int, list[str]], layout: AdapterLayout, alpha: float, dropout: float) -> None:
     """Add PEFT LoRA layers in place: one rank per block, given by ``layout.rank_by_block``.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,14 @@ class ModelInfo:
     num_blocks: int
     hidden_size: int
     target_modules: tuple[str, ...]
+    blocks_prefix: str = ""  # e.g. "bert.encoder.layer": block i's tensors start with "<prefix>.<i>."
+
+    def block_of(self, key: str) -> int | None:
+        """The block a tensor belongs to (None outside the blocks: embeddings, head)."""
+        if not key.startswith(self.blocks_prefix + "."):
+            return None
+        index = key[len(self.blocks_prefix) + 1 :].split(".", 1)[0]
+        return int(index) if index.isdigit() else None
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -53,18 +60,17 @@ class SharedModel:
     per client but those tensors.
     """
 
-    def __init__(self, module: nn.Module, tokenizer, blocks_prefix: str, info: ModelInfo):
+    def __init__(self, module: nn.Module, tokenizer, info: ModelInfo):
         self.module = module
         self.tokenizer = tokenizer
         self.info = info
-        self.blocks_prefix = blocks_prefix
+        self.blocks_prefix = info.blocks_prefix
         module.requires_grad_(False)
         self._index_parameters()
 
     def _index_parameters(self) -> None:
         self.params = dict(self.module.named_parameters())
-        block_key = re.compile(rf"^{re.escape(self.blocks_prefix)}\.(\d+)\.")
-        self._block = {key: int(m.group(1)) if (m := block_key.match(key)) else None for key in self.params}
+        self._block = {key: self.info.block_of(key) for key in self.params}
         base = self.module.base_model_prefix + "."
         self._is_head = {key: not key.startswith(base) for key in self.params}
 
@@ -89,8 +95,8 @@ class SharedModel:
         module.config.pad_token_id = tokenizer.pad_token_id
         prefix, blocks = find_blocks(module)
         targets = tuple(target_modules) or default_target_modules(module.config.model_type)
-        info = ModelInfo(module.config.model_type, len(blocks), module.config.hidden_size, targets)
-        return cls(module, tokenizer, prefix, info)
+        info = ModelInfo(module.config.model_type, len(blocks), module.config.hidden_size, targets, prefix)
+        return cls(module, tokenizer, info)
 
     def add_adapters(self, layout: AdapterLayout, lora_alpha: float, lora_dropout: float, seed: int = 0) -> None:
         """Inject the strategy's global layout once (initial adapters drawn from the seed: the same on every client and the server)."""
@@ -114,6 +120,9 @@ class SharedModel:
 
     def block_of(self, key: str) -> int | None:
         return self._block[key]
+
+    def is_head(self, key: str) -> bool:
+        return self._is_head[key]
 
     def keys(self, layout: AdapterLayout) -> list[str]:
         """Tensors this layout trains, in a fixed order."""

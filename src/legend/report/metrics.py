@@ -39,9 +39,10 @@ def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float)
         "rounds": len(rounds),
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "virtual_time_s": rows[-1]["virtual_time_s"],
         "wall_s": round(sum(r["wall_s"] for r in rows), 3),
         "target_accuracy": target_accuracy,
         "round_to_target": reached["round"] if reached else None,
-        "time_to_target_s": None,  # needs the virtual clock of the device model
+        "time_to_target_s": reached["virtual_time_s"] if reached else None,
         "bytes_to_target": sum(r["bytes_up"] + r["bytes_down"] for r in rounds if r["round"] <= reached["round"]) if reached else None,
     }

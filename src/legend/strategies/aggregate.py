@@ -21,10 +21,25 @@ def weighted_average(tensors: list[torch.Tensor], weights: list[float]) -> torch
     return out
 
 
-def average_updates(updates: list[Update]) -> State:
-    """FedAvg: every tensor is the sample-weighted mean of the clients' tensors of that name."""
+def average_updates(updates: list[Update], keys=None) -> State:
+    """FedAvg: every tensor (or those of ``keys``) is the sample-weighted mean of the clients' tensors of that name."""
     weights = sample_weights(updates)
-    return {key: weighted_average([u.weights[key] for u in updates], weights) for key in updates[0].weights}
+    return {key: weighted_average([u.weights[key] for u in updates], weights) for key in (keys or updates[0].weights)}
+
+
+def masked_average(current: torch.Tensor, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """LEGEND: per coordinate, the weighted mean over the tensors that cover it, renormalised over them.
+
+    Each tensor covers the leading block of ``current`` (a shallower rank is a leading slice of A's
+    rows or B's columns); coordinates no tensor covers keep their value in ``current``.
+    """
+    total = torch.zeros_like(current, dtype=torch.float32)
+    mass = torch.zeros_like(current, dtype=torch.float32)
+    for tensor, weight in zip(tensors, weights, strict=True):
+        region = tuple(slice(0, n) for n in tensor.shape)
+        total[region] += weight * tensor.float()
+        mass[region] += weight
+    return torch.where(mass > 0, total / mass.clamp_min(torch.finfo(torch.float32).tiny), current.float())
 
 
 # LoRA factors of one adapted module: A (r x in), B (out x r); the adapter adds s * B @ A.
@@ -59,6 +74,13 @@ def pad_factors(factors: Factors, rank: int) -> Factors:
     a, b = factors
     missing = rank - a.shape[0]
     return torch.nn.functional.pad(a, (0, 0, 0, missing)), torch.nn.functional.pad(b, (0, missing))
+
+
+def tail_norm(factors: Factors, rank: int, gamma: float) -> torch.Tensor:
+    """HetLoRA's regulariser for one module of rank r: ||B[:, floor(gamma r):r]||_F x ||A[floor(gamma r):r, :]||_F."""
+    a, b = factors
+    keep = int(gamma * rank)
+    return torch.linalg.matrix_norm(b[:, keep:rank]) * torch.linalg.matrix_norm(a[keep:rank])
 
 
 def hetlora_factors(factors: list[Factors], rank: int) -> Factors:

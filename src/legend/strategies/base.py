@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from legend.config import Config
+from legend.devices.capacity import DeviceView
 from legend.lora.layout import AdapterLayout
 from legend.models.shared import ModelInfo, SharedModel, State
+
+
+TAIL_NORM = "tail_norm"  # metric key of HetLoRA's tail norm in an update
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class ClientPlan:
     local: the device's own tensors (FedSA-LoRA's B), never sent; the device keeps them after training.
     wire: what is sent instead of ``weights`` when the device rebuilds them from a more compact
           message (FLoRA's stacked factors, from which it merges its base weights); bytes count this.
+    tail_penalty: HetLoRA's (lambda, gamma): the device adds lambda x its tail norms to the loss and
+          reports them after training under ``TAIL_NORM``.
     """
 
     client: int
@@ -33,6 +39,7 @@ class ClientPlan:
     lr: float
     local: State = field(default_factory=dict)
     wire: State | None = None
+    tail_penalty: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,8 @@ class Strategy(ABC):
         return model.read(self.global_layout())
 
     @abstractmethod
-    def plan(self, round_number: int, clients: list[int], global_state: State) -> dict[int, ClientPlan]:
-        """One plan per sampled client."""
+    def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
+        """One plan per sampled client; ``devices`` holds the capacity estimates and this round's workloads."""
 
     @abstractmethod
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:

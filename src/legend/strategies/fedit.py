@@ -6,6 +6,7 @@ The classification head is trained and averaged the same way.
 
 from __future__ import annotations
 
+from legend.devices.capacity import DeviceView
 from legend.lora.layout import AdapterLayout
 from legend.models.shared import State
 from legend.strategies.aggregate import average_updates
@@ -20,7 +21,7 @@ class FedIT(Strategy):
     def global_layout(self) -> AdapterLayout:
         return AdapterLayout.uniform_lora(self.info.num_blocks, self.config.lora.r)
 
-    def plan(self, round_number: int, clients: list[int], global_state: State) -> dict[int, ClientPlan]:
+    def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
         layout, lr = self.global_layout(), self.lr(round_number)
         return {client: ClientPlan(client, layout, global_state, lr) for client in clients}
 

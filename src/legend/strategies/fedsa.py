@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from legend.devices.capacity import DeviceView
 from legend.lora.layout import lora_modules
 from legend.models.shared import SharedModel, State
 from legend.strategies.aggregate import average_updates, weighted_average
@@ -34,7 +35,7 @@ class FedSALoRA(FedIT):
         self.initial_b = {b_key: state[b_key] for _, b_key in lora_modules(state).values()}
         return state
 
-    def plan(self, round_number: int, clients: list[int], global_state: State) -> dict[int, ClientPlan]:
+    def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
         layout, lr = self.global_layout(), self.lr(round_number)
         shared = {key: value for key, value in global_state.items() if key not in self.initial_b}
         return {c: ClientPlan(c, layout, shared, lr, local=self.local_b.get(c, self.initial_b)) for c in clients}

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from legend.devices.capacity import DeviceView
 from legend.lora.layout import base_weight_key, lora_modules
 from legend.models.shared import SharedModel, State
 from legend.strategies.aggregate import average_updates, client_factors, sample_weights, stack_factors
@@ -38,7 +39,7 @@ class FLoRA(FedIT):
         state = super().initial_state(model)
         return {**state, **model.base_weights(lora_modules(state))}
 
-    def plan(self, round_number: int, clients: list[int], global_state: State) -> dict[int, ClientPlan]:
+    def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
         layout, lr = self.global_layout(), self.lr(round_number)
         plans = {c: ClientPlan(c, layout, global_state, lr, wire=self._message(c, round_number, global_state)) for c in clients}
         self.synced.update({c: round_number - 1 for c in clients})

@@ -1,0 +1,144 @@
+"""Capacity estimation: what the server believes about each device, and what a layout would cost on it.
+
+Before a device has reported, its estimate is its profile with seeded noise (the server's prior is
+never exact); once it reports a round, an exponential moving average of what it measured replaces the
+prior: sustained FLOP/s = FLOPs it ran / seconds it computed, bandwidth = bytes / seconds. In the
+simulation the reports are the virtual clock's times; on real devices they are measured. Strategies
+that size adapters per device (LEGEND, HetLoRA, FlexLoRA) read the same estimates, so only the
+algorithm differs between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from legend.devices.cost import Batches, ModelSpec, adapter_params, training_flops, training_memory_bytes
+from legend.devices.fleet import Fleet
+from legend.lora.layout import AdapterLayout
+
+# Keys of the device report that an update carries in its metrics (the same on every engine).
+FLOPS, COMPUTE_S, BYTES_DOWN, DOWNLOAD_S, BYTES_UP, UPLOAD_S = "flops", "compute_s", "bytes_down", "download_s", "bytes_up", "upload_s"
+REPORT_KEYS = (FLOPS, COMPUTE_S, BYTES_DOWN, DOWNLOAD_S, BYTES_UP, UPLOAD_S)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """One device as the server sees it: sustained FLOP/s, link rates in bytes per second, memory."""
+
+    kind: str
+    flops_per_s: float
+    uplink: float
+    downlink: float
+    memory_gb: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A layout's estimated round on one device (seconds) and the memory it needs (bytes)."""
+
+    compute_s: float
+    download_s: float
+    upload_s: float
+    memory_bytes: int
+
+    @property
+    def total_s(self) -> float:
+        return self.download_s + self.compute_s + self.upload_s
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """What a strategy may know about the devices when it plans a round.
+
+    capacity: every client's current estimate; workload: what each sampled client trains on this
+    round (its batch shapes; a real device reports its data statistics); spec: the model's sizes.
+    """
+
+    spec: ModelSpec
+    capacity: dict[int, Capacity]
+    workload: dict[int, Batches]
+    wire_itemsize: int
+
+
+class CapacityEstimator:
+    """Per-client capacity: the profile with noise until the device reports, then an EMA of its reports."""
+
+    def __init__(self, fleet: Fleet, noise: float, ema: float, seed: int):
+        self.fleet, self.noise, self.ema, self.seed = fleet, noise, ema, seed
+        self.observed: dict[int, Capacity] = {}
+
+    def prior(self, client: int) -> Capacity:
+        """The profile's figures, each times exp(N(0, noise^2)) drawn from (seed, client)."""
+        device = self.fleet.device_of(client)
+        p = device.profile
+        factor = np.exp(np.random.default_rng([self.seed, client, 11]).normal(0.0, self.noise, size=3)).tolist()  # plain floats: checkpoints load weights_only
+        return Capacity(device.kind, p.flops * factor[0], p.uplink_mbps * 1e6 / 8 * factor[1], p.downlink_mbps * 1e6 / 8 * factor[2], p.memory_gb)
+
+    def estimate(self, client: int) -> Capacity:
+        return self.observed.get(client) or self.prior(client)
+
+    def estimates(self) -> dict[int, Capacity]:
+        return {client: self.estimate(client) for client in range(len(self.fleet.binding))}
+
+    def observe(self, client: int, report: dict[str, float]) -> None:
+        """Fold one round's report into the client's estimate (the first report replaces the prior)."""
+        measured = {
+            "flops_per_s": _rate(report, FLOPS, COMPUTE_S),
+            "downlink": _rate(report, BYTES_DOWN, DOWNLOAD_S),
+            "uplink": _rate(report, BYTES_UP, UPLOAD_S),
+        }
+        previous = self.observed.get(client)
+        if previous is None:
+            previous = self.prior(client)
+            weight = 1.0
+        else:
+            weight = self.ema
+        blended = {k: weight * v + (1 - weight) * getattr(previous, k) for k, v in measured.items() if v is not None}
+        self.observed[client] = replace(previous, **blended)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {c: astuple(e) for c, e in self.observed.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.observed = {int(c): Capacity(*values) for c, values in state.items()}
+
+
+def _rate(report: dict[str, float], amount: str, seconds: str) -> float | None:
+    """amount / seconds when the report has both and the time is positive (no transfer, no evidence)."""
+    if report.get(seconds, 0) > 0 and report.get(amount, 0) > 0:
+        return report[amount] / report[seconds]
+    return None
+
+
+def lora_bytes(spec: ModelSpec, rank_by_block, itemsize: int, train_factors=("lora_A", "lora_B"), head: bool = True) -> int:
+    """Bytes of LoRA factors of these per-block ranks (and the head) on the wire."""
+    factors = len(train_factors) / 2  # A (r x in) and B (out x r) together are r (in + out)
+    return int(itemsize * (factors * sum(adapter_params(spec, "lora", r) for r in rank_by_block) + (spec.head_params if head else 0)))
+
+
+def estimate_round(view: DeviceView, client: int, layout: AdapterLayout, applied: tuple[int, ...], bytes_down: int, bytes_up: int) -> Estimate:
+    """Estimated download, compute and upload seconds of a layout on one client, and its training memory."""
+    capacity, work = view.capacity[client], view.workload[client]
+    return Estimate(
+        compute_s=training_flops(view.spec, layout, work, applied) / capacity.flops_per_s,
+        download_s=bytes_down / capacity.downlink,
+        upload_s=bytes_up / capacity.uplink,
+        memory_bytes=training_memory_bytes(view.spec, layout, work),
+    )
+
+
+def ranks_by_capacity(view: DeviceView, clients: list[int], r_min: int, r_max: int) -> dict[int, int]:
+    """HetLoRA's and FlexLoRA's per-device rank: in proportion to the device's estimated speed on the full job.
+
+    t_k = estimated round time of LoRA at r_max on every block; r_k = floor(r_max x min_j t_j / t_k),
+    clipped to [r_min, r_max], over this round's sampled devices: the fastest gets r_max, one three
+    times slower a third of it.
+    """
+    layout = AdapterLayout.uniform_lora(view.spec.num_blocks, r_max)
+    size = lora_bytes(view.spec, layout.rank_by_block, view.wire_itemsize)
+    times = {c: estimate_round(view, c, layout, layout.rank_by_block, size, size).total_s for c in clients}
+    fastest = min(times.values())
+    return {c: max(r_min, min(r_max, int(r_max * fastest / t))) for c, t in times.items()}

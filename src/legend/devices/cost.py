@@ -1,0 +1,179 @@
+"""The cost model: FLOPs, training memory and bytes of one device's round, from the model and its batches.
+
+FLOPs count multiply-adds as 2. Per block and token, the base linear layers cost 2 x their weights;
+attention's length term (Q K^T and A V) costs 4 x width per token pair; a LoRA adapter of rank r on a
+layer with in + out features costs 2 r (in + out). Backward runs only from the output down to the lowest
+block the device trains: below it nothing needs a gradient, so autograd never goes there. Within that
+region, frozen weights cost one backward matmul (the input gradient), trained ones two (input and weight
+gradients). The layers outside the blocks (pooler, classifier) act once per sequence. Embedding look-ups,
+norms and activations are not counted: calibration folds them into the device's sustained FLOP/s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from legend.errors import LegendError
+from legend.lora.layout import BOTTLENECK, AdapterLayout
+from legend.models.shared import SharedModel
+from legend.wire import WIRE_DTYPES
+
+FLOAT_BYTES = 4  # training runs in float32
+ADAMW_BYTES_PER_PARAM = 3 * FLOAT_BYTES  # gradient + two moments
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The sizes the cost model needs, read from the model itself (every block has the same shape)."""
+
+    num_blocks: int
+    hidden: int
+    heads: int
+    ffn: int
+    attention_width: int  # heads x head_dim of the queries
+    block_linear_params: int  # sum of in x out over the base linear layers of one block
+    lora_features: int  # sum of in + out over the LoRA target layers of one block
+    outside_linear_params: int  # linear layers outside the blocks (pooler, classifier), applied per sequence
+    total_params: int  # the pre-trained model and its head, without adapters
+    head_params: int
+    bias_params: int  # biases of the backbone (BitFit)
+
+    @classmethod
+    def of(cls, model: SharedModel) -> ModelSpec:
+        config = model.module.config
+        block = model.module.get_submodule(model.blocks_prefix)[0]
+        linears = [(name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear) and "lora_" not in name and BOTTLENECK not in name]
+        targets = {name.removesuffix(".base_layer").split(".")[-1] for name, _ in linears} & set(model.info.target_modules)
+        outside = [
+            m for name, m in model.module.named_modules()
+            if isinstance(m, nn.Linear) and "lora_" not in name and not name.startswith(model.blocks_prefix + ".")
+        ]
+        heads = config.num_attention_heads
+        return cls(
+            num_blocks=model.info.num_blocks,
+            hidden=config.hidden_size,
+            heads=heads,
+            ffn=config.intermediate_size,
+            attention_width=heads * (getattr(config, "head_dim", None) or config.hidden_size // heads),
+            block_linear_params=sum(m.in_features * m.out_features for _, m in linears),
+            lora_features=sum(m.in_features + m.out_features for name, m in linears if name.removesuffix(".base_layer").split(".")[-1] in targets),
+            outside_linear_params=sum(m.in_features * m.out_features for m in outside),
+            total_params=sum(p.numel() for k, p in model.params.items() if ".lora_" not in k and BOTTLENECK not in k),
+            head_params=sum(p.numel() for k, p in model.params.items() if model.is_head(k)),
+            bias_params=sum(p.numel() for k, p in model.params.items() if k.endswith(".bias") and not model.is_head(k) and ".lora_" not in k),
+        )
+
+
+@dataclass(frozen=True)
+class Batches:
+    """What a device trains on in one round, as padded batch shapes (B sequences of T tokens each)."""
+
+    sequences: int  # sum of B
+    tokens: int  # sum of B x T
+    token_pairs: int  # sum of B x T^2 (attention)
+    peak_tokens: int  # largest B x T (activation memory)
+    peak_token_pairs: int  # largest B x T^2
+
+    @classmethod
+    def of(cls, shapes: Sequence[tuple[int, int]]) -> Batches:
+        b = np.array([s[0] for s in shapes], dtype=np.int64)
+        t = np.array([s[1] for s in shapes], dtype=np.int64)
+        if len(shapes) == 0:
+            return cls(0, 0, 0, 0, 0)
+        return cls(int(b.sum()), int((b * t).sum()), int((b * t * t).sum()), int((b * t).max()), int((b * t * t).max()))
+
+    @classmethod
+    def uniform(cls, steps: int, batch_size: int, length: int) -> Batches:
+        return cls.of([(batch_size, length)] * steps)
+
+
+def adapter_params(spec: ModelSpec, method: str, rank: int) -> int:
+    """Parameters of one block's adapter: LoRA of rank r on every target, or a bottleneck of width r."""
+    if method == "lora":
+        return rank * spec.lora_features
+    if method == "adapter":
+        return rank * 2 * spec.hidden
+    return 0
+
+
+def block_forward_flops(spec: ModelSpec, batches: Batches, adapter: int) -> float:
+    return 2 * batches.tokens * (spec.block_linear_params + adapter) + 4 * batches.token_pairs * spec.attention_width
+
+
+def block_backward_flops(spec: ModelSpec, batches: Batches, adapter: int, full: bool) -> float:
+    """Input gradients everywhere in the block; weight gradients for what is trained (the adapter, or all)."""
+    base = 2 * batches.tokens * spec.block_linear_params * (2 if full else 1)
+    return base + 8 * batches.token_pairs * spec.attention_width + 4 * batches.tokens * adapter
+
+
+def lowest_trained_block(spec: ModelSpec, layout: AdapterLayout) -> int:
+    """Where backward stops: full fine-tuning and BitFit train every block, adapters only the top ``depth``."""
+    return 0 if layout.method in ("full", "bitfit") else spec.num_blocks - layout.depth
+
+
+def training_flops(spec: ModelSpec, layout: AdapterLayout, batches: Batches, applied_ranks: Sequence[int] | None = None) -> float:
+    """Forward through every block (with the adapters applied, trained or frozen), backward down to the lowest trained block.
+
+    applied_ranks: the ranks of the adapters in the forward pass (default: the layout's own); a LEGEND
+    device also applies the frozen global adapters below its own region.
+    """
+    ranks = layout.rank_by_block or (0,) * spec.num_blocks
+    applied = applied_ranks or ranks
+    full = layout.method == "full"
+    flops = sum(block_forward_flops(spec, batches, adapter_params(spec, layout.method, applied[i])) for i in range(spec.num_blocks))
+    flops += sum(
+        block_backward_flops(spec, batches, adapter_params(spec, layout.method, ranks[i]), full)
+        for i in range(lowest_trained_block(spec, layout), spec.num_blocks)
+    )
+    return flops + 3 * 2 * batches.sequences * spec.outside_linear_params  # the head always trains or passes the gradient down
+
+
+def trainable_params(spec: ModelSpec, layout: AdapterLayout) -> int:
+    if layout.method == "full":
+        return spec.total_params
+    head = spec.head_params if layout.train_head else 0
+    if layout.method == "bitfit":
+        return spec.bias_params + head
+    factors = len(layout.train_factors) / 2 if layout.method == "lora" else 1  # FFA-LoRA trains B only: half
+    return int(sum(adapter_params(spec, layout.method, r) for r in layout.rank_by_block) * factors) + head
+
+
+def training_memory_bytes(spec: ModelSpec, layout: AdapterLayout, batches: Batches) -> int:
+    """Weights + activations kept for backward in the trained blocks + gradients and AdamW state.
+
+    Activations per token and trained block: 8 h + 2 ffn floats plus heads x T for the attention
+    probabilities (Korthikanti et al. 2022, arXiv 2205.05198, without dropout masks).
+    """
+    depth = spec.num_blocks - lowest_trained_block(spec, layout)
+    per_block = FLOAT_BYTES * (batches.peak_tokens * (8 * spec.hidden + 2 * spec.ffn) + batches.peak_token_pairs * spec.heads)
+    weights = FLOAT_BYTES * spec.total_params
+    return weights + depth * per_block + ADAMW_BYTES_PER_PARAM * trainable_params(spec, layout)
+
+
+def layout_bytes(model: SharedModel, layout: AdapterLayout, wire_dtype: str, exclude=()) -> int:
+    """Bytes of the tensors a layout trains, as they cross the wire (less ``exclude``: tensors kept on the device)."""
+    itemsize = WIRE_DTYPES[wire_dtype].itemsize
+    return itemsize * sum(
+        int(np.prod(layout.device_shape(k, model.block_of(k), model.params[k].shape))) for k in model.keys(layout) if k not in exclude
+    )
+
+
+def applied_ranks(layout: AdapterLayout, global_layout: AdapterLayout) -> tuple[int, ...]:
+    """Adapter ranks in a device's forward pass: its own where it trains, the frozen global ones elsewhere."""
+    if layout.method != global_layout.method or not layout.rank_by_block:
+        return layout.rank_by_block
+    return tuple(own or glob for own, glob in zip(layout.rank_by_block, global_layout.rank_by_block, strict=True))
+
+
+def require_fits(spec: ModelSpec, layout: AdapterLayout, batches: Batches, memory_gb: float, who: str) -> None:
+    """Refuse a plan that would not fit the device's memory, saying what it needs and how to shrink it."""
+    needed = training_memory_bytes(spec, layout, batches)
+    if needed > memory_gb * 1e9:
+        raise LegendError(
+            f"{who} cannot train this plan: it needs {needed / 1e9:.2f} GB of memory and the device has {memory_gb:.2f} GB; "
+            "lower train.batch_size or data.max_length, train fewer blocks, or use devices with more memory (devices.fleet)"
+        )
