@@ -1,0 +1,65 @@
+"""HetLoRA (Cho et al., arXiv 2401.06432): ranks by device capacity, rank self-pruning, sparsity-weighted aggregation.
+
+The global rank is r_max = lora.r. A device first gets a rank from its estimated speed
+(``ranks_by_capacity``: the estimates LEGEND uses), receives the leading r_k rows of A and columns of
+B (nested truncation) and trains them with the local regulariser
+lambda * sum ||B[:, floor(gamma r_k):]|| ||A[floor(gamma r_k):, :]||. It reports that tail norm; when
+it shrank since the device's previous round, the device prunes its rank to floor(gamma r_k) (never
+below lora.r_min). The server zero-pads every device to r_max and weights it per module by
+w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F; the head is the sample-weighted mean.
+Up and down: the device's truncated A and B, and the head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from legend.devices.capacity import DeviceView, ranks_by_capacity
+from legend.lora.layout import AdapterLayout, cut_to_layout, lora_modules
+from legend.models.shared import State
+from legend.strategies.aggregate import average_updates, client_factors, hetlora_factors
+from legend.strategies.base import TAIL_NORM, ClientPlan, Update
+from legend.strategies.fedit import FedIT
+from legend.strategies.registry import register
+
+
+@register
+class HetLoRA(FedIT):
+    name = "hetlora"
+
+    def __init__(self, config, info):
+        super().__init__(config, info)
+        self.ranks: dict[int, int] = {}  # client -> its current (possibly pruned) rank
+        self.tail_norms: dict[int, float] = {}  # client -> the tail norm of its last report
+
+    def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
+        new = [c for c in clients if c not in self.ranks]
+        if new:  # a device's first rank comes from its capacity; later ones from self-pruning
+            self.ranks.update(ranks_by_capacity(devices, new, self.config.lora.smallest_rank, self.config.lora.r))
+        lr, penalty = self.lr(round_number), (self.config.hetlora.penalty, self.config.hetlora.gamma)
+        plans = {}
+        for c in clients:
+            layout = AdapterLayout.uniform_lora(self.info.num_blocks, self.ranks[c])
+            plans[c] = ClientPlan(c, layout, cut_to_layout(global_state, layout, self.info.block_of), lr, tail_penalty=penalty)
+        return plans
+
+    def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
+        factors = {}
+        for a_key, b_key in lora_modules(global_state).values():
+            factors[a_key], factors[b_key] = hetlora_factors(client_factors(updates, a_key, b_key), self.config.lora.r)
+        head = average_updates(updates, [k for k in updates[0].weights if k not in factors])
+        for update in updates:
+            self._self_prune(update.client, update.metrics[TAIL_NORM])
+        return {**global_state, **head, **factors}
+
+    def _self_prune(self, client: int, tail_norm: float) -> None:
+        previous = self.tail_norms.get(client)
+        if previous is not None and tail_norm < previous:
+            self.ranks[client] = max(self.config.lora.smallest_rank, int(self.config.hetlora.gamma * self.ranks[client]))
+        self.tail_norms[client] = tail_norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": self.ranks, "tail_norms": self.tail_norms}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ranks, self.tail_norms = state["ranks"], state["tail_norms"]
