@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-from legend.config import load_config
-from legend.engine.checkpoint import CHECKPOINT
+from legend.config import Config, load_config
+from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.simulation import build_experiment, run_experiment
+from legend.errors import LegendError
 from tests.conftest import ROOT, tiny_overrides
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
@@ -95,3 +96,13 @@ def test_resume_refuses_another_config(tmp_path):
                              "--out", str(tmp_path), "--resume"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "was run with a different config (train.local_steps)" in result.stderr
+
+
+def test_a_checkpoint_predating_a_config_key_resumes_when_that_key_is_at_its_default(tmp_path):
+    current = Config().model_dump()
+    older = {**current, "legend": {k: v for k, v in current["legend"].items() if k != "scaling"}}  # written before legend.scaling existed
+    save_checkpoint(tmp_path, {"config": older, "metrics": []})
+    assert load_checkpoint(tmp_path, current)["metrics"] == []
+    changed = Config.model_validate({"legend": {"scaling": "rank"}}).model_dump()
+    with pytest.raises(LegendError, match=r"different config \(legend.scaling\)"):
+        load_checkpoint(tmp_path, changed)

@@ -48,6 +48,8 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(default_factory=list, description="linear layers inside each block to adapt; default per architecture (PEFT's table)")
+    init: Literal["default", "federa"] = Field(
+        "default", description="LoRA initialisation: 'default' (PEFT's: A random, B = 0) or 'federa' (A, B from the SVD of W, residual kept frozen)")
 
     @property
     def smallest_rank(self) -> int:
@@ -65,11 +67,13 @@ class HetLoraConfig(Section):
 
 
 class LegendConfig(Section):
-    ranks: Literal["linear", "geometric", "uniform"] = Field("linear", description="LEGEND: shape of the global rank ramp from r_min (deepest LoRA block) to r_max (top block)")
+    ranks: Literal["linear", "geometric", "uniform"] = Field("geometric", description="LEGEND: shape of the global rank ramp from r_min (deepest LoRA block) to r_max (top block)")
     r_min: int = Field(2, gt=0, description="LEGEND: rank of the deepest LoRA block")
     r_max: int = Field(16, gt=0, description="LEGEND: rank of the top block")
     max_depth: int = Field(0, ge=0, description="LEGEND: LoRA blocks of the global model, counted from the output (0 = every block)")
     slack: float = Field(0.2, ge=0, description="LEGEND: target round time T* = slowest sampled device's depth-1 time x (1 + slack)")
+    scaling: Literal["uniform", "rank"] = Field(
+        "uniform", description="LEGEND: LoRA scaling per block: 'uniform' = lora.alpha / lora.r in every block (FedIT's), 'rank' = lora.alpha / r_l (PEFT's)")
     rank_cap: bool = Field(False, description="LEGEND: a device may also cap its ranks (nested truncation) to go deeper within T*")
     replan_every: int = Field(1, gt=0, description="LEGEND: refresh the capacity estimates the planner uses every this many rounds")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from legend.config import Config
 from legend.errors import LegendError
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,10 +48,21 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         raise LegendError(f"--resume: {path} is unreadable ({type(exc).__name__}): delete it to start over") from None
     if payload.get("format") != FORMAT_VERSION:
         raise LegendError(f"--resume: {path} has format {payload.get('format')}, this legend writes {FORMAT_VERSION}: start a new run")
-    differing = _differences(payload["config"], config)
+    differing = _differences(_with_defaults(payload["config"], Config().model_dump()), config)
     if differing:
         raise LegendError(f"--resume: {out_dir} was run with a different config ({', '.join(differing)}): resume with the same config, or use a new --out")
     return payload
+
+
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The saved config with keys it predates (added by a later legend) at their defaults: such a run resumes as it ran."""
+    out = dict(saved)
+    for key, default in defaults.items():
+        if key not in saved:
+            out[key] = default
+        elif isinstance(saved[key], dict) and isinstance(default, dict):
+            out[key] = _with_defaults(saved[key], default)
+    return out
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

@@ -21,7 +21,7 @@ from legend.data import EncodedSplit, encode, length_buckets, load_task, partiti
 from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, device_time, synchronous_round, training_flops
 from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
-from legend.engine.checkpoint import load_checkpoint, save_checkpoint
+from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.client import batch_shapes, client_batches, derived_seed, evaluate, train_client
 from legend.models.shared import SharedModel, State
 from legend.report.metrics import summarize, write_metrics, write_summary
@@ -54,7 +54,7 @@ def build_experiment(config: Config) -> Experiment:
     train_table, test_table = task.train, task.test
     model = SharedModel.build(config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout)
     strategy = strategy_cls(config, model.info)
-    model.add_adapters(strategy.global_layout(), config.lora.alpha, config.lora.dropout, config.seed)
+    model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
     test = encode(test_table, model.tokenizer, config.data.max_length)
     return Experiment(
         config=config,
@@ -107,6 +107,13 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     summary = summarize(config.strategy.name, rows, config.eval.target_accuracy)
     write_summary(out_dir, summary)
     return summary
+
+
+def run_resumable(config: Config, out_dir: Path) -> dict[str, Any]:
+    """Start the run, or resume it from its checkpoint (a finished run only re-reads its summary's rows).
+
+    The checkpoint refuses another config, so a reused directory never mixes two experiments."""
+    return run_experiment(config, out_dir, resume=(out_dir / CHECKPOINT).is_file())
 
 
 def run_round(exp: Experiment, round_number: int, global_state: State, clock_s: float) -> tuple[State, dict[str, Any]]:

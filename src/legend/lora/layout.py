@@ -7,6 +7,7 @@ device may train, at its largest rank); each device's layout is a subset of it.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,20 +92,24 @@ def cut_to_layout(state: dict[str, torch.Tensor], layout: AdapterLayout, block_o
     return out
 
 
-def inject_lora(model: torch.nn.Module, module_names_by_block: dict[int, list[str]], layout: AdapterLayout, alpha: float, dropout: float) -> None:
-    """Add PEFT LoRA layers in place: one rank per block, given by ``layout.rank_by_block``.
+def inject_lora(model: torch.nn.Module, module_names_by_block: dict[int, list[str]], layout: AdapterLayout,
+                alpha: float | Sequence[float], dropout: float) -> None:
+    """Add PEFT LoRA layers in place: one rank per block, given by ``layout.rank_by_block``, and one alpha
+    for every block or one per block (the scaling of block l is alpha_l / r_l).
 
-    Modules are named in full, so PEFT's ``rank_pattern`` maps each one to its block's rank exactly.
+    Modules are named in full, so PEFT's ``rank_pattern`` and ``alpha_pattern`` map each one to its block's values exactly.
     """
-    ranks = {name: layout.rank_by_block[block] for block, names in module_names_by_block.items() for name in names if layout.rank_by_block[block] > 0}
+    alphas = tuple(alpha) if isinstance(alpha, Sequence) else (alpha,) * len(layout.rank_by_block)
+    block_of = {name: block for block, names in module_names_by_block.items() for name in names if layout.rank_by_block[block] > 0}
+    ranks = {name: layout.rank_by_block[block] for name, block in block_of.items()}
     if not ranks:
         return
     config = LoraConfig(
         r=max(ranks.values()),
-        lora_alpha=alpha,
+        lora_alpha=alphas[max(block_of.values())],
         lora_dropout=dropout,
         target_modules=sorted(ranks),
         rank_pattern={re.escape(name): rank for name, rank in ranks.items()},
-        alpha_pattern={re.escape(name): alpha for name in ranks},
+        alpha_pattern={re.escape(name): alphas[block] for name, block in block_of.items()},
     )
     inject_adapter_in_model(config, model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from legend.errors import LegendError
 from legend.lora.bottleneck import inject_bottlenecks
+from legend.lora.init import apply_federa
 from legend.lora.layout import AdapterLayout, base_weight_key, inject_lora
 from legend.models.resolve import resolve_model
 
@@ -98,18 +100,24 @@ class SharedModel:
         info = ModelInfo(module.config.model_type, len(blocks), module.config.hidden_size, targets, prefix)
         return cls(module, tokenizer, info)
 
-    def add_adapters(self, layout: AdapterLayout, lora_alpha: float, lora_dropout: float, seed: int = 0) -> None:
-        """Inject the strategy's global layout once (initial adapters drawn from the seed: the same on every client and the server)."""
+    def add_adapters(self, layout: AdapterLayout, lora_alpha: float | Sequence[float], lora_dropout: float, seed: int = 0,
+                     lora_init: str = "default") -> None:
+        """Inject the strategy's global layout once (initial adapters drawn from the seed, or FeDeRA's SVD of
+        the weights: the same on every client and the server)."""
+        if lora_init == "federa" and layout.method != "lora":
+            raise LegendError(f"lora.init 'federa' initialises LoRA adapters, and this strategy trains '{layout.method}': use a LoRA strategy or lora.init='default'")
         blocks = self.module.get_submodule(self.blocks_prefix)
         torch.manual_seed(seed)
         if layout.method == "adapter":
             inject_bottlenecks(blocks, self.info.hidden_size, layout)
         elif layout.method == "lora":
             self._inject_lora(blocks, layout, lora_alpha, lora_dropout)
+            if lora_init == "federa":
+                apply_federa(self.module)
         self.module.requires_grad_(False)
         self._index_parameters()
 
-    def _inject_lora(self, blocks: nn.ModuleList, layout: AdapterLayout, lora_alpha: float, lora_dropout: float) -> None:
+    def _inject_lora(self, blocks: nn.ModuleList, layout: AdapterLayout, lora_alpha: float | Sequence[float], lora_dropout: float) -> None:
         names = {
             i: [f"{self.blocks_prefix}.{i}.{sub}" for sub, m in block.named_modules() if isinstance(m, nn.Linear) and sub.split(".")[-1] in self.info.target_modules]
             for i, block in enumerate(blocks)

@@ -76,6 +76,16 @@ class Strategy(ABC):
         progress = (round_number - 1) / max(self.config.fl.rounds - 1, 1)
         return base * (train.lr_min_ratio + (1 - train.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    @property
+    def lora_alpha(self) -> float | tuple[float, ...]:
+        """LoRA alpha of every block (or one per block); block l's adapter is scaled by alpha_l / r_l."""
+        return self.config.lora.alpha
+
+    @property
+    def lora_init(self) -> str:
+        """How the shared model initialises the LoRA adapters (``lora.init``; FeDeRA always uses its SVD)."""
+        return self.config.lora.init
+
     @abstractmethod
     def global_layout(self) -> AdapterLayout:
         """Every tensor any device may train: the layout the shared model is built with."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from legend.devices.capacity import DeviceView
+from legend.errors import LegendError
 from legend.lora.layout import base_weight_key, lora_modules
 from legend.models.shared import SharedModel, State
 from legend.strategies.aggregate import average_updates, client_factors, sample_weights, stack_factors
@@ -32,6 +33,8 @@ class FLoRA(FedIT):
 
     def __init__(self, config, info):
         super().__init__(config, info)
+        if config.lora.init != "default":  # merging s B A and restarting from A0, B0 would add FeDeRA's principal part again every round
+            raise LegendError("lora.init 'federa' does not combine with flora, which merges the whole adapter every round: use lora.init='default'")
         self.synced: dict[int, int] = {}  # client -> the last round whose merge its W holds (0: the pre-trained W)
         self.stacks: dict[int, State] = {}  # round -> its stacked factors, kept while cheaper to send than W
 
