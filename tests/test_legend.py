@@ -112,7 +112,7 @@ def test_a_shallow_device_receives_every_global_adapter_and_its_region_cut_to_it
 
 
 def test_legend_run_sends_every_global_adapter_down_and_only_its_region_up(tmp_path):
-    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "legend.ranks": "linear", "fl.clients_per_round": 4, "devices.fleet": "jetson-mix-80"}))
+    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "legend.ranks": "linear", "legend.max_depth": 6, "fl.clients_per_round": 4, "devices.fleet": "jetson-mix-80"}))
     summary = run_experiment(config, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     head, per_rank = 2 * H + 2, 2 * (H + H)  # query and value: A (r x 384) and B (384 x r) per rank
@@ -141,7 +141,7 @@ def test_plan_command_gives_faster_devices_deeper_adapters_and_a_tighter_round_t
     for row in legend["clients"]:
         by_class.setdefault(row["device"], []).append(row["depth"])
     mean_depth = {kind: sum(d) / len(d) for kind, d in by_class.items()}
-    assert mean_depth["jetson-nano"] < mean_depth["jetson-tx2"] <= mean_depth["jetson-agx-orin"] == 6
+    assert mean_depth["jetson-nano"] < mean_depth["jetson-tx2"] <= mean_depth["jetson-agx-orin"] == 4  # the global depth: top two thirds of 6
     assert legend["round_time"]["max_s"] < fedit["round_time"]["max_s"]
     assert all(row["depth"] == 6 for row in fedit["clients"])
 
@@ -152,6 +152,12 @@ def test_each_block_is_scaled_as_legend_scaling_says(scaling, expected):
     legend = Legend(load_config(None, [f"legend.scaling={scaling}"]), model.info)
     model.add_adapters(legend.global_layout(), legend.lora_alpha, 0.0)
     layers = [m for m in model.module.modules() if isinstance(m, LoraLayer)]
-    assert len(layers) == 12
+    assert len(layers) == 2 * legend.global_layout().depth  # query and value of each LoRA block
     assert all(layer.scaling["default"] == pytest.approx(expected(layer.r["default"])) for layer in layers)
-    assert sorted(layer.r["default"] for layer in layers) == sorted(2 * legend.global_ranks)
+    assert sorted(layer.r["default"] for layer in layers) == sorted(2 * [r for r in legend.global_ranks if r > 0])
+
+
+@pytest.mark.parametrize("blocks, max_depth, depth", [(6, 0, 4), (30, 0, 20), (6, 6, 6), (6, 9, 6), (6, 2, 2)])
+def test_global_depth_defaults_to_the_top_two_thirds(blocks, max_depth, depth):
+    legend = Legend(load_config(None, [f"legend.max_depth={max_depth}"]), ModelInfo("bert", blocks, 384, ("query", "value")))
+    assert legend.global_layout().depth == depth and legend.global_ranks[-1] == 16

@@ -70,7 +70,7 @@ class LegendConfig(Section):
     ranks: Literal["linear", "geometric", "uniform"] = Field("geometric", description="LEGEND: shape of the global rank ramp from r_min (deepest LoRA block) to r_max (top block)")
     r_min: int = Field(2, gt=0, description="LEGEND: rank of the deepest LoRA block")
     r_max: int = Field(16, gt=0, description="LEGEND: rank of the top block")
-    max_depth: int = Field(0, ge=0, description="LEGEND: LoRA blocks of the global model, counted from the output (0 = every block)")
+    max_depth: int = Field(0, ge=0, description="LEGEND: LoRA blocks of the global model, counted from the output (0 = the top two thirds, rounded up)")
     slack: float = Field(0.2, ge=0, description="LEGEND: target round time T* = slowest sampled device's depth-1 time x (1 + slack)")
     scaling: Literal["uniform", "rank"] = Field(
         "uniform", description="LEGEND: LoRA scaling per block: 'uniform' = lora.alpha / lora.r in every block (FedIT's), 'rank' = lora.alpha / r_l (PEFT's)")

@@ -11,6 +11,7 @@ design choice and its knob.
 
 from __future__ import annotations
 
+import math
 from dataclasses import astuple, dataclass
 from typing import Any
 
@@ -88,7 +89,7 @@ class Legend(Strategy):
     def __init__(self, config, info):
         super().__init__(config, info)
         cfg = config.legend
-        depth = min(cfg.max_depth or info.num_blocks, info.num_blocks)
+        depth = min(cfg.max_depth or math.ceil(2 * info.num_blocks / 3), info.num_blocks)  # 0: MiniLM's 6 blocks -> 4
         self.global_ranks = rank_distribution(info.num_blocks, depth, cfg.r_min, cfg.r_max, cfg.ranks)
         self.snapshot: dict[int, Capacity] = {}  # the estimates of the last re-plan
 
