@@ -87,6 +87,8 @@ class FlConfig(Section):
     clients_per_round: int = Field(4, gt=0, description="clients sampled each round")
     rounds: int = Field(30, gt=0, description="communication rounds")
     wire_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of tensors on the wire, both directions")
+    max_update_norm: float = Field(0.0, ge=0, description="reject a client update that moved further than this (L2 over its tensors) from what it was sent (0 = no limit)")
+    min_clients: int = Field(1, gt=0, description="skip aggregation (keep the global model) when fewer valid updates than this arrive in a round")
 
 
 class TrainConfig(Section):

@@ -1,11 +1,12 @@
 """The embedded engine: many simulated devices in one process, sharing one base model.
 
 The round loop reads top to bottom: sample clients, ask the strategy for plans, train each client
-in turn on the shared model, aggregate, evaluate, checkpoint.
+in turn on the shared model, reject unsound updates, aggregate, evaluate, checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -23,10 +24,14 @@ from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S,
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.client import batch_shapes, client_batches, derived_seed, evaluate, train_client
+from legend.engine.validation import rejection
 from legend.models.shared import SharedModel, State
 from legend.report.metrics import summarize, write_metrics, write_summary
-from legend.strategies import Strategy, Update, strategy_class
+from legend.strategies import ClientPlan, Strategy, Update, strategy_class
 from legend.wire import WIRE_DTYPES, payload_bytes, through_wire
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,15 +132,32 @@ def run_round(exp: Experiment, round_number: int, global_state: State, clock_s: 
     times = [t for _, t in results]
     round_s, dropped = synchronous_round(times, config.devices.deadline_s)
     arrived = [u for u, _ in results if u.client not in dropped]
-    for update in arrived:
+    rejected = {u.client: reason for u in arrived if (reason := rejection(u, *_expected(exp, plans[u.client], global_state), config.fl.max_update_norm))}
+    for client, reason in rejected.items():
+        log.warning("round %d: update of client %d rejected: %s", round_number, client, reason)
+    valid = [u for u in arrived if u.client not in rejected]
+    for update in valid:
         exp.capacity.observe(update.client, update.metrics)
-    if arrived:
-        global_state = exp.strategy.aggregate(round_number, global_state, arrived)
+    skipped = len(valid) < config.fl.min_clients
+    if not skipped:
+        global_state = exp.strategy.aggregate(round_number, global_state, valid)
     accuracy = loss = None
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
         accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
-    row = _row(round_number, accuracy, loss, arrived, times, dropped, round_s, clock_s + round_s, time.perf_counter() - started, plans)
-    return global_state, row
+    row = _row(round_number, accuracy, loss, valid, times, dropped, round_s, clock_s + round_s, time.perf_counter() - started, plans)
+    return global_state, {**row, "rejected": [{"client": c, "reason": r} for c, r in rejected.items()], "skipped": skipped}
+
+
+def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], State]:
+    """What the plan asks the device to send back (shape and dtype per tensor) and the values it started from."""
+    received = {**global_state, **plan.weights}
+    expected, start = {}, {}
+    for key in exp.model.keys(plan.layout):
+        if key not in plan.local:
+            param = exp.model.params[key]
+            shape = tuple(plan.layout.device_shape(key, exp.model.block_of(key), param.shape))
+            expected[key], start[key] = (shape, param.dtype), received[key][tuple(slice(0, n) for n in shape)]
+    return expected, start
 
 
 def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple[dict[int, list[np.ndarray]], DeviceView]:
