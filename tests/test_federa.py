@@ -27,7 +27,7 @@ def test_factors_are_the_principal_part_and_the_residual_the_rest():
     assert (b.gather(0, b.abs().argmax(dim=0, keepdim=True)) > 0).all()  # fixed signs: no freedom left
 
 
-def test_sign_fixing_makes_the_factors_independent_of_the_svd_sign_choice():
+def test_the_same_weight_always_gives_bit_identical_factors():
     weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
     a, b, residual = federa_factors(weight, 4, 0.5)
     a2, b2, residual2 = federa_factors(weight.clone(), 4, 0.5)

@@ -157,9 +157,7 @@ def training_memory_bytes(spec: ModelSpec, layout: AdapterLayout, batches: Batch
 def layout_bytes(model: SharedModel, layout: AdapterLayout, wire_dtype: str, exclude=()) -> int:
     """Bytes of the tensors a layout trains, as they cross the wire (less ``exclude``: tensors kept on the device)."""
     itemsize = WIRE_DTYPES[wire_dtype].itemsize
-    return itemsize * sum(
-        int(np.prod(layout.device_shape(k, model.block_of(k), model.params[k].shape))) for k in model.keys(layout) if k not in exclude
-    )
+    return itemsize * sum(int(np.prod(shape)) for key, shape in model.device_shapes(layout).items() if key not in exclude)
 
 
 def applied_ranks(layout: AdapterLayout, global_layout: AdapterLayout) -> tuple[int, ...]:

@@ -98,7 +98,7 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
         accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
-        rows = [_row(0, accuracy, loss, [], [], set(), 0.0, 0.0, time.perf_counter() - started)]
+        rows = [_row(0, accuracy, loss, [], [], set(), {}, False, 0.0, 0.0, time.perf_counter() - started, {})]
         _persist(out_dir, fingerprint, global_state, exp, rows)
     if on_round:
         for row in rows:
@@ -132,9 +132,11 @@ def run_round(exp: Experiment, round_number: int, global_state: State, clock_s: 
     times = [t for _, t in results]
     round_s, dropped = synchronous_round(times, config.devices.deadline_s)
     arrived = [u for u, _ in results if u.client not in dropped]
-    rejected = {u.client: reason for u in arrived if (reason := rejection(u, *_expected(exp, plans[u.client], global_state), config.fl.max_update_norm))}
-    for client, reason in rejected.items():
-        log.warning("round %d: update of client %d rejected: %s", round_number, client, reason)
+    rejected = {}
+    for update in arrived:
+        if reason := rejection(update, *_expected(exp, plans[update.client], global_state), config.fl.max_update_norm):
+            rejected[update.client] = reason
+            log.warning("round %d: update of client %d rejected: %s", round_number, update.client, reason)
     valid = [u for u in arrived if u.client not in rejected]
     for update in valid:
         exp.capacity.observe(update.client, update.metrics)
@@ -144,20 +146,16 @@ def run_round(exp: Experiment, round_number: int, global_state: State, clock_s: 
     accuracy = loss = None
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
         accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
-    row = _row(round_number, accuracy, loss, valid, times, dropped, round_s, clock_s + round_s, time.perf_counter() - started, plans)
-    return global_state, {**row, "rejected": [{"client": c, "reason": r} for c, r in rejected.items()], "skipped": skipped}
+    row = _row(round_number, accuracy, loss, valid, times, dropped, rejected, skipped, round_s, clock_s + round_s, time.perf_counter() - started, plans)
+    return global_state, row
 
 
 def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], State]:
     """What the plan asks the device to send back (shape and dtype per tensor) and the values it started from."""
     received = {**global_state, **plan.weights}
-    expected, start = {}, {}
-    for key in exp.model.keys(plan.layout):
-        if key not in plan.local:
-            param = exp.model.params[key]
-            shape = tuple(plan.layout.device_shape(key, exp.model.block_of(key), param.shape))
-            expected[key], start[key] = (shape, param.dtype), received[key][tuple(slice(0, n) for n in shape)]
-    return expected, start
+    shapes = {key: shape for key, shape in exp.model.device_shapes(plan.layout).items() if key not in plan.local}
+    expected = {key: (shape, exp.model.params[key].dtype) for key, shape in shapes.items()}
+    return expected, {key: received[key][tuple(slice(0, n) for n in shape)] for key, shape in shapes.items()}
 
 
 def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple[dict[int, list[np.ndarray]], DeviceView]:
@@ -206,9 +204,9 @@ def _train_on_device(exp: Experiment, round_number: int, plan, global_state: Sta
     return replace(update, weights=through_wire(update.weights, wire), metrics={**update.metrics, **report}), times
 
 
-def _row(round_number, accuracy, loss, arrived, times, dropped, round_s, virtual_time_s, wall_s, plans=None) -> dict[str, Any]:
-    """Bytes up count the updates that arrived; bytes down every device that was sent a plan."""
-    losses = [u.metrics["train_loss"] for u in arrived]
+def _row(round_number, accuracy, loss, aggregated, times, dropped, rejected, skipped, round_s, virtual_time_s, wall_s, plans) -> dict[str, Any]:
+    """Bytes up count every update that arrived (rejected ones too: they were sent); bytes down every device that was sent a plan."""
+    losses = [u.metrics["train_loss"] for u in aggregated]
     return {
         "round": round_number,
         "clients": [t.client for t in times],
@@ -221,6 +219,8 @@ def _row(round_number, accuracy, loss, arrived, times, dropped, round_s, virtual
         "virtual_time_s": round(virtual_time_s, 4),
         "dropped": sorted(dropped),
         "devices": [{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block)} for t in times],
+        "rejected": [{"client": client, "reason": reason} for client, reason in rejected.items()],
+        "skipped": skipped,
         "wall_s": round(wall_s, 4),
     }
 

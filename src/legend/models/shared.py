@@ -136,13 +136,13 @@ class SharedModel:
         """Tensors this layout trains, in a fixed order."""
         return [k for k in self.params if layout.trains(k, self._block[k], self._is_head[k])]
 
+    def device_shapes(self, layout: AdapterLayout) -> dict[str, tuple[int, ...]]:
+        """Shape on the device of every tensor this layout trains (LoRA factors cut to its ranks)."""
+        return {key: tuple(layout.device_shape(key, self._block[key], self.params[key].shape)) for key in self.keys(layout)}
+
     def read(self, layout: AdapterLayout) -> State:
         """Copies of the tensors this layout trains, cut to the layout's shapes."""
-        out = {}
-        for key in self.keys(layout):
-            shape = layout.device_shape(key, self._block[key], self.params[key].shape)
-            out[key] = self.params[key].detach()[tuple(slice(0, n) for n in shape)].clone()
-        return out
+        return {key: self.params[key].detach()[tuple(slice(0, n) for n in shape)].clone() for key, shape in self.device_shapes(layout).items()}
 
     def base_weights(self, modules) -> State:
         """Copies of the frozen weights W of these LoRA-adapted modules (strategies that merge into W make them global state)."""
