@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from legend.errors import LegendError
+from legend.quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of language models with adapters on heterogeneous devices.")
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in pipes and logs
@@ -23,6 +24,7 @@ errors = Console(stderr=True)
 CONFIG = typer.Argument(..., help="experiment config (TOML), e.g. configs/quickstart.toml", show_default=False)
 OVERRIDES = typer.Argument(None, help="dotted overrides such as fl.rounds=5 data.alpha=0.1", show_default=False)
 DEBUG = typer.Option(False, "--debug", help="show the full traceback of an error")
+RESUME = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint")
 
 
 def user_errors(command):
@@ -41,31 +43,20 @@ def user_errors(command):
     return wrapper
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-
-
 @app.command()
 @user_errors
 def run(
     config: Path = CONFIG,
     overrides: list[str] = OVERRIDES,
     out: Path = typer.Option(Path("runs/latest"), "--out", help="folder for metrics.jsonl, summary.json and the checkpoint"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    resume: bool = RESUME,
     debug: bool = DEBUG,
 ):
     """Run a federated fine-tuning experiment on simulated devices."""
     from legend.config import load_config
 
     cfg = load_config(config, overrides or [])
-    _quiet_libraries()
+    quiet_libraries()
     from legend.engine.simulation import run_experiment
 
     console.print(f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} with {cfg.model.name}: "
@@ -91,7 +82,7 @@ def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = 
     from legend.config import load_config
 
     cfg = load_config(config, overrides or [])
-    _quiet_libraries()
+    quiet_libraries()
     from legend.data import label_histogram, load_task, partition_indices, subsample
 
     task = subsample(load_task(cfg.data), cfg.data, cfg.seed)
@@ -146,7 +137,7 @@ def calibrate(
     debug: bool = DEBUG,
 ):
     """Time this machine's block forward/backward and whole steps; compare with the cost model; save the 'host' profile."""
-    _quiet_libraries()
+    quiet_libraries()
     from legend.devices.calibrate import calibrate as run_calibration
     from legend.devices.profiles import host_profile_from, save_host_profile
 
@@ -176,7 +167,7 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
     from legend.config import load_config
 
     cfg = load_config(config, overrides or [])
-    _quiet_libraries()
+    quiet_libraries()
     from legend.engine.simulation import build_experiment, preview_plans
 
     rows = preview_plans(build_experiment(cfg))
@@ -193,6 +184,48 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
                       f"{r['communication_s']:.2f}", f"{r['round_s']:.2f}", f"{r['memory_gb']:.2f}", f"{r['bytes_down'] / 1e6:.2f}", f"{r['bytes_up'] / 1e6:.2f}")
     console.print(table)
     console.print(f"estimated round time over the clients: min {spread['min_s']:.2f} s, median {spread['median_s']:.2f} s, max {spread['max_s']:.2f} s")
+
+
+deploy_app = typer.Typer(no_args_is_help=True, help="Run an experiment on Flower (needs the extra: pip install 'legend[flower]').")
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("local")
+@user_errors
+def deploy_local(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    nodes: int = typer.Option(0, "--nodes", help="SuperNodes to start, one per client (default: fl.num_clients)"),
+    out: Path = typer.Option(Path("runs/deploy"), "--out", help="folder for metrics.jsonl, summary.json, the checkpoint and the Flower logs"),
+    resume: bool = RESUME,
+    debug: bool = DEBUG,
+):
+    """Run the experiment on a real Flower deployment on this machine: a SuperLink and a SuperNode per client, all on loopback."""
+    from legend.config import load_config
+    from legend.flower.deploy import deploy_local as run_deployment
+
+    cfg = load_config(config, overrides or [])
+    console.print(f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} over Flower: {nodes or cfg.fl.num_clients} SuperNodes, "
+                  f"{cfg.fl.rounds} rounds -> {out} (logs in {out / 'flower'})")
+    summary = run_deployment(cfg, nodes or cfg.fl.num_clients, out, resume=resume, echo=lambda line: console.print(line, highlight=False, markup=False))
+    _print_summary(summary, out)
+
+
+@deploy_app.command("app")
+@user_errors
+def deploy_app_dir(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    out: Path = typer.Option(Path("runs/deploy"), "--out", help="folder on the SuperLink's host for the results; the app goes to OUT/flower/app"),
+    resume: bool = RESUME,
+    debug: bool = DEBUG,
+):
+    """Write the Flower App of the experiment, to submit with `flwr run` to a SuperLink of your own (docs/deployment.md)."""
+    from legend.config import load_config
+    from legend.flower.deploy import write_app
+
+    app_dir = write_app(load_config(config, overrides or []), out, resume)
+    console.print(f"Flower App written to {app_dir}; submit it with: flwr run {app_dir} <your SuperLink connection> --stream")
 
 
 @app.command()

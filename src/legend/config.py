@@ -144,6 +144,13 @@ class EngineConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores)")
 
 
+class FlowerConfig(Section):
+    clock: Literal["virtual", "measured"] = Field(
+        "virtual", description="round times on Flower: 'virtual' from the device profiles, as in the embedded engine (nodes on one machine stand in for the fleet), 'measured' from the nodes' own compute and transfer times")
+    round_timeout_s: float = Field(600.0, gt=0, description="a node that has not answered this many seconds after its job went out is lost for the round")
+    connect_timeout_s: float = Field(120.0, gt=0, description="how long the ServerApp waits at start for a SuperNode of every client to connect")
+
+
 class Config(Section):
     seed: int = Field(0, description="seeds data split, client sampling, initialisation and local training")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -158,6 +165,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

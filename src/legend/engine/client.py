@@ -56,10 +56,10 @@ def batch_shapes(data: EncodedSplit, batches: list[np.ndarray]) -> list[tuple[in
     return [(len(rows), int(data.lengths[rows].max())) for rows in batches]
 
 
-def train_client(model: SharedModel, plan: ClientPlan, global_state: State, data: EncodedSplit,
-                 batches: list[np.ndarray], num_samples: int, cfg: TrainConfig, seed: int) -> Update:
-    """Local AdamW over ``batches``, starting from the global state overlaid with the plan's tensors."""
-    model.load({**global_state, **plan.weights, **plan.local})
+def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batches: list[np.ndarray],
+                 num_samples: int, cfg: TrainConfig, seed: int) -> Update:
+    """Local AdamW over ``batches``, starting from the plan's tensors (which cover the whole global state)."""
+    model.load({**plan.weights, **plan.local})
     params = model.set_trainable(plan.layout)
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
     torch.manual_seed(seed)  # dropout

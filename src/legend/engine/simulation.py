@@ -23,7 +23,8 @@ from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, d
 from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from legend.engine.client import batch_shapes, client_batches, derived_seed, evaluate, train_client
+from legend.engine.client import batch_shapes, client_batches, derived_seed, evaluate
+from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
 from legend.models.shared import SharedModel, State
 from legend.report.metrics import summarize, write_metrics, write_summary
@@ -84,10 +85,13 @@ def sample_clients(seed: int, round_number: int, available: list[int], per_round
 
 def run_experiment(config: Config, out_dir: Path, resume: bool = False,
                    on_round: Callable[[dict[str, Any]], None] | None = None,
-                   experiment: Experiment | None = None) -> dict[str, Any]:
-    """Run (or resume) the configured experiment; writes metrics.jsonl, checkpoint.pt and summary.json."""
+                   experiment: Experiment | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Run (or resume) the configured experiment; writes metrics.jsonl, checkpoint.pt and summary.json.
+
+    ``runtime`` is where the devices train: in this process unless given (Flower passes its own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = experiment or build_experiment(config)
+    runtime = runtime or InProcess()
     fingerprint = config.model_dump()
     if resume:
         saved = load_checkpoint(out_dir, fingerprint)
@@ -98,13 +102,13 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
         accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
-        rows = [_row(0, accuracy, loss, [], [], set(), {}, False, 0.0, 0.0, time.perf_counter() - started, {})]
+        rows = [_row(0, accuracy, loss, [], [], set(), {}, {}, False, 0, 0.0, 0.0, time.perf_counter() - started, {})]
         _persist(out_dir, fingerprint, global_state, exp, rows)
     if on_round:
         for row in rows:
             on_round(row)
     for round_number in range(rows[-1]["round"] + 1, config.fl.rounds + 1):
-        global_state, row = run_round(exp, round_number, global_state, rows[-1]["virtual_time_s"])
+        global_state, row = run_round(exp, runtime, round_number, global_state, rows[-1]["virtual_time_s"])
         rows.append(row)
         _persist(out_dir, fingerprint, global_state, exp, rows)
         if on_round:
@@ -121,14 +125,22 @@ def run_resumable(config: Config, out_dir: Path) -> dict[str, Any]:
     return run_experiment(config, out_dir, resume=(out_dir / CHECKPOINT).is_file())
 
 
-def run_round(exp: Experiment, round_number: int, global_state: State, clock_s: float) -> tuple[State, dict[str, Any]]:
+def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state: State, clock_s: float) -> tuple[State, dict[str, Any]]:
     """One synchronous round; ``clock_s`` is the virtual time at its start."""
     config, started = exp.config, time.perf_counter()
-    available = exp.fleet.available(round_number, config.seed)
+    available = runtime.reachable(exp.fleet.available(round_number, config.seed))
     clients = sample_clients(config.seed, round_number, available, config.fl.clients_per_round)
-    batches, view = device_view(exp, round_number, clients)
+    _, view = device_view(exp, round_number, clients)
     plans = exp.strategy.plan(round_number, clients, global_state, view) if clients else {}
-    results = [_train_on_device(exp, round_number, plans[c], global_state, batches[c], view.workload[c]) for c in clients]
+    for client in clients:
+        _check_plan(exp, plans[client], global_state, view.workload[client])
+    jobs = [Job(round_number, replace(plans[c], weights=through_wire(plans[c].weights, config.fl.wire_dtype)), derived_seed(config.seed, round_number, c))
+            for c in clients]
+    returned = runtime.train(exp, jobs)
+    lost = {c: outcome for c, outcome in returned.items() if isinstance(outcome, str)}
+    for client, reason in lost.items():
+        log.warning("round %d: client %d lost: %s", round_number, client, reason)
+    results = [_received(exp, round_number, plans[c], view.workload[c], outcome) for c, outcome in returned.items() if c not in lost]
     times = [t for _, t in results]
     round_s, dropped = synchronous_round(times, config.devices.deadline_s)
     arrived = [u for u, _ in results if u.client not in dropped]
@@ -146,8 +158,19 @@ def run_round(exp: Experiment, round_number: int, global_state: State, clock_s: 
     accuracy = loss = None
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
         accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
-    row = _row(round_number, accuracy, loss, valid, times, dropped, rejected, skipped, round_s, clock_s + round_s, time.perf_counter() - started, plans)
+    bytes_down = sum(sent_bytes(plans[c], config.fl.wire_dtype) for c in clients)
+    row = _row(round_number, accuracy, loss, valid, times, dropped, rejected, lost, skipped, bytes_down, round_s, clock_s + round_s,
+               time.perf_counter() - started, plans)
     return global_state, row
+
+
+def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Batches) -> None:
+    """A plan must fit its device's memory, and carry every global tensor: a device loads its plan and nothing else."""
+    device = exp.fleet.device_of(plan.client)
+    require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {plan.client} ({device.kind})")
+    missing = global_state.keys() - plan.weights.keys() - plan.local.keys()
+    if missing:
+        raise RuntimeError(f"{exp.strategy.name}: the plan of client {plan.client} leaves out global tensors {sorted(missing)[:3]}")
 
 
 def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], State]:
@@ -175,7 +198,7 @@ def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
     rows = []
     for client, plan in plans.items():
         applied = applied_ranks(plan.layout, global_layout)
-        down = payload_bytes(plan.weights if plan.wire is None else plan.wire, wire)
+        down = sent_bytes(plan, wire)
         up = layout_bytes(exp.model, plan.layout, wire, exclude=plan.local)
         estimate = estimate_round(view, client, plan.layout, applied, down, up)
         rows.append({"client": client, "device": view.capacity[client].kind, "depth": plan.layout.depth, "rank_by_block": list(plan.layout.rank_by_block),
@@ -184,42 +207,52 @@ def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
     return rows
 
 
-def _train_on_device(exp: Experiment, round_number: int, plan, global_state: State, batches: list[np.ndarray],
-                     work: Batches) -> tuple[Update, DeviceTime]:
-    """Receive the plan, train, send the update: the update as the server receives it (with the device's
-    report of its virtual times in its metrics), and those times."""
+def sent_bytes(plan: ClientPlan, wire_dtype: str) -> int:
+    """Bytes of the plan on the wire (its compact form where it has one)."""
+    return payload_bytes(plan.weights if plan.wire is None else plan.wire, wire_dtype)
+
+
+def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batches, update: Update) -> tuple[Update, DeviceTime]:
+    """The update as the server receives it, with the device's report of its round in its metrics, and its times.
+
+    Virtual clock: times from the device's profile and this round's link draw. Measured clock (Flower
+    nodes with flower.clock = "measured"): the node's own compute time, and the rest of the round
+    trip the server saw, split between download and upload by their bytes."""
     config, client = exp.config, plan.client
     wire = config.fl.wire_dtype
     device = exp.fleet.device_of(client)
-    require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {client} ({device.kind})")
-    bytes_down = payload_bytes(plan.weights if plan.wire is None else plan.wire, wire)
-    plan = replace(plan, weights=through_wire(plan.weights, wire))
-    seed = derived_seed(config.seed, round_number, client)
-    update = train_client(exp.model, plan, global_state, exp.train, batches, len(exp.partitions[client]), config.train, seed)
+    bytes_down, bytes_up = sent_bytes(plan, wire), payload_bytes(update.weights, wire)
     flops = training_flops(exp.spec, plan.layout, work, applied_ranks(plan.layout, exp.strategy.global_layout()))
-    link = exp.fleet.link(client, round_number, config.seed)
-    times = device_time(client, device.kind, flops, device.profile.flops, bytes_down, payload_bytes(update.weights, wire), link)
+    if config.flower.clock == "measured" and ROUND_TRIP_S in update.metrics:
+        compute_s = update.metrics["train_wall_s"]
+        transfer_s = max(update.metrics[ROUND_TRIP_S] - compute_s, 0.0)
+        share_down = bytes_down / max(bytes_down + bytes_up, 1)
+        times = DeviceTime(client, device.kind, transfer_s * share_down, compute_s, transfer_s * (1 - share_down), bytes_down, bytes_up)
+    else:
+        times = device_time(client, device.kind, flops, device.profile.flops, bytes_down, bytes_up, exp.fleet.link(client, round_number, config.seed))
     report = {FLOPS: flops, COMPUTE_S: times.compute_s, BYTES_DOWN: times.bytes_down, DOWNLOAD_S: times.download_s,
               BYTES_UP: times.bytes_up, UPLOAD_S: times.upload_s}
     return replace(update, weights=through_wire(update.weights, wire), metrics={**update.metrics, **report}), times
 
 
-def _row(round_number, accuracy, loss, aggregated, times, dropped, rejected, skipped, round_s, virtual_time_s, wall_s, plans) -> dict[str, Any]:
+def _row(round_number, accuracy, loss, aggregated, times, dropped, rejected, lost, skipped, bytes_down, round_s, virtual_time_s, wall_s,
+         plans) -> dict[str, Any]:
     """Bytes up count every update that arrived (rejected ones too: they were sent); bytes down every device that was sent a plan."""
     losses = [u.metrics["train_loss"] for u in aggregated]
     return {
         "round": round_number,
-        "clients": [t.client for t in times],
+        "clients": sorted([t.client for t in times] + list(lost)),
         "accuracy": accuracy,
         "loss": loss,
         "train_loss": float(np.mean(losses)) if losses else None,
         "bytes_up": sum(t.bytes_up for t in times if t.client not in dropped),
-        "bytes_down": sum(t.bytes_down for t in times),
+        "bytes_down": bytes_down,
         "round_time_s": round(round_s, 4),
         "virtual_time_s": round(virtual_time_s, 4),
         "dropped": sorted(dropped),
         "devices": [{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block)} for t in times],
         "rejected": [{"client": client, "reason": reason} for client, reason in rejected.items()],
+        "lost": [{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
         "skipped": skipped,
         "wall_s": round(wall_s, 4),
     }

@@ -42,6 +42,7 @@ def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float)
         "virtual_time_s": rows[-1]["virtual_time_s"],
         "dropped_updates": sum(len(r["dropped"]) for r in rounds),
         "rejected_updates": sum(len(r.get("rejected", [])) for r in rounds),
+        "lost_updates": sum(len(r.get("lost", [])) for r in rounds),
         "skipped_rounds": sum(bool(r.get("skipped")) for r in rounds),
         "wall_s": round(sum(r["wall_s"] for r in rows), 3),
         "target_accuracy": target_accuracy,

@@ -1,0 +1,83 @@
+"""legend's Flower apps. The ServerApp runs the engine's round loop with Flower nodes as the devices;
+the ClientApp trains each job exactly as the embedded engine does (``local_training``).
+
+Both read the experiment from the run config (``experiment``: the validated config as JSON), so the
+server and every node build the same model, data split and strategy from the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from legend.config import validate_config
+from legend.devices.profiles import profile
+from legend.engine.runtime import local_training
+from legend.errors import LegendError
+from legend.flower.messages import decode_job, encode_update
+from legend.quiet import quiet_libraries
+
+ERROR_FILE = "error.txt"  # where the ServerApp leaves a user error for `legend deploy` to print
+
+server_app = ServerApp()
+client_app = ClientApp()
+_experiments: dict[str, object] = {}  # a node process builds its experiment once
+
+
+def _experiment(run_config):
+    """The experiment of this run (built once per process)."""
+    text = str(run_config["experiment"])
+    if text not in _experiments:
+        quiet_libraries()
+        from legend.engine.simulation import build_experiment
+
+        _experiments[text] = build_experiment(validate_config(json.loads(text)))
+    return _experiments[text]
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    from legend.engine.simulation import run_experiment
+    from legend.flower.runtime import FlowerRuntime
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    out = Path(str(context.run_config["out"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ERROR_FILE).unlink(missing_ok=True)
+    try:
+        exp = _experiment(context.run_config)
+        runtime = FlowerRuntime(grid, exp.config.flower)
+        runtime.connect(exp)
+        summary = run_experiment(exp.config, out, resume=bool(context.run_config["resume"]), experiment=exp, runtime=runtime,
+                                 on_round=lambda row: logging.info("round %d accuracy %s", row["round"], row["accuracy"]))
+        logging.info("summary: %s", json.dumps(summary))
+    except LegendError as exc:
+        (out / ERROR_FILE).write_text(f"{exc}\n")
+        raise
+
+
+@client_app.query()
+def advertise(msg: Message, context: Context) -> Message:
+    """What this node is: its client id and device class (node config), and that class's memory and bandwidth."""
+    config = validate_config(json.loads(str(context.run_config["experiment"])))
+    kind = str(context.node_config["device"])
+    p = profile(kind, config.devices.profiles)
+    advert = {"client-id": int(context.node_config["client-id"]), "device": kind, "memory-gb": p.memory_gb,
+              "uplink-mbps": p.uplink_mbps, "downlink-mbps": p.downlink_mbps}
+    return Message(RecordDict({"advert": ConfigRecord(advert)}), reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the job on this node's own data partition and send the update back."""
+    job = decode_job(msg.content)
+    own = int(context.node_config["client-id"])
+    if job.plan.client != own:
+        raise LegendError(f"this node is client {own}, the job is for client {job.plan.client}")
+    return Message(encode_update(local_training(_experiment(context.run_config), job)), reply_to=msg)

@@ -1,0 +1,98 @@
+"""The Flower runtime: jobs go to the SuperNode of each client as per-node messages, updates come back.
+
+Aggregation, validation, evaluation and checkpoints stay in the engine: Flower only moves messages.
+At start every node is asked what it is (its client id and device class, from its node config), and
+the server checks that against the config's fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from legend.config import FlowerConfig
+from legend.engine.runtime import ROUND_TRIP_S, Job
+from legend.errors import LegendError
+from legend.flower.messages import decode_update, encode_job
+from legend.strategies.base import Update
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+
+
+class FlowerRuntime:
+    def __init__(self, grid: Grid, cfg: FlowerConfig):
+        self.grid, self.cfg = grid, cfg
+        self.node_of: dict[int, int] = {}  # client -> Flower node id
+
+    def connect(self, exp) -> None:
+        """Wait for a SuperNode of every client (at most flower.connect_timeout_s), ask each what it is, check it."""
+        num_clients = exp.config.fl.num_clients
+        deadline = time.monotonic() + self.cfg.connect_timeout_s
+        while len(list(self.grid.get_node_ids())) < num_clients and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        nodes = list(self.grid.get_node_ids())
+        messages = [Message(RecordDict({"ask": ConfigRecord({"what": "advert"})}), node, "query") for node in nodes]
+        for reply, _ in self._exchange(messages, self.cfg.connect_timeout_s):
+            if isinstance(reply, str):
+                continue
+            advert = dict(reply.content["advert"])
+            client, kind = int(advert["client-id"]), str(advert["device"])
+            if not 0 <= client < num_clients:
+                raise LegendError(f"a SuperNode advertises client-id={client}, outside 0..{num_clients - 1}: fix its --node-config or fl.num_clients")
+            if client in self.node_of:
+                raise LegendError(f"two SuperNodes advertise client-id={client}: give each node its own client-id in --node-config")
+            expected = exp.fleet.device_of(client).kind
+            if kind != expected:
+                raise LegendError(f"the SuperNode of client {client} advertises device '{kind}', the config's fleet binds it to '{expected}': "
+                                  f"set its --node-config device=\"{expected}\" or change devices.fleet")
+            self.node_of[client] = reply.metadata.src_node_id
+        if not self.node_of:
+            raise LegendError(f"no SuperNode answered within flower.connect_timeout_s={self.cfg.connect_timeout_s:g} s: start the SuperNodes, "
+                              "each with --node-config 'client-id=N device=\"CLASS\"'")
+        missing = sorted(set(range(num_clients)) - set(self.node_of))
+        if missing:
+            log.warning("no SuperNode for clients %s: the run goes on without them", missing)
+
+    def reachable(self, clients: list[int]) -> list[int]:
+        connected = set(self.grid.get_node_ids())
+        return [c for c in clients if self.node_of.get(c) in connected]
+
+    def train(self, exp, jobs: list[Job]) -> dict[int, Update | str]:
+        """Send each job to its client's node; an update that does not come back within the timeout is lost."""
+        messages = [Message(encode_job(job), self.node_of[job.plan.client], "train", group_id=str(job.round_number)) for job in jobs]
+        replies = self._exchange(messages, self.cfg.round_timeout_s)
+        return {job.plan.client: _update(job.plan.client, *reply) for job, reply in zip(jobs, replies, strict=True)}
+
+    def _exchange(self, messages: list[Message], timeout_s: float) -> list[tuple[Message | str, float]]:
+        """Push the messages and collect replies as they arrive: per message, its reply (or why there is none) and its round trip."""
+        started = time.monotonic()
+        ids = list(self.grid.push_messages(messages))
+        pending = set(ids)
+        replies: dict[str, tuple[Message | str, float]] = {}
+        while pending and time.monotonic() - started < timeout_s:
+            for reply in self.grid.pull_messages(list(pending)):
+                message_id = reply.metadata.reply_to_message_id
+                pending.discard(message_id)
+                replies[message_id] = (f"node error: {reply.error.reason}" if reply.has_error() else reply, time.monotonic() - started)
+            if pending:
+                time.sleep(POLL_S)
+        return [replies.get(i, (f"no reply within {timeout_s:g} s (node lost or too slow)", timeout_s)) for i in ids]
+
+
+def _update(client: int, reply: Message | str, round_trip_s: float) -> Update | str:
+    """The update in a reply, with the round trip the server saw; or why the reply is unusable."""
+    if isinstance(reply, str):
+        return reply
+    try:
+        update = decode_update(reply.content)
+    except Exception as exc:  # whatever a node sends, the server survives it
+        return f"undecodable reply ({type(exc).__name__}: {exc})"
+    if update.client != client:
+        return f"the reply is for client {update.client}"
+    return replace(update, metrics={**update.metrics, ROUND_TRIP_S: round_trip_s})

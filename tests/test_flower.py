@@ -1,0 +1,98 @@
+"""Flower deployment: `legend deploy local` with real SuperLink and SuperNode processes on loopback.
+
+It must give the embedded engine's result (same config, same seed) and survive a node that dies.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tests.conftest import ROOT, tiny_overrides
+
+from legend.config import load_config
+from legend.engine.checkpoint import CHECKPOINT
+from legend.engine.runtime import Job
+from legend.engine.simulation import run_experiment
+from legend.lora.layout import AdapterLayout
+from legend.strategies.base import ClientPlan, Update
+
+pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
+from legend.flower.messages import decode_job, decode_update, encode_job, encode_update  # noqa: E402
+
+QUICKSTART = ROOT / "configs" / "quickstart.toml"
+LEGEND = Path(sys.executable).parent / "legend"
+THREE_NODES = {"strategy.name": "legend", "data.train_size": 300, "fl.num_clients": 3, "fl.clients_per_round": 3}
+
+
+def deploy(out, *extra_args, **extra):
+    return subprocess.Popen([str(LEGEND), "deploy", "local", str(QUICKSTART), *tiny_overrides(**{**THREE_NODES, **extra}), "--out", str(out), *extra_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def flower_processes():
+    return subprocess.run(["pgrep", "-f", "flower-super|flwr-"], capture_output=True, text=True).stdout.split()
+
+
+def rows_without_wall_time(out):
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_messages_carry_jobs_and_updates_unchanged():
+    layout = AdapterLayout("lora", (0, 0, 2, 4, 8, 16), train_head=True)
+    plan = ClientPlan(3, layout, {"a": torch.randn(2, 5), "empty": torch.zeros(0, 5)}, 0.003, {"b": torch.randn(4)}, tail_penalty=(0.1, 0.9))
+    job = decode_job(encode_job(Job(7, plan, 123456789)))
+    assert (job.round_number, job.seed, job.plan.client, job.plan.layout, job.plan.lr, job.plan.tail_penalty) == (7, 123456789, 3, layout, 0.003, (0.1, 0.9))
+    assert all(torch.equal(job.plan.weights[k], plan.weights[k]) for k in plan.weights) and torch.equal(job.plan.local["b"], plan.local["b"])
+    update = Update(3, {"a": torch.randn(2, 5)}, 41, {"train_loss": 0.5, "steps": 2})
+    back = decode_update(encode_update(update))
+    assert (back.client, back.num_samples, back.metrics, back.local) == (3, 41, update.metrics, {}) and torch.equal(back.weights["a"], update.weights["a"])
+
+
+def test_deploy_local_gives_the_embedded_result_and_stops_its_processes(tmp_path):
+    """3 real SuperNodes, 2 rounds of LEGEND: the same metrics and adapter as the embedded engine."""
+    run = deploy(tmp_path / "flower")
+    output, _ = run.communicate(timeout=540)
+    assert run.returncode == 0, output
+    run_experiment(load_config(QUICKSTART, tiny_overrides(**THREE_NODES)), tmp_path / "embedded")
+    assert rows_without_wall_time(tmp_path / "flower") == rows_without_wall_time(tmp_path / "embedded")
+    flower = torch.load(tmp_path / "flower" / CHECKPOINT, weights_only=True)["global_state"]
+    embedded = torch.load(tmp_path / "embedded" / CHECKPOINT, weights_only=True)["global_state"]
+    assert flower.keys() == embedded.keys()
+    assert max((flower[k] - embedded[k]).abs().max().item() for k in flower) <= 1e-5
+    assert flower_processes() == []
+
+
+def test_a_supernode_killed_during_a_round_is_lost_and_the_run_finishes(tmp_path):
+    """On the measured clock, as on real machines."""
+    out = tmp_path / "run"
+    run = deploy(out, **{"flower.round_timeout_s": 20, "flower.clock": "measured"})
+    node_log = out / "flower" / "supernode-1.log"
+    deadline = time.monotonic() + 300
+    while not (node_log.is_file() and "Receiving: train message" in node_log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    node = subprocess.run(["pgrep", "-f", "client-id=1 device"], capture_output=True, text=True).stdout.split()
+    assert node, "the SuperNode of client 1 is not running"
+    os.killpg(int(node[0]), signal.SIGKILL)  # the node and its ClientApp, as if its machine went down
+    output, _ = run.communicate(timeout=540)
+    assert run.returncode == 0, output
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rounds"] == 2 and summary["lost_updates"] >= 1
+    assert [entry["client"] for entry in rows[1]["lost"]] == [1]
+    assert 1 not in [t["client"] for t in rows[1]["devices"]] and rows[2]["accuracy"] is not None
+    measured = rows[1]["devices"][0]  # the measured clock: the node's own training seconds, and the rest of its round trip
+    assert measured["compute_s"] > 0 and measured["download_s"] >= 0 and rows[1]["round_time_s"] >= measured["compute_s"]
+    assert flower_processes() == []
+
+
+def test_deploy_refuses_a_node_count_other_than_the_clients_in_one_line(tmp_path):
+    run = deploy(tmp_path, "--nodes", "2")
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 2
+    assert output.strip().splitlines()[-1].startswith("error: --nodes 2 but fl.num_clients is 3")
