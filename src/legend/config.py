@@ -144,6 +144,21 @@ class EngineConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores)")
 
 
+class FaultsConfig(Section):
+    """Device faults the embedded engine simulates, drawn per (seed, round, client)."""
+
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability that a sampled device drops out after receiving its plan and sends nothing back")
+    crash: float = Field(0.0, ge=0, lt=1, description="probability that a sampled device's local training crashes at a random step (nothing is sent back)")
+
+
+class PrivacyConfig(Section):
+    """Client-level differential privacy (DP-FedAvg with fixed clipping; docs/reliability.md)."""
+
+    clip_norm: float = Field(0.0, ge=0, description="clip each sound update's change (L2 over its tensors) to this norm; updates then count equally (0 = off)")
+    noise_multiplier: float = Field(0.0, ge=0, description="Gaussian noise on the aggregate: std = noise_multiplier * clip_norm / (updates carrying the coordinate)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta at which the run's epsilon is reported")
+
+
 class FlowerConfig(Section):
     clock: Literal["virtual", "measured"] = Field(
         "virtual", description="round times on Flower: 'virtual' from the device profiles, as in the embedded engine (nodes on one machine stand in for the fleet), 'measured' from the nodes' own compute and transfer times")
@@ -165,6 +180,8 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
 
@@ -191,6 +208,8 @@ def validate_config(raw: dict[str, Any]) -> Config:
         raise LegendError(_describe(exc.errors()[0])) from None
     if config.legend.r_min > config.legend.r_max:
         raise LegendError(f"config: legend.r_min ({config.legend.r_min}) exceeds legend.r_max ({config.legend.r_max}): the ranks grow toward the output")
+    if config.privacy.noise_multiplier > 0 and config.privacy.clip_norm <= 0:
+        raise LegendError("config: privacy.noise_multiplier needs privacy.clip_norm > 0: the noise is scaled to the clipping norm")
     if config.fl.clients_per_round > config.fl.num_clients:
         raise LegendError(
             f"config: fl.clients_per_round ({config.fl.clients_per_round}) exceeds fl.num_clients "
@@ -221,13 +240,18 @@ def _parse_value(text: str) -> Any:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"])
+    key = _dotted(error["loc"])
     if error["type"] == "extra_forbidden":
         section = _section_of(error["loc"][:-1])
         allowed = ", ".join(section.model_fields)
-        where = ".".join(str(p) for p in error["loc"][:-1]) or "the top level"
+        where = _dotted(error["loc"][:-1]) or "the top level"
         return f"config: unknown key '{key}'; allowed in {where}: {allowed}"
     return f"config: {key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _dotted(loc: tuple) -> str:
+    """A key path on one line (a key may hold a newline or other control characters)."""
+    return ".".join(str(part) for part in loc).encode("unicode_escape").decode()
 
 
 def _section_of(loc: tuple) -> type[BaseModel]:

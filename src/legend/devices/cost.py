@@ -167,11 +167,12 @@ def applied_ranks(layout: AdapterLayout, global_layout: AdapterLayout) -> tuple[
     return tuple(own or glob for own, glob in zip(layout.rank_by_block, global_layout.rank_by_block, strict=True))
 
 
-def require_fits(spec: ModelSpec, layout: AdapterLayout, batches: Batches, memory_gb: float, who: str) -> None:
-    """Refuse a plan that would not fit the device's memory, saying what it needs and how to shrink it."""
+def require_fits(spec: ModelSpec, layout: AdapterLayout, batches: Batches, memory_gb: float, who: str) -> int:
+    """The memory (bytes) a plan needs; a plan that would not fit the device is refused, saying what it needs and how to shrink it."""
     needed = training_memory_bytes(spec, layout, batches)
     if needed > memory_gb * 1e9:
         raise LegendError(
             f"{who} cannot train this plan: it needs {needed / 1e9:.2f} GB of memory and the device has {memory_gb:.2f} GB; "
             "lower train.batch_size or data.max_length, train fewer blocks, or use devices with more memory (devices.fleet)"
         )
+    return needed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ def batch_shapes(data: EncodedSplit, batches: list[np.ndarray]) -> list[tuple[in
     return [(len(rows), int(data.lengths[rows].max())) for rows in batches]
 
 
-def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batches: list[np.ndarray],
+def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray],
                  num_samples: int, cfg: TrainConfig, seed: int) -> Update:
     """Local AdamW over ``batches``, starting from the plan's tensors (which cover the whole global state)."""
     model.load({**plan.weights, **plan.local})
@@ -77,7 +78,7 @@ def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batch
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": time.perf_counter() - started, "steps": len(batches)}
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": time.perf_counter() - started, "steps": len(losses)}
     if plan.tail_penalty is not None:
         with torch.no_grad():
             metrics[TAIL_NORM] = float(tail_norms(model, plan.layout, plan.tail_penalty[1]))

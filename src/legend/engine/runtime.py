@@ -7,10 +7,14 @@ Every runtime trains with ``local_training``, so a run gives the same result on 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from legend.engine.client import client_batches, train_client
+import numpy as np
+
+from legend.config import FaultsConfig
+from legend.engine.client import client_batches, local_step_count, train_client
 from legend.strategies.base import ClientPlan, Update
 
 if TYPE_CHECKING:
@@ -36,18 +40,48 @@ class Runtime(Protocol):
         """Each job's update, or why it has none."""
 
 
-def local_training(exp: Experiment, job: Job) -> Update:
-    """What a device does with a job: draw its batches from its own data, train from the plan."""
+class DeviceCrash(RuntimeError):
+    """A simulated crash inside local training (``faults.crash``)."""
+
+
+def local_training(exp: Experiment, job: Job, crash_at_step: int | None = None) -> Update:
+    """What a device does with a job: draw its batches from its own data, train from the plan.
+
+    ``crash_at_step``: the simulation's fault injection; training raises DeviceCrash when it reaches that step."""
     indices = exp.partitions[job.plan.client]
     batches = client_batches(exp.train, indices, exp.config.train, job.seed)
+    if crash_at_step is not None:
+        batches = _crash_at(batches, crash_at_step)
     return train_client(exp.model, job.plan, exp.train, batches, len(indices), exp.config.train, job.seed)
 
 
+def _crash_at(batches: list[np.ndarray], step: int) -> Iterator[np.ndarray]:
+    yield from batches[:step]
+    raise DeviceCrash(f"simulated crash at local step {step + 1} of {len(batches)}")
+
+
 class InProcess:
-    """The embedded runtime: the devices train one after another on this process's shared model."""
+    """The embedded runtime: the devices train one after another on this process's shared model.
+
+    Simulated faults (``faults``), drawn per (seed, round, client): a device that drops out after
+    receiving its plan sends nothing; one whose training crashes (DeviceCrash at a random step) neither.
+    Other exceptions are bugs, not device faults, and stop the run."""
+
+    def __init__(self, faults: FaultsConfig):
+        self.faults = faults
 
     def reachable(self, clients: list[int]) -> list[int]:
         return clients
 
     def train(self, exp: Experiment, jobs: list[Job]) -> dict[int, Update | str]:
-        return {job.plan.client: local_training(exp, job) for job in jobs}
+        return {job.plan.client: self._device(exp, job) for job in jobs}
+
+    def _device(self, exp: Experiment, job: Job) -> Update | str:
+        leaves, crashes, step = np.random.default_rng([job.seed, 17]).random(3)
+        if leaves < self.faults.dropout:
+            return "dropped out after receiving its plan (faults.dropout)"
+        steps = local_step_count(len(exp.partitions[job.plan.client]), exp.config.train)
+        try:
+            return local_training(exp, job, int(step * steps) if crashes < self.faults.crash else None)
+        except DeviceCrash as crash:
+            return f"crashed in local training: {crash} (faults.crash)"

@@ -7,6 +7,7 @@ in turn on the shared model, reject unsound updates, aggregate, evaluate, checkp
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -24,11 +25,13 @@ from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S,
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.client import batch_shapes, client_batches, derived_seed, evaluate
+from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
 from legend.models.shared import SharedModel, State
 from legend.report.metrics import summarize, write_metrics, write_summary
-from legend.strategies import ClientPlan, Strategy, Update, strategy_class
+from legend.errors import LegendError
+from legend.strategies import STRATEGIES, ClientPlan, Strategy, Update, strategy_class
 from legend.wire import WIRE_DTYPES, payload_bytes, through_wire
 
 
@@ -55,6 +58,9 @@ class Experiment:
 def build_experiment(config: Config) -> Experiment:
     torch.set_num_threads(config.engine.threads or os.cpu_count() or 1)
     strategy_cls = strategy_class(config.strategy.name)  # fail on a bad name before loading anything
+    if config.privacy.clip_norm > 0 and not strategy_cls.averages_coordinates:
+        supported = ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.averages_coordinates))
+        raise LegendError(f"privacy: {config.strategy.name} does not aggregate by averaging, which client-level DP needs: use one of {supported}")
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
     task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test
@@ -91,7 +97,7 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     ``runtime`` is where the devices train: in this process unless given (Flower passes its own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = experiment or build_experiment(config)
-    runtime = runtime or InProcess()
+    runtime = runtime or InProcess(config.faults)
     fingerprint = config.model_dump()
     if resume:
         saved = load_checkpoint(out_dir, fingerprint)
@@ -102,7 +108,7 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
         accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
-        rows = [_row(0, accuracy, loss, [], [], set(), {}, {}, False, 0, 0.0, 0.0, time.perf_counter() - started, {})]
+        rows = [_row(0, accuracy, loss, [], [], set(), {}, {}, False, 0, 0.0, 0.0, time.perf_counter() - started, {}, {})]
         _persist(out_dir, fingerprint, global_state, exp, rows)
     if on_round:
         for row in rows:
@@ -114,15 +120,19 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         if on_round:
             on_round(row)
     summary = summarize(config.strategy.name, rows, config.eval.target_accuracy)
+    if config.privacy.clip_norm > 0:
+        rate = config.fl.clients_per_round / config.fl.num_clients
+        spent = epsilon(config.privacy.noise_multiplier, rate, summary["rounds"], config.privacy.delta)
+        summary.update(dp_epsilon=spent if math.isfinite(spent) else None, dp_delta=config.privacy.delta)  # null: clipping without noise, no guarantee
     write_summary(out_dir, summary)
     return summary
 
 
-def run_resumable(config: Config, out_dir: Path) -> dict[str, Any]:
+def run_resumable(config: Config, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Start the run, or resume it from its checkpoint (a finished run only re-reads its summary's rows).
 
     The checkpoint refuses another config, so a reused directory never mixes two experiments."""
-    return run_experiment(config, out_dir, resume=(out_dir / CHECKPOINT).is_file())
+    return run_experiment(config, out_dir, resume=(out_dir / CHECKPOINT).is_file(), on_round=on_round)
 
 
 def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state: State, clock_s: float) -> tuple[State, dict[str, Any]]:
@@ -132,8 +142,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     clients = sample_clients(config.seed, round_number, available, config.fl.clients_per_round)
     _, view = device_view(exp, round_number, clients)
     plans = exp.strategy.plan(round_number, clients, global_state, view) if clients else {}
-    for client in clients:
-        _check_plan(exp, plans[client], global_state, view.workload[client])
+    memory = {c: _check_plan(exp, plans[c], global_state, view.workload[c]) for c in clients}
     jobs = [Job(round_number, replace(plans[c], weights=through_wire(plans[c].weights, config.fl.wire_dtype)), derived_seed(config.seed, round_number, c))
             for c in clients]
     returned = runtime.train(exp, jobs)
@@ -144,33 +153,42 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     times = [t for _, t in results]
     round_s, dropped = synchronous_round(times, config.devices.deadline_s)
     arrived = [u for u, _ in results if u.client not in dropped]
+    expected = {u.client: _expected(exp, plans[u.client], global_state) for u in arrived}
     rejected = {}
     for update in arrived:
-        if reason := rejection(update, *_expected(exp, plans[update.client], global_state), config.fl.max_update_norm):
+        if reason := rejection(update, *expected[update.client], config.fl.max_update_norm):
             rejected[update.client] = reason
             log.warning("round %d: update of client %d rejected: %s", round_number, update.client, reason)
     valid = [u for u in arrived if u.client not in rejected]
     for update in valid:
         exp.capacity.observe(update.client, update.metrics)
+    privacy = config.privacy
+    if privacy.clip_norm > 0:
+        valid = [clip_update(u, expected[u.client][1], privacy.clip_norm) for u in valid]
     skipped = len(valid) < config.fl.min_clients
     if not skipped:
         global_state = exp.strategy.aggregate(round_number, global_state, valid)
+        if privacy.noise_multiplier > 0:
+            noise = torch.Generator().manual_seed(derived_seed(config.seed, round_number, 23))
+            global_state = add_noise(global_state, valid, privacy.noise_multiplier, privacy.clip_norm, noise)
     accuracy = loss = None
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
         accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
     bytes_down = sum(sent_bytes(plans[c], config.fl.wire_dtype) for c in clients)
     row = _row(round_number, accuracy, loss, valid, times, dropped, rejected, lost, skipped, bytes_down, round_s, clock_s + round_s,
-               time.perf_counter() - started, plans)
+               time.perf_counter() - started, plans, memory)
     return global_state, row
 
 
-def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Batches) -> None:
-    """A plan must fit its device's memory, and carry every global tensor: a device loads its plan and nothing else."""
+def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Batches) -> int:
+    """The memory the plan needs on its device (bytes). A plan must fit that memory, and carry every global tensor:
+    a device loads its plan and nothing else."""
     device = exp.fleet.device_of(plan.client)
-    require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {plan.client} ({device.kind})")
+    needed = require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {plan.client} ({device.kind})")
     missing = global_state.keys() - plan.weights.keys() - plan.local.keys()
     if missing:
         raise RuntimeError(f"{exp.strategy.name}: the plan of client {plan.client} leaves out global tensors {sorted(missing)[:3]}")
+    return needed
 
 
 def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], State]:
@@ -236,7 +254,7 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
 
 
 def _row(round_number, accuracy, loss, aggregated, times, dropped, rejected, lost, skipped, bytes_down, round_s, virtual_time_s, wall_s,
-         plans) -> dict[str, Any]:
+         plans, memory) -> dict[str, Any]:
     """Bytes up count every update that arrived (rejected ones too: they were sent); bytes down every device that was sent a plan."""
     losses = [u.metrics["train_loss"] for u in aggregated]
     return {
@@ -250,7 +268,8 @@ def _row(round_number, accuracy, loss, aggregated, times, dropped, rejected, los
         "round_time_s": round(round_s, 4),
         "virtual_time_s": round(virtual_time_s, 4),
         "dropped": sorted(dropped),
-        "devices": [{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block)} for t in times],
+        "devices": [{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block),
+                     "memory_gb": round(memory[t.client] / 1e9, 4)} for t in times],
         "rejected": [{"client": client, "reason": reason} for client, reason in rejected.items()],
         "lost": [{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
         "skipped": skipped,

@@ -2,7 +2,8 @@
 the ClientApp trains each job exactly as the embedded engine does (``local_training``).
 
 Both read the experiment from the run config (``experiment``: the validated config as JSON), so the
-server and every node build the same model, data split and strategy from the same seed.
+server and every node build the same model, data split and strategy from the same seed. Flower starts
+a process per message: what only training needs (torch, the model) is imported when a job arrives.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from legend.config import validate_config
-from legend.devices.profiles import profile
-from legend.engine.runtime import local_training
 from legend.errors import LegendError
-from legend.flower.messages import decode_job, encode_update
 from legend.quiet import quiet_libraries
 
 ERROR_FILE = "error.txt"  # where the ServerApp leaves a user error for `legend deploy` to print
@@ -64,18 +62,20 @@ def main(grid: Grid, context: Context) -> None:
 
 @client_app.query()
 def advertise(msg: Message, context: Context) -> Message:
-    """What this node is: its client id and device class (node config), and that class's memory and bandwidth."""
-    config = validate_config(json.loads(str(context.run_config["experiment"])))
-    kind = str(context.node_config["device"])
-    p = profile(kind, config.devices.profiles)
-    advert = {"client-id": int(context.node_config["client-id"]), "device": kind, "memory-gb": p.memory_gb,
-              "uplink-mbps": p.uplink_mbps, "downlink-mbps": p.downlink_mbps}
+    """What this node is: its node config (client-id, device class). Cheap: no model, no torch."""
+    advert = dict(context.node_config)
+    missing = [key for key in ("client-id", "device") if key not in advert]
+    if missing:
+        raise LegendError(f"this SuperNode's --node-config lacks {missing}: start it with --node-config 'client-id=N device=\"CLASS\"'")
     return Message(RecordDict({"advert": ConfigRecord(advert)}), reply_to=msg)
 
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the job on this node's own data partition and send the update back."""
+    from legend.engine.runtime import local_training
+    from legend.flower.messages import decode_job, encode_update
+
     job = decode_job(msg.content)
     own = int(context.node_config["client-id"])
     if job.plan.client != own:

@@ -40,6 +40,7 @@ class FlowerRuntime:
         messages = [Message(RecordDict({"ask": ConfigRecord({"what": "advert"})}), node, "query") for node in nodes]
         for reply, _ in self._exchange(messages, self.cfg.connect_timeout_s):
             if isinstance(reply, str):
+                log.warning("a SuperNode did not say what it is: %s", reply)
                 continue
             advert = dict(reply.content["advert"])
             client, kind = int(advert["client-id"]), str(advert["device"])

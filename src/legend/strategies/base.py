@@ -62,6 +62,8 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     default_lr: ClassVar[float] = 3e-3  # LoRA's few parameters take a larger step than full fine-tuning
+    # Aggregates each coordinate as the weighted mean of the updates that carry it (what client-level DP calibrates its noise to).
+    averages_coordinates: ClassVar[bool] = False
 
     def __init__(self, config: Config, info: ModelInfo):
         self.config = config

@@ -17,6 +17,7 @@ from legend.strategies.registry import register
 @register
 class FedIT(Strategy):
     name = "fedit"
+    averages_coordinates = True
 
     def global_layout(self) -> AdapterLayout:
         return AdapterLayout.uniform_lora(self.info.num_blocks, self.config.lora.r)

@@ -23,6 +23,7 @@ from legend.strategies.registry import register
 @register
 class FedSALoRA(FedIT):
     name = "fedsa"
+    averages_coordinates = False  # the scored B is a mean of B factors that never leave the devices
 
     def __init__(self, config, info):
         super().__init__(config, info)

@@ -24,6 +24,7 @@ from legend.strategies.registry import register
 @register
 class FlexLoRA(FedIT):
     name = "flexlora"
+    averages_coordinates = False  # the global factors come from an SVD of the mean product
 
     def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
         ranks, lr = ranks_by_capacity(devices, clients, self.config.lora.smallest_rank, self.config.lora.r), self.lr(round_number)

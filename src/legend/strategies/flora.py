@@ -30,6 +30,7 @@ from legend.strategies.registry import register
 @register
 class FLoRA(FedIT):
     name = "flora"
+    averages_coordinates = False  # it stacks factors instead of averaging them
 
     def __init__(self, config, info):
         super().__init__(config, info)

@@ -26,6 +26,7 @@ from legend.strategies.registry import register
 @register
 class HetLoRA(FedIT):
     name = "hetlora"
+    averages_coordinates = False  # it weights clients by the norm of their update
 
     def __init__(self, config, info):
         super().__init__(config, info)

@@ -85,6 +85,7 @@ def configure(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...
 @register
 class Legend(Strategy):
     name = "legend"
+    averages_coordinates = True
 
     def __init__(self, config, info):
         super().__init__(config, info)
