@@ -5,6 +5,7 @@ It must give the embedded engine's result (same config, same seed) and survive a
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def deploy(out, *extra_args, **extra):
 
 
 def flower_processes():
-    return subprocess.run(["pgrep", "-f", "flower-super|flwr-"], capture_output=True, text=True).stdout.split()
+    """Live Flower processes (a zombie is dead: it only waits for an init that may not reap it in a container)."""
+    table = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in table if re.search("flower-super|flwr-", line) and line.split()[1][0] != "Z"]
 
 
 def rows_without_wall_time(out):

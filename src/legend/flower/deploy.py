@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def deploy_local(config: Config, nodes: int, out: Path, resume: bool = False, ec
     work.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_FILE).unlink(missing_ok=True)
     link_port, *node_ports = _free_ports(nodes + 1)
-    env = {**os.environ, "FLWR_HOME": str(work / "home"), "TOKENIZERS_PARALLELISM": "false"}
+    # Flower's processes start helpers (flower-superexec, flwr-clientapp) by name: find them beside ours, even without an activated venv
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "FLWR_HOME": str(work / "home"), "TOKENIZERS_PARALLELISM": "false"}
     _write_connection(work / "home", link_port)
     app = _write_app(work / "app", config, out, resume)
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
@@ -79,12 +82,17 @@ def _portable(config: Config) -> Config:
 
 @contextlib.contextmanager
 def _processes() -> Iterator[Callable[..., subprocess.Popen]]:
-    """Start processes in their own sessions; on leaving (normally, on error or Ctrl-C) stop each whole session."""
+    """Start processes in their own sessions; on leaving (normally, on error or Ctrl-C) stop each whole session, then
+    every process that inherited this deployment's marker: Flower starts helpers in sessions of their own, and a
+    helper whose SuperNode died is nobody's descendant any more."""
     started: list[subprocess.Popen] = []
+    marker = f"LEGEND_DEPLOYMENT={uuid.uuid4().hex}"
 
     def start(argv: list[str], log: Path, env: dict) -> subprocess.Popen:
         handle = open(log, "ab")  # noqa: SIM115 (closed with the process below)
-        process = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        key, value = marker.split("=")
+        process = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], stdout=handle, stderr=subprocess.STDOUT, env={**env, key: value},
+                                   start_new_session=True)
         process.log = handle
         started.append(process)
         return process
@@ -92,7 +100,6 @@ def _processes() -> Iterator[Callable[..., subprocess.Popen]]:
     try:
         yield start
     finally:
-        family = {pid for process in started for pid in _descendants(process.pid)}  # Flower starts some helpers in sessions of their own
         for process in reversed(started):
             _signal(process.pid, signal.SIGTERM, group=True)
         deadline = time.monotonic() + 10
@@ -102,8 +109,13 @@ def _processes() -> Iterator[Callable[..., subprocess.Popen]]:
             _signal(process.pid, signal.SIGKILL, group=True)
             process.wait()
             process.log.close()
-        for pid in family:
-            _signal(pid, signal.SIGKILL, group=False)
+        for _ in range(100):  # at most ~10 s: a helper may still be starting one of its own
+            marked = _marked(marker)
+            if not marked:
+                break
+            for pid in marked:
+                _signal(pid, signal.SIGKILL, group=False)
+            time.sleep(0.1)
 
 
 def _signal(pid: int, sig: int, group: bool) -> None:
@@ -111,19 +123,21 @@ def _signal(pid: int, sig: int, group: bool) -> None:
         os.killpg(pid, sig) if group else os.kill(pid, sig)
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc; empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, frontier = set(), [pid]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.add(child)
-            frontier.append(child)
+def _marked(marker: str) -> set[int]:
+    """Live processes whose environment holds ``marker`` (from /proc; empty where there is none)."""
+    needle, found = marker.encode() + b"\0", set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if needle in environ.read_bytes() and _alive(int(environ.parent.name)):
+                found.add(int(environ.parent.name))
     return found
+
+
+def _alive(pid: int) -> bool:
+    """Not a zombie (a zombie keeps its /proc entry until reaped, and cannot be killed again)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
 
 
 def _follow(run: subprocess.Popen, log: Path, echo: Callable[[str], None]) -> None:
