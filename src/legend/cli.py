@@ -77,6 +77,44 @@ def run(
 
 @app.command()
 @user_errors
+def compare(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="folder for the runs (OUT/runs/), report.md, report.html and the plots"),
+    strategies: str = typer.Option("legend,fedit,hetlora,flexlora,ffa,federa", "--strategies", help="comma-separated strategies to compare"),
+    seeds: str = typer.Option("", "--seeds", help="comma-separated seeds (default: the config's seed)"),
+    debug: bool = DEBUG,
+):
+    """Run several strategies on one task, fleet and split (each run resumable), then write the report."""
+    from legend.config import load_config
+    from legend.report.compare import compare as run_comparison
+
+    cfg = load_config(config, overrides or [])
+    quiet_libraries()
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()] or [cfg.seed]
+    except ValueError:
+        raise LegendError(f"--seeds '{seeds}' is not a comma-separated list of integers: write it like --seeds 0,1,2") from None
+    command = " ".join(["legend", "compare", str(config), *(overrides or []), "--out", str(out), "--strategies", ",".join(names),
+                        *(["--seeds", seeds] if seeds else [])])
+    report = run_comparison(cfg, out, names, seed_list, command,
+                            on_run=lambda name, seed: console.print(f"[bold]{name}[/bold] seed {seed} -> {out / 'runs' / f'{name}-seed{seed}'}"),
+                            on_round=lambda row: row["accuracy"] is None or console.print(f"  round {row['round']:>4}  accuracy {row['accuracy']:.4f}"))
+    console.print(f"report: {report} (and {report.with_suffix('.html')})")
+
+
+@app.command()
+@user_errors
+def report(out: Path = typer.Argument(..., help="the --out folder of a `legend compare` run", show_default=False), debug: bool = DEBUG):
+    """Rebuild the report of a comparison from the metrics of its finished runs."""
+    from legend.report.document import write_report
+
+    console.print(f"report: {write_report(out)}")
+
+
+@app.command()
+@user_errors
 def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = DEBUG):
     """Show how the training data is split over clients: sample counts and label histograms."""
     from legend.config import load_config

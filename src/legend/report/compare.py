@@ -1,0 +1,62 @@
+"""`legend compare`: several strategies on one task, fleet, split and seed set, run in sequence.
+
+Each run is resumable in OUT/runs/<strategy>-seed<k>; OUT/compare.json keeps the config and the
+command, from which `legend report` rebuilds the report at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from legend.config import Config, validate_config
+from legend.errors import LegendError
+
+DEFAULT_STRATEGIES = ("legend", "fedit", "hetlora", "flexlora", "ffa", "federa")
+PLAN = "compare.json"
+
+
+def run_dir(out: Path, strategy: str, seed: int) -> Path:
+    return out / "runs" / f"{strategy}-seed{seed}"
+
+
+def compare(config: Config, out: Path, strategies: list[str], seeds: list[int], command: str,
+            on_run: Callable[[str, int], None] = lambda strategy, seed: None, on_round: Callable[[dict], None] | None = None) -> Path:
+    """Run every (seed, strategy) not yet finished, then write the report; returns OUT/report.md."""
+    from legend.engine.simulation import run_resumable
+    from legend.report.document import write_report
+    from legend.strategies import strategy_class
+
+    for name in strategies:
+        strategy_class(name)  # an unknown name fails before hours of runs
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"config": config.model_dump(mode="json"), "strategies": strategies, "seeds": seeds}
+    saved = _read_plan(out)
+    if saved and {k: saved[k] for k in plan} != plan:
+        raise LegendError(f"{out} holds a comparison with another config, strategies or seeds: use a new --out, or the same arguments to resume it")
+    started = saved["started"] if saved else datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), Python {platform.python_version()}"
+    (out / PLAN).write_text(json.dumps({**plan, "command": command, "started": started, "machine": machine}, indent=1) + "\n")
+    for seed in seeds:
+        for name in strategies:
+            on_run(name, seed)
+            raw = {**config.model_dump(mode="json"), "seed": seed}
+            raw["strategy"] = {**raw["strategy"], "name": name}
+            run_resumable(validate_config(raw), run_dir(out, name, seed), on_round)
+    return write_report(out)
+
+
+def _read_plan(out: Path) -> dict | None:
+    path = out / PLAN
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_plan(out: Path) -> dict:
+    plan = _read_plan(out)
+    if plan is None:
+        raise LegendError(f"{out} has no {PLAN}: pass the --out folder of a `legend compare` run")
+    return plan

@@ -1,0 +1,183 @@
+"""The comparison report: tables, plots (matplotlib, PNG) and the exact config, as Markdown and HTML.
+
+Built only from what finished runs wrote (metrics.jsonl, summary.json) and OUT/compare.json, so
+`legend report OUT` gives the same report on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from legend.report.compare import read_plan, run_dir
+from legend.report.metrics import SUMMARY_FILE, read_metrics
+
+PLOTS = {"accuracy_vs_time.png": "accuracy against virtual time", "accuracy_vs_bytes.png": "accuracy against bytes sent (up and down)",
+         "legend_layout.png": "LEGEND: each device's LoRA ranks per block (its last round)"}
+
+
+@dataclass
+class Runs:
+    """One strategy's finished runs (one per seed)."""
+
+    strategy: str
+    summaries: list[dict]
+    rows: list[list[dict]]
+
+
+def write_report(out: Path) -> Path:
+    plan = read_plan(out)
+    runs = [_runs(out, name, plan["seeds"]) for name in plan["strategies"]]
+    finished = [r for r in runs if r.summaries]
+    target = plan["config"]["eval"]["target_accuracy"]
+    _plot_curves(out, finished, target)
+    layout = next((r for r in finished if r.strategy == "legend"), None)
+    if layout:
+        _plot_layout(out / "legend_layout.png", layout.rows[0])
+    markdown = _markdown(plan, runs, finished, target, layout is not None)
+    (out / "report.md").write_text(markdown)
+    (out / "report.html").write_text(_html(markdown))
+    return out / "report.md"
+
+
+def _runs(out: Path, strategy: str, seeds: list[int]) -> Runs:
+    dirs = [run_dir(out, strategy, seed) for seed in seeds]
+    done = [d for d in dirs if (d / SUMMARY_FILE).is_file()]
+    return Runs(strategy, [json.loads((d / SUMMARY_FILE).read_text()) for d in done], [read_metrics(d) for d in done])
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known and len(known) == len(values) else None
+
+
+def _spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _peak_memory(rows: list[list[dict]]) -> float | None:
+    memory = [d["memory_gb"] for run in rows for row in run for d in row["devices"] if "memory_gb" in d]
+    return max(memory) if memory else None
+
+
+def _table(finished: list[Runs], target: float) -> list[str]:
+    lines = ["| strategy | final accuracy | best accuracy | virtual time to target | MB to target | reached | peak device memory GB | rounds | wall min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in finished:
+        s = r.summaries
+        time_to, bytes_to = _mean([x["time_to_target_s"] for x in s]), _mean([x["bytes_to_target"] for x in s])
+        memory = _peak_memory(r.rows)
+        lines.append(f"| {r.strategy} | {_spread([x['final_accuracy'] for x in s])} | {_spread([x['best_accuracy'] for x in s])} | "
+                     f"{'-' if time_to is None else f'{time_to / 60:.1f} min'} | {'-' if bytes_to is None else f'{bytes_to / 1e6:.1f}'} | "
+                     f"{sum(x['time_to_target_s'] is not None for x in s)}/{len(s)} | {'-' if memory is None else f'{memory:.2f}'} | "
+                     f"{s[0]['rounds']} | {statistics.fmean(x['wall_s'] for x in s) / 60:.1f} |")
+    return lines
+
+
+def _relative(finished: list[Runs]) -> list[str]:
+    """Speedup (their time to target over ours) and bytes saved (1 - ours / theirs), row against column."""
+    names = [r.strategy for r in finished]
+    reached = {r.strategy: (_mean([x["time_to_target_s"] for x in r.summaries]), _mean([x["bytes_to_target"] for x in r.summaries])) for r in finished}
+    lines = ["| | " + " | ".join(f"vs {n}" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for name in names:
+        cells = []
+        for other in names:
+            (t, b), (t0, b0) = reached[name], reached[other]
+            cells.append("" if other == name else "-" if None in (t, b, t0, b0) else f"{t0 / t:.2f}x, {100 * (1 - b / b0):+.0f}% bytes")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float, has_layout: bool) -> str:
+    config = plan["config"]
+    fleet = config["devices"]["fleet"] if isinstance(config["devices"]["fleet"], str) else "custom fleet"
+    unfinished = [f"{r.strategy} ({len(plan['seeds']) - len(r.summaries)} of {len(plan['seeds'])} seeds)" for r in runs if len(r.summaries) < len(plan["seeds"])]
+    lines = [f"# {config['data']['task']}: {', '.join(plan['strategies'])}", "",
+             f"{config['model']['name']}, {config['fl']['num_clients']} clients on {fleet}, {config['data']['partition']} split"
+             + (f" (alpha {config['data']['alpha']})" if config["data"]["partition"] == "dirichlet" else "")
+             + f", {config['fl']['clients_per_round']} clients per round, seeds {', '.join(map(str, plan['seeds']))}.", "",
+             f"Command: `{plan['command']}`", "", f"Started {plan['started']} on {plan.get('machine', 'an unrecorded machine')}.", ""]
+    if unfinished:
+        lines += [f"Not finished yet: {', '.join(unfinished)}.", ""]
+    lines += [f"## Results (target accuracy {target:g})", "", *_table(finished, target), "",
+              "Accuracy: mean ± standard deviation over seeds. Time and bytes to target: the first evaluation at or above the target, "
+              "on the virtual clock of the devices, averaged over the seeds (shown only when every seed reached it).", "",
+              "## Relative to each other", "", "Row against column: speedup in virtual time to target, and bytes saved to target.", "",
+              *_relative(finished), ""]
+    for name, title in PLOTS.items():
+        if name != "legend_layout.png" or has_layout:
+            lines += [f"![{title}]({name})", ""]
+    lines += ["## Config", "", "```json", json.dumps(config, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def _html(markdown: str) -> str:
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}")
+    return f"<!doctype html>\n<html><head><meta charset='utf-8'><title>legend report</title><style>{style}</style></head><body>\n{body}</body></html>\n"
+
+
+def _plot_curves(out: Path, finished: list[Runs], target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, x_of, label in (("accuracy_vs_time.png", lambda row, acc: row["virtual_time_s"] / 60, "virtual time (min)"),
+                              ("accuracy_vs_bytes.png", lambda row, acc: acc / 1e6, "bytes sent, up and down (MB)")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in finished:
+            xs, ys = _mean_curve(r.rows, x_of)
+            ax.plot(xs, ys, marker=".", label=r.strategy)
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+        ax.set(xlabel=label, ylabel="accuracy", title=PLOTS[name])
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
+
+def _mean_curve(runs: list[list[dict]], x_of) -> tuple[list[float], list[float]]:
+    """Per evaluated round (common to all seeds): mean x and mean accuracy over the seeds."""
+    per_seed = []
+    for rows in runs:
+        sent, points = 0, {}
+        for row in rows:
+            sent += row["bytes_up"] + row["bytes_down"]
+            if row["accuracy"] is not None:
+                points[row["round"]] = (x_of(row, sent), row["accuracy"])
+        per_seed.append(points)
+    rounds = sorted(set.intersection(*(set(p) for p in per_seed)))
+    return ([statistics.fmean(p[r][0] for p in per_seed) for r in rounds], [statistics.fmean(p[r][1] for p in per_seed) for r in rounds])
+
+
+def _plot_layout(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    last = {}
+    for row in rows:
+        for device in row["devices"]:
+            last[device["client"]] = (device["device"], device["rank_by_block"])
+    clients = sorted(last, key=lambda c: (last[c][0], c))
+    ranks = np.array([last[c][1] for c in clients], dtype=float)
+    fig, ax = plt.subplots(figsize=(6, max(3, 0.16 * len(clients) + 1.2)))
+    image = ax.imshow(np.where(ranks > 0, ranks, np.nan), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(ranks.shape[1]), [f"{b}" for b in range(ranks.shape[1])])
+    ax.set_yticks(range(len(clients)), [f"{c} {last[c][0]}" for c in clients], fontsize=6)
+    ax.set(xlabel="block (0 = nearest the input)", title=PLOTS["legend_layout.png"])
+    fig.colorbar(image, ax=ax, label="LoRA rank (blank: no adapter)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
