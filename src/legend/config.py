@@ -142,6 +142,9 @@ class DevicesConfig(Section):
 
 class EngineConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores)")
+    cache_mb: float = Field(1024.0, ge=0, description="memory for the frozen-prefix cache: each example's hidden states below the lowest block any client trains, computed once (0 = off)")
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype the frozen-prefix cache stores hidden states in")
+    cache_spill_dir: str = Field("", description="folder for frozen-prefix cache entries evicted from memory (empty: evicted entries are recomputed)")
 
 
 class FaultsConfig(Section):

@@ -11,6 +11,7 @@ import torch
 
 from legend.config import TrainConfig
 from legend.data.batching import EncodedSplit
+from legend.engine.prefix_cache import PrefixView
 from legend.lora.layout import AdapterLayout, lora_modules
 from legend.models.shared import SharedModel, State
 from legend.strategies.aggregate import tail_norm
@@ -57,8 +58,17 @@ def batch_shapes(data: EncodedSplit, batches: list[np.ndarray]) -> list[tuple[in
     return [(len(rows), int(data.lengths[rows].max())) for rows in batches]
 
 
+def forward(model: SharedModel, data: EncodedSplit, rows: np.ndarray, prefix: PrefixView | None = None):
+    """The model's output on these rows (with ``labels``: its loss too), from the frozen-prefix cache when given one."""
+    batch = data.batch(rows)
+    if prefix is None:
+        return model.module(**batch), batch
+    with model.starting_at(prefix.boundary, prefix.hidden(rows)):
+        return model.module(**batch), batch
+
+
 def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray],
-                 num_samples: int, cfg: TrainConfig, seed: int) -> Update:
+                 num_samples: int, cfg: TrainConfig, seed: int, prefix: PrefixView | None = None) -> Update:
     """Local AdamW over ``batches``, starting from the plan's tensors (which cover the whole global state)."""
     model.load({**plan.weights, **plan.local})
     params = model.set_trainable(plan.layout)
@@ -68,8 +78,7 @@ def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batch
     losses = []
     started = time.perf_counter()
     for rows in batches:
-        batch = data.batch(rows)
-        loss = model.module(**batch).loss
+        loss = forward(model, data, rows, prefix)[0].loss
         losses.append(loss.item())
         if plan.tail_penalty is not None:
             loss = loss + plan.tail_penalty[0] * tail_norms(model, plan.layout, plan.tail_penalty[1])
@@ -98,14 +107,14 @@ def tail_norms(model: SharedModel, layout: AdapterLayout, gamma: float) -> torch
 
 
 @torch.no_grad()
-def evaluate(model: SharedModel, state: State, data: EncodedSplit, buckets: list[np.ndarray]) -> tuple[float, float]:
+def evaluate(model: SharedModel, state: State, data: EncodedSplit, buckets: list[np.ndarray],
+             prefix: PrefixView | None = None) -> tuple[float, float]:
     """Accuracy and mean cross-entropy of the model with ``state`` loaded, over ``data``."""
     model.load(state)
     model.module.eval()
     correct, loss_sum = 0, 0.0
     for rows in buckets:
-        batch = data.batch(rows)
-        out = model.module(**batch)
+        out, batch = forward(model, data, rows, prefix)
         loss_sum += out.loss.item() * len(rows)
         correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
     return correct / len(data), loss_sum / len(data)

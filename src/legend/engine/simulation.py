@@ -25,6 +25,7 @@ from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S,
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.client import batch_shapes, client_batches, derived_seed, evaluate
+from legend.engine.prefix_cache import PrefixCache, PrefixView
 from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
@@ -53,6 +54,13 @@ class Experiment:
     fleet: Fleet
     spec: ModelSpec
     capacity: CapacityEstimator
+    prefix: PrefixCache | None = None
+
+    def prefix_view(self, split: str) -> PrefixView | None:
+        """The frozen-prefix cache for batches of "train" or "test" (None where it is off, or may not serve training)."""
+        if self.prefix is None or (split == "train" and not self.prefix.trains):
+            return None
+        return self.prefix.view(split, self.train if split == "train" else self.test)
 
 
 def build_experiment(config: Config) -> Experiment:
@@ -68,6 +76,11 @@ def build_experiment(config: Config) -> Experiment:
     strategy = strategy_cls(config, model.info)
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
     test = encode(test_table, model.tokenizer, config.data.max_length)
+    boundary = model.frozen_prefix(list(strategy.initial_state(model)))
+    engine = config.engine
+    prefix = None
+    if boundary > 0 and engine.cache_mb > 0:  # dropout in the skipped blocks would make every training pass differ
+        prefix = PrefixCache(model, boundary, engine.cache_mb, engine.cache_dtype, engine.cache_spill_dir, trains=config.model.dropout == 0.0)
     return Experiment(
         config=config,
         model=model,
@@ -80,6 +93,7 @@ def build_experiment(config: Config) -> Experiment:
         fleet=fleet,
         spec=ModelSpec.of(model),
         capacity=CapacityEstimator(fleet, config.devices.estimate_noise, config.devices.estimate_ema, config.seed),
+        prefix=prefix,
     )
 
 
@@ -107,7 +121,7 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     else:
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
-        accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
+        accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
         rows = [_row(0, accuracy, loss, [], [], set(), {}, {}, False, 0, 0.0, 0.0, time.perf_counter() - started, {}, {})]
         _persist(out_dir, fingerprint, global_state, exp, rows)
     if on_round:
@@ -173,7 +187,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
             global_state = add_noise(global_state, valid, privacy.noise_multiplier, privacy.clip_norm, noise)
     accuracy = loss = None
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
-        accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets)
+        accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
     bytes_down = sum(sent_bytes(plans[c], config.fl.wire_dtype) for c in clients)
     row = _row(round_number, accuracy, loss, valid, times, dropped, rejected, lost, skipped, bytes_down, round_s, clock_s + round_s,
                time.perf_counter() - started, plans, memory)

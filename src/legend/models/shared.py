@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,10 @@ def default_target_modules(model_type: str) -> tuple[str, ...]:
     return tuple(targets)
 
 
+class _PrefixDone(Exception):
+    """Stops a forward pass once the prefix output is captured."""
+
+
 class SharedModel:
     """A sequence classifier with the global adapter layout injected once.
 
@@ -75,6 +80,9 @@ class SharedModel:
         self._block = {key: self.info.block_of(key) for key in self.params}
         base = self.module.base_model_prefix + "."
         self._is_head = {key: not key.startswith(base) for key in self.params}
+        first_block = next(i for i, key in enumerate(self.params) if self._block[key] is not None)
+        # parameters are registered input first: what comes before the first block (the embeddings) feeds it
+        self._below_blocks = {key for i, key in enumerate(self.params) if i < first_block}
 
     @classmethod
     def build(cls, name: str, num_labels: int, target_modules: tuple[str, ...] = (), seed: int = 0, dropout: float | None = None) -> SharedModel:
@@ -106,7 +114,7 @@ class SharedModel:
         the weights: the same on every client and the server)."""
         if lora_init == "federa" and layout.method != "lora":
             raise LegendError(f"lora.init 'federa' initialises LoRA adapters, and this strategy trains '{layout.method}': use a LoRA strategy or lora.init='default'")
-        blocks = self.module.get_submodule(self.blocks_prefix)
+        blocks = self._blocks()
         torch.manual_seed(seed)
         if layout.method == "adapter":
             inject_bottlenecks(blocks, self.info.hidden_size, layout)
@@ -160,6 +168,59 @@ class SharedModel:
             else:
                 param.zero_()
                 param[tuple(slice(0, n) for n in value.shape)].copy_(value)
+
+    def frozen_prefix(self, changing: Sequence[str]) -> int:
+        """How many blocks lie below every tensor in ``changing`` (0 when one of them is an embedding): the
+        embeddings and those blocks compute the same function of an example for as long as only these tensors change."""
+        if any(key in self._below_blocks for key in changing):
+            return 0
+        return min((self._block[key] for key in changing if self._block[key] is not None), default=self.info.num_blocks)
+
+    def prefix_parameters(self, boundary: int) -> list[nn.Parameter]:
+        """The embeddings and the blocks below ``boundary``."""
+        return [p for key, p in self.params.items() if key in self._below_blocks or (self._block[key] is not None and self._block[key] < boundary)]
+
+    @torch.no_grad()
+    def prefix_output(self, batch: dict[str, torch.Tensor], boundary: int) -> torch.Tensor:
+        """(B, T, H): the hidden states entering block ``boundary`` (the blocks from there on are not run)."""
+        captured = []
+
+        def grab(module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _PrefixDone
+
+        handle = self._blocks()[boundary].register_forward_pre_hook(grab, with_kwargs=True)
+        training = self.module.training
+        self.module.eval()
+        try:
+            self.module(**{k: v for k, v in batch.items() if k != "labels"})
+        except _PrefixDone:
+            pass
+        finally:
+            handle.remove()
+            self.module.train(training)
+        return captured[0]
+
+    @contextlib.contextmanager
+    def starting_at(self, boundary: int, hidden: torch.Tensor) -> Iterator[None]:
+        """Inside: a forward pass runs only the blocks from ``boundary`` on, with ``hidden`` (B, T, H) as their input
+        (the embeddings still run, cheaply, and their output is dropped; the blocks below are skipped)."""
+        parent_name, _, attribute = self.blocks_prefix.rpartition(".")
+        parent, blocks = self.module.get_submodule(parent_name), self._blocks()
+
+        def feed(module, args, kwargs):
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+        handle = blocks[boundary].register_forward_pre_hook(feed, with_kwargs=True)
+        setattr(parent, attribute, nn.ModuleList(list(blocks)[boundary:]))
+        try:
+            yield
+        finally:
+            setattr(parent, attribute, blocks)
+            handle.remove()
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.module.get_submodule(self.blocks_prefix)
 
     def set_trainable(self, layout: AdapterLayout) -> list[nn.Parameter]:
         keys = set(self.keys(layout))
