@@ -34,6 +34,7 @@ def test_run_writes_metrics_summary_and_counts_bytes(tmp_path, strategy):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert {"round", "accuracy", "loss", "bytes_up", "bytes_down", "wall_s"} <= rows[1].keys()
+    assert all(0 < row["forward_backward_s"] <= row["wall_s"] for row in rows)  # training and evaluation passes, within the round
     saved = json.loads((tmp_path / "summary.json").read_text())
     for key in ("strategy", "initial_accuracy", "initial_loss", "final_accuracy", "best_accuracy", "rounds",
                 "bytes_up", "bytes_down", "wall_s", "time_to_target_s", "bytes_to_target"):

@@ -32,8 +32,8 @@ LEGEND = Path(sys.executable).parent / "legend"
 THREE_NODES = {"strategy.name": "legend", "data.train_size": 300, "fl.num_clients": 3, "fl.clients_per_round": 3}
 
 
-def deploy(out, *extra_args, **extra):
-    return subprocess.Popen([str(LEGEND), "deploy", "local", str(QUICKSTART), *tiny_overrides(**{**THREE_NODES, **extra}), "--out", str(out), *extra_args],
+def deploy(out, *extra_args, how="local", **extra):
+    return subprocess.Popen([str(LEGEND), "deploy", how, str(QUICKSTART), *tiny_overrides(**{**THREE_NODES, **extra}), "--out", str(out), *extra_args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -44,7 +44,9 @@ def flower_processes():
 
 
 def rows_without_wall_time(out):
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """Every field but this machine's seconds (the round's, and those spent in forward and backward passes)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("wall_s", "forward_backward_s")}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_messages_carry_jobs_and_updates_unchanged():
@@ -69,6 +71,17 @@ def test_deploy_local_gives_the_embedded_result_and_stops_its_processes(tmp_path
     embedded = torch.load(tmp_path / "embedded" / CHECKPOINT, weights_only=True)["global_state"]
     assert flower.keys() == embedded.keys()
     assert max((flower[k] - embedded[k]).abs().max().item() for k in flower) <= 1e-5
+    assert flower_processes() == []
+
+
+def test_flowers_simulation_runtime_gives_the_embedded_result(tmp_path):
+    """`legend deploy simulation`: the same apps, their SuperNodes virtual (Ray actors); needs the bench extra."""
+    pytest.importorskip("ray", reason="Flower's simulation runtime needs Ray: pip install -e '.[bench]'")
+    run = deploy(tmp_path / "simulated", how="simulation")
+    output, _ = run.communicate(timeout=540)
+    assert run.returncode == 0, output
+    run_experiment(load_config(QUICKSTART, tiny_overrides(**THREE_NODES)), tmp_path / "embedded")
+    assert rows_without_wall_time(tmp_path / "simulated") == rows_without_wall_time(tmp_path / "embedded")
     assert flower_processes() == []
 
 

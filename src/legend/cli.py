@@ -249,6 +249,27 @@ def deploy_local(
     _print_summary(summary, out)
 
 
+@deploy_app.command("simulation")
+@user_errors
+def deploy_simulation(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    out: Path = typer.Option(Path("runs/deploy"), "--out", help="folder for metrics.jsonl, summary.json, the checkpoint and the Flower logs"),
+    resume: bool = RESUME,
+    debug: bool = DEBUG,
+):
+    """Run the experiment under Flower's simulation runtime (Ray; pip install 'legend[bench]'): a SuperLink whose virtual SuperNodes run the ClientApp."""
+    from legend.config import load_config
+    from legend.flower.deploy import deploy_local as run_deployment
+
+    cfg = load_config(config, overrides or [])
+    console.print(f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} under Flower's simulation runtime: {cfg.fl.num_clients} virtual SuperNodes, "
+                  f"{cfg.fl.rounds} rounds -> {out} (logs in {out / 'flower'})")
+    summary = run_deployment(cfg, cfg.fl.num_clients, out, resume=resume, echo=lambda line: console.print(line, highlight=False, markup=False),
+                             simulation=True)
+    _print_summary(summary, out)
+
+
 @deploy_app.command("app")
 @user_errors
 def deploy_app_dir(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from legend.lora.layout import AdapterLayout, lora_modules
 from legend.models.shared import SharedModel, State
 from legend.strategies.aggregate import tail_norm
 from legend.strategies.base import TAIL_NORM, ClientPlan, Update
+
+
+FORWARD_BACKWARD_S = "forward_backward_s"  # metric: seconds of local training spent in forward and backward passes (the rest is overhead)
 
 
 def derived_seed(*parts: int) -> int:
@@ -75,19 +79,22 @@ def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batch
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
     torch.manual_seed(seed)  # dropout
     model.module.train()
-    losses = []
+    losses, forward_backward_s = [], 0.0
     started = time.perf_counter()
     for rows in batches:
+        step_started = time.perf_counter()
         loss = forward(model, data, rows, prefix)[0].loss
         losses.append(loss.item())
         if plan.tail_penalty is not None:
             loss = loss + plan.tail_penalty[0] * tail_norms(model, plan.layout, plan.tail_penalty[1])
         loss.backward()
+        forward_backward_s += time.perf_counter() - step_started
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": time.perf_counter() - started, "steps": len(losses)}
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": time.perf_counter() - started,
+               FORWARD_BACKWARD_S: forward_backward_s, "steps": len(losses)}
     if plan.tail_penalty is not None:
         with torch.no_grad():
             metrics[TAIL_NORM] = float(tail_norms(model, plan.layout, plan.tail_penalty[1]))
@@ -106,15 +113,21 @@ def tail_norms(model: SharedModel, layout: AdapterLayout, gamma: float) -> torch
     return total
 
 
+class Evaluation(NamedTuple):
+    accuracy: float
+    loss: float  # mean cross-entropy
+    forward_s: float  # seconds in the forward passes
+
+
 @torch.no_grad()
-def evaluate(model: SharedModel, state: State, data: EncodedSplit, buckets: list[np.ndarray],
-             prefix: PrefixView | None = None) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of the model with ``state`` loaded, over ``data``."""
+def evaluate(model: SharedModel, state: State, data: EncodedSplit, buckets: list[np.ndarray], prefix: PrefixView | None = None) -> Evaluation:
+    """The model with ``state`` loaded, scored over ``data``."""
     model.load(state)
     model.module.eval()
     correct, loss_sum = 0, 0.0
+    started = time.perf_counter()
     for rows in buckets:
         out, batch = forward(model, data, rows, prefix)
         loss_sum += out.loss.item() * len(rows)
         correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
-    return correct / len(data), loss_sum / len(data)
+    return Evaluation(correct / len(data), loss_sum / len(data), time.perf_counter() - started)

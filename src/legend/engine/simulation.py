@@ -24,7 +24,7 @@ from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, d
 from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from legend.engine.client import batch_shapes, client_batches, derived_seed, evaluate
+from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches, derived_seed, evaluate
 from legend.engine.prefix_cache import PrefixCache, PrefixView
 from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
@@ -121,8 +121,9 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     else:
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
-        accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
-        rows = [_row(0, accuracy, loss, [], [], set(), {}, {}, False, 0, 0.0, 0.0, time.perf_counter() - started, {}, {})]
+        scored = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
+        rows = [_row(0, scored.accuracy, scored.loss, [], [], set(), {}, {}, False, 0, 0.0, 0.0, time.perf_counter() - started, {}, {},
+                     scored.forward_s)]
         _persist(out_dir, fingerprint, global_state, exp, rows)
     if on_round:
         for row in rows:
@@ -186,11 +187,13 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
             noise = torch.Generator().manual_seed(derived_seed(config.seed, round_number, 23))
             global_state = add_noise(global_state, valid, privacy.noise_multiplier, privacy.clip_norm, noise)
     accuracy = loss = None
+    forward_backward_s = sum(u.metrics.get(FORWARD_BACKWARD_S, 0.0) for u, _ in results)
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
-        accuracy, loss = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
+        accuracy, loss, forward_s = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
+        forward_backward_s += forward_s
     bytes_down = sum(sent_bytes(plans[c], config.fl.wire_dtype) for c in clients)
     row = _row(round_number, accuracy, loss, valid, times, dropped, rejected, lost, skipped, bytes_down, round_s, clock_s + round_s,
-               time.perf_counter() - started, plans, memory)
+               time.perf_counter() - started, plans, memory, forward_backward_s)
     return global_state, row
 
 
@@ -268,7 +271,7 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
 
 
 def _row(round_number, accuracy, loss, aggregated, times, dropped, rejected, lost, skipped, bytes_down, round_s, virtual_time_s, wall_s,
-         plans, memory) -> dict[str, Any]:
+         plans, memory, forward_backward_s) -> dict[str, Any]:
     """Bytes up count every update that arrived (rejected ones too: they were sent); bytes down every device that was sent a plan."""
     losses = [u.metrics["train_loss"] for u in aggregated]
     return {
@@ -288,6 +291,7 @@ def _row(round_number, accuracy, loss, aggregated, times, dropped, rejected, los
         "lost": [{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
         "skipped": skipped,
         "wall_s": round(wall_s, 4),
+        "forward_backward_s": round(forward_backward_s, 4),
     }
 
 

@@ -63,11 +63,23 @@ def main(grid: Grid, context: Context) -> None:
 @client_app.query()
 def advertise(msg: Message, context: Context) -> Message:
     """What this node is: its node config (client-id, device class). Cheap: no model, no torch."""
-    advert = dict(context.node_config)
-    missing = [key for key in ("client-id", "device") if key not in advert]
+    return Message(RecordDict({"advert": ConfigRecord(_node(context))}), reply_to=msg)
+
+
+def _node(context: Context) -> dict:
+    """This node's client id and device class: from its --node-config, or, for a virtual node of Flower's
+    simulation runtime, its partition id and the device the config's fleet binds that client to."""
+    node = dict(context.node_config)
+    if "client-id" not in node and "partition-id" in node:
+        from legend.devices.fleet import build_fleet
+
+        config = validate_config(json.loads(str(context.run_config["experiment"])))
+        client = int(node["partition-id"])
+        node.update({"client-id": client, "device": build_fleet(config.devices, config.fl.num_clients, config.seed).device_of(client).kind})
+    missing = [key for key in ("client-id", "device") if key not in node]
     if missing:
         raise LegendError(f"this SuperNode's --node-config lacks {missing}: start it with --node-config 'client-id=N device=\"CLASS\"'")
-    return Message(RecordDict({"advert": ConfigRecord(advert)}), reply_to=msg)
+    return node
 
 
 @client_app.train()
@@ -77,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     from legend.flower.messages import decode_job, encode_update
 
     job = decode_job(msg.content)
-    own = int(context.node_config["client-id"])
+    own = int(_node(context)["client-id"])
     if job.plan.client != own:
         raise LegendError(f"this node is client {own}, the job is for client {job.plan.client}")
     return Message(encode_update(local_training(_experiment(context.run_config), job)), reply_to=msg)

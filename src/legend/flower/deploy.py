@@ -7,6 +7,7 @@ ends, fails or is interrupted. Logs go to OUT/flower/.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -29,10 +30,16 @@ CONNECTION = "legend-local"
 BIN = Path(sys.executable).parent
 
 
-def deploy_local(config: Config, nodes: int, out: Path, resume: bool = False, echo: Callable[[str], None] = print) -> dict:
-    """Run the experiment through a SuperLink and ``nodes`` SuperNodes on this machine; returns the summary."""
+def deploy_local(config: Config, nodes: int, out: Path, resume: bool = False, echo: Callable[[str], None] = print,
+                 simulation: bool = False) -> dict:
+    """Run the experiment through a SuperLink and ``nodes`` SuperNodes on this machine; returns the summary.
+
+    ``simulation``: the SuperNodes are virtual, run by Flower's simulation runtime (Ray) inside the SuperLink's
+    machine, each ClientApp in a Ray actor, instead of ``nodes`` flower-supernode processes."""
     if not (BIN / "flower-superlink").exists():
         raise LegendError("Flower is not installed in this environment: pip install 'legend[flower]'")
+    if simulation and importlib.util.find_spec("ray") is None:
+        raise LegendError("Flower's simulation runtime needs Ray: pip install 'flwr[simulation]==1.41.0' (or legend[bench])")
     if nodes != config.fl.num_clients:
         raise LegendError(f"--nodes {nodes} but fl.num_clients is {config.fl.num_clients}: each client runs on its own SuperNode, so make them equal")
     config = _portable(config)
@@ -47,15 +54,17 @@ def deploy_local(config: Config, nodes: int, out: Path, resume: bool = False, ec
     _write_connection(work / "home", link_port)
     app = _write_app(work / "app", config, out, resume)
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
+    runtime = ["--simulation", "--isolation", "subprocess"] if simulation else []
     with _processes() as start:
-        start(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link_port)],
+        start(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation", *runtime, "--host", "127.0.0.1", "--port", str(link_port)],
               work / "superlink.log", env)
         _wait_for_port(link_port, work / "superlink.log")
-        for client, port in enumerate(node_ports):
+        for client, port in enumerate([] if simulation else node_ports):
             node_config = f'client-id={client} device="{fleet.device_of(client).kind}"'
             start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(port), "--node-config", node_config],
                   work / f"supernode-{client}.log", env)
-        run = start(["flwr", "run", str(app), CONNECTION, "--stream"], work / "serverapp.log", env)
+        federation = ["--federation-config", f"num-supernodes={nodes}"] if simulation else []
+        run = start(["flwr", "run", str(app), CONNECTION, "--stream", *federation], work / "serverapp.log", env)
         _follow(run, work / "serverapp.log", echo)
     if (out / ERROR_FILE).is_file():
         raise LegendError((out / ERROR_FILE).read_text().strip())
