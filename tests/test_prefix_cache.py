@@ -8,14 +8,18 @@ from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
 from legend.engine.checkpoint import CHECKPOINT
+from legend.engine.prefix_cache import training_reuse
 from legend.engine.simulation import build_experiment, run_experiment
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
-LEGEND_ONE_ROUND = {"strategy.name": "legend", "fl.rounds": 1, "train.local_steps": 5}
+# 2 clients x 10 steps x 8 = 160 samples of 40 examples: each is trained on 4 times, enough for training to read the cache
+LEGEND_ONE_ROUND = {"strategy.name": "legend", "fl.rounds": 1, "train.local_steps": 10, "data.train_size": 40}
 
 
 def trained_adapter(tmp_path, name, **engine):
     config = load_config(QUICKSTART, tiny_overrides(**LEGEND_ONE_ROUND, **{f"engine.{k}": v for k, v in engine.items()}))
+    if engine.get("cache_mb") != 0:
+        assert build_experiment(config).prefix.trains
     summary = run_experiment(config, tmp_path / name)
     return torch.load(tmp_path / name / CHECKPOINT, weights_only=True)["global_state"], summary
 
@@ -62,11 +66,21 @@ def test_eviction_and_spilling_leave_the_result_bit_identical(tmp_path):
     assert all(torch.equal(roomy[k], evicting[k]) and torch.equal(roomy[k], spilling[k]) for k in roomy)
 
 
+def test_training_reads_the_cache_only_when_examples_come_back_often_enough():
+    """Computing an example alone costs ~3x its share of a batched pass: a run that trains on each example less
+    than MIN_TRAINING_REUSE times trains uncached (evaluation still reads the cache)."""
+    once = build_experiment(load_config(QUICKSTART, tiny_overrides(**{**LEGEND_ONE_ROUND, "train.local_steps": 2})))
+    assert training_reuse(once.config, len(once.train)) == pytest.approx(0.8)
+    assert once.prefix is not None and not once.prefix.trains and once.prefix_view("train") is None and once.prefix_view("test") is not None
+    dropout = build_experiment(load_config(QUICKSTART, tiny_overrides(**{**LEGEND_ONE_ROUND, "model.dropout": 0.1})))
+    assert not dropout.prefix.trains  # every pass through the skipped blocks would differ
+
+
 def test_a_write_to_a_frozen_tensor_clears_the_cache():
     exp = build_experiment(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "data.test_size": 8})))
     view, rows = exp.prefix_view("test"), [0, 1]
     before = view.hidden(rows)
-    assert torch.equal(view.hidden(rows), before) and exp.prefix.hits == 2
+    assert torch.equal(view.hidden(rows), before) and (exp.prefix.hits, exp.prefix.misses) == (2, 2)
     with torch.no_grad():
         exp.model.params["bert.embeddings.LayerNorm.bias"].add_(0.5)
     after = view.hidden(rows)

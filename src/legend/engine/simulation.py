@@ -25,7 +25,7 @@ from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S,
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches, derived_seed, evaluate
-from legend.engine.prefix_cache import PrefixCache, PrefixView
+from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
 from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
@@ -60,7 +60,7 @@ class Experiment:
         """The frozen-prefix cache for batches of "train" or "test" (None where it is off, or may not serve training)."""
         if self.prefix is None or (split == "train" and not self.prefix.trains):
             return None
-        return self.prefix.view(split, self.train if split == "train" else self.test)
+        return self.prefix.view(split, self.train, fixed_batches=False) if split == "train" else self.prefix.view(split, self.test, fixed_batches=True)
 
 
 def build_experiment(config: Config) -> Experiment:
@@ -76,16 +76,18 @@ def build_experiment(config: Config) -> Experiment:
     strategy = strategy_cls(config, model.info)
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
     test = encode(test_table, model.tokenizer, config.data.max_length)
+    train = encode(train_table, model.tokenizer, config.data.max_length)
     boundary = model.frozen_prefix(list(strategy.initial_state(model)))
     engine = config.engine
     prefix = None
-    if boundary > 0 and engine.cache_mb > 0:  # dropout in the skipped blocks would make every training pass differ
-        prefix = PrefixCache(model, boundary, engine.cache_mb, engine.cache_dtype, engine.cache_spill_dir, trains=config.model.dropout == 0.0)
+    if boundary > 0 and engine.cache_mb > 0:  # and for training: no dropout in the skipped blocks, and enough reuse to repay it
+        trains = config.model.dropout == 0.0 and training_reuse(config, len(train)) >= MIN_TRAINING_REUSE
+        prefix = PrefixCache(model, boundary, engine.cache_mb, engine.cache_dtype, engine.cache_spill_dir, trains)
     return Experiment(
         config=config,
         model=model,
         strategy=strategy,
-        train=encode(train_table, model.tokenizer, config.data.max_length),
+        train=train,
         test=test,
         test_buckets=length_buckets(test, config.eval.batch_size),
         partitions=partition_indices(train_table, config.fl.num_clients, config.data, config.seed),

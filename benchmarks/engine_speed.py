@@ -1,0 +1,253 @@
+"""Engine speed and memory: the embedded engine against a naive loop and Flower's simulation runtime, in one run.
+
+    pip install -e ".[bench]"        # flwr[simulation]: Ray
+    python benchmarks/engine_speed.py --out runs/engine-speed
+
+The workload, for LEGEND and for FedIT: MiniLM-L6 on SST-2 (all 60k training sentences), 20 clients
+on the jetson-mix fleet with a Dirichlet 0.5 split, 10 clients per round, 5 local steps of 16,
+evaluation on the 872 test sentences after every round (``--rounds``, default 3). It runs three ways,
+each in a fresh process timed from its start to its exit (start-up included: users wait for it too):
+
+- ours: the embedded engine (``run_experiment``, as ``legend run`` calls it);
+- naive: what most research code does (this file, ``--variant naive``): the model rebuilt from its
+  files for each client and for each evaluation, every batch padded to 128 tokens, random batches,
+  no cache; the same sampling, the same strategy objects plan and aggregate;
+- flower-sim: legend's own Flower ServerApp and ClientApp under Flower's simulation runtime
+  (``legend deploy simulation``: a SuperLink in simulation mode, Ray actors as SuperNodes, Flower's
+  default 2 CPUs per client).
+
+Then, from our runs: ``overhead_fraction`` (1 - seconds in forward and backward passes / seconds of
+the round loop, checkpoints included), ``mfu`` (training FLOPs actually executed, from the cost model
+less what the frozen-prefix cache skipped, over the seconds of local training, over this machine's
+float32 matmul FLOP/s measured here) and ``rss_ratio_1000_vs_10`` (peak memory of a LEGEND run with
+1,000 clients over one with 10). Prints a table, then as its last line one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "configs" / "quickstart.toml"  # every way starts from it (lr schedule, dropout off, LoRA r=8), then the workload's settings
+DATA = ROOT.parent / "shared" / "data" / "sst2"
+STRATEGIES = ("legend", "fedit")
+
+
+def workload(strategy: str, rounds: int) -> list[str]:
+    return [f'data.path="{DATA}"', "data.task=sst2", "fl.num_clients=20", "fl.clients_per_round=10", f"fl.rounds={rounds}",
+            "train.local_steps=5", "train.batch_size=16", "eval.every=1", f"strategy.name={strategy}"]
+
+
+# --- what runs inside each timed process --------------------------------------------------------
+
+
+def run_ours(overrides: list[str], out: Path) -> dict:
+    """The embedded engine; returns the seconds of the round loop and where they went."""
+    from legend.config import load_config
+    from legend.devices.cost import Batches, applied_ranks, block_forward_flops, training_flops
+    from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches
+    from legend.engine.runtime import InProcess
+    from legend.engine.simulation import build_experiment, run_experiment
+
+    class Recording(InProcess):
+        """The in-process runtime, keeping each job and its update for the FLOP count."""
+
+        trained: list = []
+
+        def train(self, exp, jobs):
+            returned = super().train(exp, jobs)
+            self.trained += [(job, returned[job.plan.client]) for job in jobs if not isinstance(returned[job.plan.client], str)]
+            return returned
+
+    config = load_config(BASE, overrides)
+    exp = build_experiment(config)
+    runtime = Recording(config.faults)
+    stamps = []
+    run_experiment(config, out, experiment=exp, runtime=runtime, on_round=lambda row: stamps.append((time.perf_counter(), row)))
+    rows = [row for _, row in stamps]
+    loop_s = stamps[-1][0] - stamps[0][0]  # rounds 1..R, each with its checkpoint
+    skipped = exp.prefix.boundary if exp.prefix is not None and exp.prefix.trains else 0
+    flops = 0.0
+    for job, _ in runtime.trained:
+        work = Batches.of(batch_shapes(exp.train, client_batches(exp.train, exp.partitions[job.plan.client], config.train, job.seed)))
+        layout = job.plan.layout
+        flops += training_flops(exp.spec, layout, work, applied_ranks(layout, exp.strategy.global_layout()))
+        flops -= skipped * block_forward_flops(exp.spec, work, 0)  # the cached blocks never ran
+    return {"loop_s": loop_s, "forward_backward_s": sum(r["forward_backward_s"] for r in rows[1:]),
+            "train_s": sum(u.metrics["train_wall_s"] for _, u in runtime.trained),
+            "train_forward_backward_s": sum(u.metrics[FORWARD_BACKWARD_S] for _, u in runtime.trained),
+            "train_flops": flops, "final_accuracy": rows[-1]["accuracy"]}
+
+
+def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
+    """Rebuild the model per client and per evaluation, pad every batch to ``pad_to``, random batches, no cache."""
+    import numpy as np
+    import torch
+
+    from legend.config import load_config
+    from legend.data import load_task, subsample
+    from legend.engine.client import derived_seed, local_step_count, training_batches
+    from legend.engine.simulation import build_experiment, device_view, sample_clients
+    from legend.models.shared import SharedModel
+    from legend.strategies.base import Update
+
+    config = load_config(BASE, [*overrides, "engine.cache_mb=0", "train.group_by_length=false"])
+    torch.set_num_threads(config.engine.threads or os.cpu_count())
+    exp = build_experiment(config)  # the split, the strategy and its capacity estimates: legend's algorithm, naive execution
+    task = subsample(load_task(config.data), config.data, config.seed)
+    tokenizer = exp.model.tokenizer
+    train, test = (tokenizer(list(t["text"]), padding="max_length", truncation=True, max_length=pad_to, return_tensors="pt") for t in (task.train, task.test))
+    train_labels, test_labels = torch.tensor(task.train["label"]), torch.tensor(task.test["label"])
+
+    def rebuilt() -> SharedModel:
+        model = SharedModel.build(config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout)
+        model.add_adapters(exp.strategy.global_layout(), exp.strategy.lora_alpha, config.lora.dropout, config.seed, exp.strategy.lora_init)
+        return model
+
+    def batch(encoded, labels, rows) -> dict:
+        return {**{k: v[rows] for k, v in encoded.items()}, "labels": labels[rows]}
+
+    def train_client(plan, round_number: int) -> Update:
+        model = rebuilt()
+        model.load({**plan.weights, **plan.local})
+        params = model.set_trainable(plan.layout)
+        optimizer = torch.optim.AdamW(params, lr=plan.lr)
+        indices = exp.partitions[plan.client]
+        rng = np.random.default_rng(derived_seed(config.seed, round_number, plan.client))
+        model.module.train()
+        for rows in training_batches(exp.train, indices, local_step_count(len(indices), config.train), config.train, rng):
+            model.module(**batch(train, train_labels, torch.from_numpy(rows))).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        trained = model.read(plan.layout)
+        return Update(plan.client, {k: v for k, v in trained.items() if k not in plan.local}, len(indices), {}, {k: v for k, v in trained.items() if k in plan.local})
+
+    @torch.no_grad()
+    def accuracy(state) -> float:
+        model = rebuilt()
+        model.load(state)
+        model.module.eval()
+        correct = sum((model.module(**batch(test, test_labels, rows)).logits.argmax(-1) == test_labels[rows]).sum().item()
+                      for rows in torch.arange(len(test_labels)).split(config.eval.batch_size))
+        return correct / len(test_labels)
+
+    state = exp.strategy.initial_state(exp.model)
+    accuracy(state)
+    started = time.perf_counter()
+    for round_number in range(1, config.fl.rounds + 1):
+        clients = sample_clients(config.seed, round_number, exp.fleet.available(round_number, config.seed), config.fl.clients_per_round)
+        plans = exp.strategy.plan(round_number, clients, state, device_view(exp, round_number, clients)[1])
+        state = exp.strategy.aggregate(round_number, state, [train_client(plans[c], round_number) for c in clients])
+        final = accuracy(state)
+    return {"loop_s": time.perf_counter() - started, "final_accuracy": final}
+
+
+# --- the run of the benchmark ----------------------------------------------------------------------
+
+
+def timed(argv: list[str], log: Path) -> tuple[float, float]:
+    """Run a command to its end: (wall seconds, peak RSS in GB)."""
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} ... failed: see {log}")
+    return time.perf_counter() - started, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def inner(variant: str, overrides: list[str], out: Path) -> list[str]:
+    return [sys.executable, __file__, "--variant", variant, "--result", str(out / "result.json"), "--out", str(out), "--", *overrides]
+
+
+def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matmul FLOP/s (all threads), the best of ``repeats``."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _time(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def measure(out: Path, rounds: int) -> dict:
+    results = {"matmul_flops": matmul_flops()}
+    for strategy in STRATEGIES:
+        settings = workload(strategy, rounds)
+        for variant, argv in (("ours", inner("ours", settings, out / strategy / "ours")),
+                              ("naive", inner("naive", settings, out / strategy / "naive")),
+                              ("flower-sim", [str(BIN / "legend"), "deploy", "simulation", str(BASE), *settings, "--out", str(out / strategy / "flower-sim")])):
+            (out / strategy / variant).mkdir(parents=True, exist_ok=True)
+            print(f"{strategy} {variant} ...", file=sys.stderr, flush=True)
+            wall, rss = timed(argv, out / strategy / f"{variant}.log")
+            detail = json.loads((out / strategy / variant / "result.json").read_text()) if variant != "flower-sim" else {}
+            if variant == "flower-sim":
+                detail["final_accuracy"] = json.loads((out / strategy / variant / "summary.json").read_text())["final_accuracy"]
+            results[strategy, variant] = {"wall_s": wall, "peak_rss_gb": rss, **detail}
+    for clients in (10, 1000):
+        settings = [*workload("legend", 1), f"fl.num_clients={clients}", "fl.clients_per_round=10", "data.test_size=200"]
+        print(f"memory with {clients} clients ...", file=sys.stderr, flush=True)
+        (out / f"clients-{clients}").mkdir(parents=True, exist_ok=True)
+        results["rss", clients] = timed(inner("ours", settings, out / f"clients-{clients}"), out / f"clients-{clients}.log")[1]
+    return results
+
+
+def report(results: dict, rounds: int) -> dict:
+    print(f"| workload ({rounds} rounds) | way | wall s | s per round | peak RSS GB | final accuracy |")
+    print("|---|---|---|---|---|---|")
+    for strategy in STRATEGIES:
+        for variant in ("ours", "naive", "flower-sim"):
+            r = results[strategy, variant]
+            print(f"| {strategy} | {variant} | {r['wall_s']:.1f} | {r.get('loop_s', float('nan')) / rounds:.1f} | {r['peak_rss_gb']:.2f} | {r['final_accuracy']:.4f} |")
+    ours = results["legend", "ours"]
+    matmul = results["matmul_flops"]
+    summary = {
+        "vs_naive": results["legend", "naive"]["wall_s"] / ours["wall_s"],
+        "vs_flower_sim": results["legend", "flower-sim"]["wall_s"] / ours["wall_s"],
+        "vs_naive_fedit": results["fedit", "naive"]["wall_s"] / results["fedit", "ours"]["wall_s"],
+        "vs_flower_sim_fedit": results["fedit", "flower-sim"]["wall_s"] / results["fedit", "ours"]["wall_s"],
+        "overhead_fraction": 1 - ours["forward_backward_s"] / ours["loop_s"],
+        "overhead_fraction_fedit": 1 - results["fedit", "ours"]["forward_backward_s"] / results["fedit", "ours"]["loop_s"],
+        "mfu": ours["train_flops"] / ours["train_s"] / matmul,
+        "mfu_fedit": results["fedit", "ours"]["train_flops"] / results["fedit", "ours"]["train_s"] / matmul,
+        "matmul_gflops": matmul / 1e9,
+        "rss_ratio_1000_vs_10": results["rss", 1000] / results["rss", 10],
+        "rss_gb_10_clients": results["rss", 10],
+        "rss_gb_1000_clients": results["rss", 1000],
+    }
+    print()
+    print(json.dumps({k: round(v, 4) for k, v in summary.items()}))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/engine-speed"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variant", choices=["ours", "naive"], help=argparse.SUPPRESS)  # one timed process of the benchmark
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        result = run_ours(args.overrides, args.out) if args.variant == "ours" else run_naive(args.overrides)
+        args.result.write_text(json.dumps(result))
+        return
+    report(measure(args.out.resolve(), args.rounds), args.rounds)
+
+
+if __name__ == "__main__":
+    main()
