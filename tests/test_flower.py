@@ -16,7 +16,10 @@ import pytest
 import torch
 from tests.conftest import ROOT, tiny_overrides
 
-from legend.config import load_config
+from legend.config import DevicesConfig, load_config
+from legend.devices import build_fleet
+from legend.devices.capacity import CapacityEstimator
+from legend.errors import LegendError
 from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.runtime import Job
 from legend.engine.simulation import run_experiment
@@ -26,6 +29,7 @@ from legend.strategies.base import ClientPlan, Update
 pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
 pytestmark = pytest.mark.xdist_group("flower")  # one deployment at a time: each test checks that no Flower process outlives it
 from legend.flower.messages import decode_job, decode_update, encode_job, encode_update  # noqa: E402
+from legend.flower.runtime import advertised_figures  # noqa: E402
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 LEGEND = Path(sys.executable).parent / "legend"
@@ -58,6 +62,19 @@ def test_messages_carry_jobs_and_updates_unchanged():
     update = Update(3, {"a": torch.randn(2, 5)}, 41, {"train_loss": 0.5, "steps": 2})
     back = decode_update(encode_update(update))
     assert (back.client, back.num_samples, back.metrics, back.local) == (3, 41, update.metrics, {}) and torch.equal(back.weights["a"], update.weights["a"])
+
+
+def test_a_node_that_states_its_memory_and_bandwidth_replaces_its_class_figures_for_itself():
+    fleet = build_fleet(DevicesConfig(), 3, 0)
+    others = [fleet.device_of(c).profile for c in (0, 2)]
+    figures = advertised_figures({"client-id": 1, "device": "jetson-nano", "memory-gb": "0.5", "uplink-mbps": 2}, 1)
+    assert figures == {"memory_gb": 0.5, "uplink_mbps": 2.0}
+    fleet.advertise(1, figures)
+    prior = CapacityEstimator(fleet, noise=0.0, ema=0.5, seed=0).prior(1)  # what LEGEND, HetLoRA and FlexLoRA plan with
+    assert (prior.memory_gb, prior.uplink) == (0.5, 2e6 / 8) and fleet.device_of(1).profile.memory_gb == 0.5
+    assert [fleet.device_of(c).profile for c in (0, 2)] == others
+    with pytest.raises(LegendError, match="advertises memory-gb='lots': give a positive number"):
+        advertised_figures({"memory-gb": "lots"}, 1)
 
 
 def test_deploy_local_gives_the_embedded_result_and_stops_its_processes(tmp_path):

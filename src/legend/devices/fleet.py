@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,9 +36,15 @@ class Fleet:
         self.devices = devices
         order = np.random.default_rng([seed, 7]).permutation(len(devices))
         self.binding = [int(order[c % len(devices)]) for c in range(num_clients)]
+        self.advertised: dict[int, DeviceProfile] = {}  # client -> its profile with the figures its device reported
 
     def device_of(self, client: int) -> Device:
-        return self.devices[self.binding[client]]
+        device = self.devices[self.binding[client]]
+        return replace(device, profile=self.advertised[client]) if client in self.advertised else device
+
+    def advertise(self, client: int, figures: dict[str, float]) -> None:
+        """A real device's own figures (e.g. memory_gb, uplink_mbps from its SuperNode's node config) replace its class's, for it alone."""
+        self.advertised[client] = self.devices[self.binding[client]].profile.model_copy(update=figures)
 
     def link(self, client: int, round_number: int, seed: int) -> Link:
         """Bandwidth fluctuates per round: median * exp(N(0, sigma^2)), drawn from (seed, round, device)."""

@@ -8,6 +8,7 @@ the server checks that against the config's fleet.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 
@@ -23,6 +24,8 @@ from legend.strategies.base import Update
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+# Node-config keys a SuperNode may set to state its own figures (device profile fields), instead of its class's.
+ADVERTISED = {"memory-gb": "memory_gb", "uplink-mbps": "uplink_mbps", "downlink-mbps": "downlink_mbps"}
 
 
 class FlowerRuntime:
@@ -52,6 +55,8 @@ class FlowerRuntime:
             if kind != expected:
                 raise LegendError(f"the SuperNode of client {client} advertises device '{kind}', the config's fleet binds it to '{expected}': "
                                   f"set its --node-config device=\"{expected}\" or change devices.fleet")
+            if figures := advertised_figures(advert, client):
+                exp.fleet.advertise(client, figures)
             self.node_of[client] = reply.metadata.src_node_id
         if not self.node_of:
             raise LegendError(f"no SuperNode answered within flower.connect_timeout_s={self.cfg.connect_timeout_s:g} s: start the SuperNodes, "
@@ -84,6 +89,21 @@ class FlowerRuntime:
             if pending:
                 time.sleep(POLL_S)
         return [replies.get(i, (f"no reply within {timeout_s:g} s (node lost or too slow)", timeout_s)) for i in ids]
+
+
+def advertised_figures(advert: dict, client: int) -> dict[str, float]:
+    """The device figures a node's config states, by profile field (``ADVERTISED``); each must be a positive number."""
+    figures = {}
+    for key, field in ADVERTISED.items():
+        if key in advert:
+            try:
+                value = float(advert[key])
+            except (TypeError, ValueError):
+                value = math.nan
+            if not (math.isfinite(value) and value > 0):
+                raise LegendError(f"the SuperNode of client {client} advertises {key}={advert[key]!r}: give a positive number in its --node-config, e.g. {key}=4")
+            figures[field] = value
+    return figures
 
 
 def _update(client: int, reply: Message | str, round_trip_s: float) -> Update | str:
