@@ -33,6 +33,11 @@ def test_compare_writes_a_report_with_tables_plots_and_the_config_and_report_reb
     report.unlink()
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 0 and report.read_text() == text
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--target", "0"])  # another target, from the same rows: the first evaluation reaches it
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "fedit-seed0" / "metrics.jsonl").read_text().splitlines()]
+    first = next(row["virtual_time_s"] for row in rows if row["round"] > 0 and row["accuracy"] is not None)
+    assert result.exit_code == 0 and "target accuracy 0)" in report.read_text()
+    assert f" | {first:.1f} s | " in report.read_text().split("\n| fedit |")[1].split("\n")[0]
 
 
 def test_compare_refuses_a_folder_of_another_comparison(tmp_path):

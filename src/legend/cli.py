@@ -106,11 +106,15 @@ def compare(
 
 @app.command()
 @user_errors
-def report(out: Path = typer.Argument(..., help="the --out folder of a `legend compare` run", show_default=False), debug: bool = DEBUG):
+def report(
+    out: Path = typer.Argument(..., help="the --out folder of a `legend compare` run", show_default=False),
+    target: float = typer.Option(None, "--target", help="measure time and bytes to this accuracy (default: the config's eval.target_accuracy)"),
+    debug: bool = DEBUG,
+):
     """Rebuild the report of a comparison from the metrics of its finished runs."""
     from legend.report.document import write_report
 
-    console.print(f"report: {write_report(out)}")
+    console.print(f"report: {write_report(out, target)}")
 
 
 @app.command()

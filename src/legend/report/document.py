@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from legend.report.compare import read_plan, run_dir
-from legend.report.metrics import SUMMARY_FILE, read_metrics
+from legend.report.metrics import SUMMARY_FILE, read_metrics, summarize
 
 PLOTS = {"accuracy_vs_time.png": "accuracy against virtual time", "accuracy_vs_bytes.png": "accuracy against bytes sent (up and down)",
          "legend_layout.png": "LEGEND: each device's LoRA ranks per block (its last round)"}
@@ -27,11 +27,12 @@ class Runs:
     rows: list[list[dict]]
 
 
-def write_report(out: Path) -> Path:
+def write_report(out: Path, target: float | None = None) -> Path:
+    """The report of the finished runs in OUT; ``target``: measure time and bytes to this accuracy instead of the config's."""
     plan = read_plan(out)
-    runs = [_runs(out, name, plan["seeds"]) for name in plan["strategies"]]
+    target = plan["config"]["eval"]["target_accuracy"] if target is None else target
+    runs = [_runs(out, name, plan["seeds"], target) for name in plan["strategies"]]
     finished = [r for r in runs if r.summaries]
-    target = plan["config"]["eval"]["target_accuracy"]
     _plot_curves(out, finished, target)
     layout = next((r for r in finished if r.strategy == "legend"), None)
     if layout:
@@ -42,10 +43,18 @@ def write_report(out: Path) -> Path:
     return out / "report.md"
 
 
-def _runs(out: Path, strategy: str, seeds: list[int]) -> Runs:
+def _runs(out: Path, strategy: str, seeds: list[int], target: float) -> Runs:
+    """The finished runs, their summaries measured against ``target`` (recomputed from the rows where the run had another)."""
     dirs = [run_dir(out, strategy, seed) for seed in seeds]
     done = [d for d in dirs if (d / SUMMARY_FILE).is_file()]
-    return Runs(strategy, [json.loads((d / SUMMARY_FILE).read_text()) for d in done], [read_metrics(d) for d in done])
+    rows = [read_metrics(d) for d in done]
+    summaries = [{**json.loads((d / SUMMARY_FILE).read_text()), **summarize(strategy, r, target)} for d, r in zip(done, rows, strict=True)]
+    return Runs(strategy, summaries, rows)
+
+
+def _seconds(values: list[float]) -> tuple[float, str]:
+    """A divisor and unit that keep these virtual times readable: seconds up to 5 minutes, else minutes."""
+    return (1.0, "s") if max(values, default=0.0) < 300 else (60.0, "min")
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -66,12 +75,13 @@ def _peak_memory(rows: list[list[dict]]) -> float | None:
 def _table(finished: list[Runs], target: float) -> list[str]:
     lines = ["| strategy | final accuracy | best accuracy | virtual time to target | MB to target | reached | peak device memory GB | rounds | wall min |",
              "|---|---|---|---|---|---|---|---|---|"]
+    scale, unit = _seconds([x["virtual_time_s"] for r in finished for x in r.summaries])
     for r in finished:
         s = r.summaries
         time_to, bytes_to = _mean([x["time_to_target_s"] for x in s]), _mean([x["bytes_to_target"] for x in s])
         memory = _peak_memory(r.rows)
         lines.append(f"| {r.strategy} | {_spread([x['final_accuracy'] for x in s])} | {_spread([x['best_accuracy'] for x in s])} | "
-                     f"{'-' if time_to is None else f'{time_to / 60:.1f} min'} | {'-' if bytes_to is None else f'{bytes_to / 1e6:.1f}'} | "
+                     f"{'-' if time_to is None else f'{time_to / scale:.1f} {unit}'} | {'-' if bytes_to is None else f'{bytes_to / 1e6:.1f}'} | "
                      f"{sum(x['time_to_target_s'] is not None for x in s)}/{len(s)} | {'-' if memory is None else f'{memory:.2f}'} | "
                      f"{s[0]['rounds']} | {statistics.fmean(x['wall_s'] for x in s) / 60:.1f} |")
     return lines
@@ -129,7 +139,8 @@ def _plot_curves(out: Path, finished: list[Runs], target: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for name, x_of, label in (("accuracy_vs_time.png", lambda row, acc: row["virtual_time_s"] / 60, "virtual time (min)"),
+    scale, unit = _seconds([x["virtual_time_s"] for r in finished for x in r.summaries])
+    for name, x_of, label in (("accuracy_vs_time.png", lambda row, acc: row["virtual_time_s"] / scale, f"virtual time ({unit})"),
                               ("accuracy_vs_bytes.png", lambda row, acc: acc / 1e6, "bytes sent, up and down (MB)")):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for r in finished:
