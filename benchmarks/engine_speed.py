@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from legend.report.metrics import read_metrics
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "quickstart.toml"  # every way starts from it (lr schedule, dropout off, LoRA r=8), then the workload's settings
@@ -194,9 +196,12 @@ def measure(out: Path, rounds: int) -> dict:
             (out / strategy / variant).mkdir(parents=True, exist_ok=True)
             print(f"{strategy} {variant} ...", file=sys.stderr, flush=True)
             wall, rss = timed(argv, out / strategy / f"{variant}.log")
-            detail = json.loads((out / strategy / variant / "result.json").read_text()) if variant != "flower-sim" else {}
-            if variant == "flower-sim":
-                detail["final_accuracy"] = json.loads((out / strategy / variant / "summary.json").read_text())["final_accuracy"]
+            if variant == "flower-sim":  # Flower's processes are not the one timed: read the rounds from the run's metrics
+                rows = read_metrics(out / strategy / variant)
+                detail = {"loop_s": sum(row["wall_s"] for row in rows[1:]), "final_accuracy": rows[-1]["accuracy"]}
+                rss = None
+            else:
+                detail = json.loads((out / strategy / variant / "result.json").read_text())
             results[strategy, variant] = {"wall_s": wall, "peak_rss_gb": rss, **detail}
     for clients in (10, 1000):
         settings = [*workload("legend", 1), f"fl.num_clients={clients}", "fl.clients_per_round=10", "data.test_size=200"]
@@ -207,12 +212,13 @@ def measure(out: Path, rounds: int) -> dict:
 
 
 def report(results: dict, rounds: int) -> dict:
-    print(f"| workload ({rounds} rounds) | way | wall s | s per round | peak RSS GB | final accuracy |")
+    print(f"| workload ({rounds} rounds) | way | wall s, start to exit | s per round | peak RSS GB | final accuracy |")
     print("|---|---|---|---|---|---|")
     for strategy in STRATEGIES:
         for variant in ("ours", "naive", "flower-sim"):
             r = results[strategy, variant]
-            print(f"| {strategy} | {variant} | {r['wall_s']:.1f} | {r.get('loop_s', float('nan')) / rounds:.1f} | {r['peak_rss_gb']:.2f} | {r['final_accuracy']:.4f} |")
+            rss = "-" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.2f}"
+            print(f"| {strategy} | {variant} | {r['wall_s']:.1f} | {r['loop_s'] / rounds:.1f} | {rss} | {r['final_accuracy']:.4f} |")
     ours = results["legend", "ours"]
     matmul = results["matmul_flops"]
     summary = {
