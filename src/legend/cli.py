@@ -228,8 +228,11 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
     console.print(f"estimated round time over the clients: min {spread['min_s']:.2f} s, median {spread['median_s']:.2f} s, max {spread['max_s']:.2f} s")
 
 
-deploy_app = typer.Typer(no_args_is_help=True, help="Run an experiment on Flower (needs the extra: pip install 'legend[flower]').")
+deploy_app = typer.Typer(no_args_is_help=True, help="Run an experiment on Flower (needs the flower extra: pip install 'legend\\[flower]').")
 app.add_typer(deploy_app, name="deploy")
+
+
+DEPLOY_OUT = typer.Option(Path("runs/deploy"), "--out", help="folder for metrics.jsonl, summary.json, the checkpoint and the Flower logs")
 
 
 @deploy_app.command("local")
@@ -238,39 +241,30 @@ def deploy_local(
     config: Path = CONFIG,
     overrides: list[str] = OVERRIDES,
     nodes: int = typer.Option(0, "--nodes", help="SuperNodes to start, one per client (default: fl.num_clients)"),
-    out: Path = typer.Option(Path("runs/deploy"), "--out", help="folder for metrics.jsonl, summary.json, the checkpoint and the Flower logs"),
+    out: Path = DEPLOY_OUT,
     resume: bool = RESUME,
     debug: bool = DEBUG,
 ):
     """Run the experiment on a real Flower deployment on this machine: a SuperLink and a SuperNode per client, all on loopback."""
-    from legend.config import load_config
-    from legend.flower.deploy import deploy_local as run_deployment
-
-    cfg = load_config(config, overrides or [])
-    console.print(f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} over Flower: {nodes or cfg.fl.num_clients} SuperNodes, "
-                  f"{cfg.fl.rounds} rounds -> {out} (logs in {out / 'flower'})")
-    summary = run_deployment(cfg, nodes or cfg.fl.num_clients, out, resume=resume, echo=lambda line: console.print(line, highlight=False, markup=False))
-    _print_summary(summary, out)
+    _deploy(config, overrides, out, resume, nodes, simulation=False)
 
 
 @deploy_app.command("simulation")
 @user_errors
-def deploy_simulation(
-    config: Path = CONFIG,
-    overrides: list[str] = OVERRIDES,
-    out: Path = typer.Option(Path("runs/deploy"), "--out", help="folder for metrics.jsonl, summary.json, the checkpoint and the Flower logs"),
-    resume: bool = RESUME,
-    debug: bool = DEBUG,
-):
-    """Run the experiment under Flower's simulation runtime (Ray; pip install 'legend[bench]'): a SuperLink whose virtual SuperNodes run the ClientApp."""
+def deploy_simulation(config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: Path = DEPLOY_OUT, resume: bool = RESUME, debug: bool = DEBUG):
+    """Run the experiment under Flower's simulation runtime (Ray, from the bench extra): a SuperLink whose virtual SuperNodes run the ClientApp."""
+    _deploy(config, overrides, out, resume, 0, simulation=True)
+
+
+def _deploy(config: Path, overrides: list[str], out: Path, resume: bool, nodes: int, simulation: bool) -> None:
     from legend.config import load_config
     from legend.flower.deploy import deploy_local as run_deployment
 
     cfg = load_config(config, overrides or [])
-    console.print(f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} under Flower's simulation runtime: {cfg.fl.num_clients} virtual SuperNodes, "
-                  f"{cfg.fl.rounds} rounds -> {out} (logs in {out / 'flower'})")
-    summary = run_deployment(cfg, cfg.fl.num_clients, out, resume=resume, echo=lambda line: console.print(line, highlight=False, markup=False),
-                             simulation=True)
+    nodes = nodes or cfg.fl.num_clients
+    where = f"under Flower's simulation runtime: {nodes} virtual SuperNodes" if simulation else f"over Flower: {nodes} SuperNodes"
+    console.print(f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} {where}, {cfg.fl.rounds} rounds -> {out} (logs in {out / 'flower'})")
+    summary = run_deployment(cfg, nodes, out, resume=resume, echo=lambda line: console.print(line, highlight=False, markup=False), simulation=simulation)
     _print_summary(summary, out)
 
 
