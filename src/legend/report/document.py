@@ -96,9 +96,13 @@ def _relative(finished: list[Runs]) -> list[str]:
         cells = []
         for other in names:
             (t, b), (t0, b0) = reached[name], reached[other]
-            cells.append("" if other == name else "-" if None in (t, b, t0, b0) else f"{t0 / t:.2f}x, {100 * (1 - b / b0):+.0f}% bytes")
+            cells.append("" if other == name else "-" if None in (t, b, t0, b0) else _relative_cell(t0 / t, 1 - b / b0))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _relative_cell(speedup: float, saved: float) -> str:
+    return f"{speedup:.2f}x, {abs(100 * saved):.0f}% {'fewer' if saved >= 0 else 'more'} bytes"
 
 
 def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float, has_layout: bool) -> str:
@@ -115,7 +119,8 @@ def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float,
     lines += [f"## Results (target accuracy {target:g})", "", *_table(finished, target), "",
               "Accuracy: mean ± standard deviation over seeds. Time and bytes to target: the first evaluation at or above the target, "
               "on the virtual clock of the devices, averaged over the seeds (shown only when every seed reached it).", "",
-              "## Relative to each other", "", "Row against column: speedup in virtual time to target, and bytes saved to target.", "",
+              "## Relative to each other", "", "Row against column: the row's speedup in virtual time to target (the column's time over the row's), and the bytes it "
+              "sent to reach the target, against the column's.", "",
               *_relative(finished), ""]
     for name, title in PLOTS.items():
         if name != "legend_layout.png" or has_layout:
