@@ -95,7 +95,7 @@ class PrefixCache:
         out = {}
         for group in groups:
             states = self.model.prefix_output(data.batch(group), self.boundary)  # (B, T, H)
-            out.update({i: states[j, : data.lengths[i]].to(self.dtype) for j, i in enumerate(group)})
+            out.update({i: states[j, : data.lengths[i]].to(self.dtype, copy=True) for j, i in enumerate(group)})  # own storage, not the batch's
         return out
 
     def _lookup(self, key: Key) -> torch.Tensor | None:
