@@ -60,7 +60,8 @@ class Experiment:
         """The frozen-prefix cache for batches of "train" or "test" (None where it is off, or may not serve training)."""
         if self.prefix is None or (split == "train" and not self.prefix.trains):
             return None
-        return self.prefix.view(split, self.train, fixed_batches=False) if split == "train" else self.prefix.view(split, self.test, fixed_batches=True)
+        data = self.train if split == "train" else self.test
+        return self.prefix.view(split, data, fixed_batches=split == "test")  # evaluation reads the same buckets every time
 
 
 def build_experiment(config: Config) -> Experiment:
