@@ -36,17 +36,19 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. engine.threads=1")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    print("| layout | final accuracy | best accuracy | rounds to target | device compute s per round (mean) | MB per round (up + down) | time to target s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layout | final accuracy | best accuracy | rounds to target | device compute s per round (mean) | peak device memory GB | "
+          "MB per round (up + down) | time to target s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, overrides in VARIANTS.items():
         out = args.out / name.split(",")[0].replace(" ", "-")
         summary = run_resumable(load_config(args.config, [*args.overrides, *overrides]), out)
         rounds = [row for row in read_metrics(out) if row["round"] > 0]
         compute = statistics.fmean(d["compute_s"] for row in rounds for d in row["devices"])
+        memory = max(d["memory_gb"] for row in rounds for d in row["devices"])
         megabytes = (summary["bytes_up"] + summary["bytes_down"]) / summary["rounds"] / 1e6
         time_to = summary["time_to_target_s"]
         print(f"| {name} | {summary['final_accuracy']:.3f} | {summary['best_accuracy']:.3f} | {summary['round_to_target'] or 'never'} | "
-              f"{compute:.3f} | {megabytes:.2f} | {'never' if time_to is None else f'{time_to:.1f}'} |")
+              f"{compute:.3f} | {memory:.3f} | {megabytes:.2f} | {'never' if time_to is None else f'{time_to:.1f}'} |")
 
 
 if __name__ == "__main__":
