@@ -9,6 +9,8 @@ import datasets
 import numpy as np
 import torch
 
+from legend.data.tasks import column
+
 
 @dataclass(frozen=True)
 class EncodedSplit:
@@ -49,13 +51,15 @@ class EncodedSplit:
 
 
 def encode(table: datasets.Dataset, tokenizer, max_length: int) -> EncodedSplit:
-    pairs = list(table["text_pair"]) if "text_pair" in table.column_names else None
-    encoded = tokenizer(list(table["text"]), pairs, truncation=True, max_length=max_length)
+    """Token ids per example; segment ids only for sentence pairs (a single sentence's are all 0, the models' default)."""
+    pairs = column(table, "text_pair") if "text_pair" in table.column_names else None
+    encoded = tokenizer(column(table, "text"), pairs, truncation=True, max_length=max_length, return_attention_mask=False,
+                        return_token_type_ids=None if pairs is not None else False)
     token_types = encoded.get("token_type_ids")
     return EncodedSplit(
         input_ids=[np.asarray(ids, dtype=np.int64) for ids in encoded["input_ids"]],
         token_type_ids=[np.asarray(t, dtype=np.int64) for t in token_types] if token_types is not None else None,
-        labels=np.asarray(list(table["label"]), dtype=np.int64),
+        labels=np.asarray(column(table, "label"), dtype=np.int64),
         pad_token_id=tokenizer.pad_token_id,
     )
 

@@ -7,6 +7,7 @@ import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from legend.config import DataConfig
+from legend.data.tasks import column
 from legend.errors import LegendError
 
 
@@ -38,7 +39,7 @@ def partition_indices(train: datasets.Dataset, num_clients: int, cfg: DataConfig
             seed=seed,
         )
     partitioner.dataset = table
-    parts = [np.asarray(list(partitioner.load_partition(i)["row"]), dtype=np.int64) for i in range(num_clients)]
+    parts = [np.asarray(column(partitioner.load_partition(i), "row"), dtype=np.int64) for i in range(num_clients)]
     return top_up(parts, cfg.min_partition_size, np.random.default_rng(seed))
 
 

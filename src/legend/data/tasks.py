@@ -49,6 +49,11 @@ def subsample(task: TaskData, cfg: DataConfig, seed: int) -> TaskData:
     return TaskData(train, test, task.label_names)
 
 
+def column(table: datasets.Dataset, name: str) -> list:
+    """A whole column as a list, read as one batch: iterating ``table[name]`` formats row by row, ~100x slower."""
+    return table.select_columns([name])[:][name]
+
+
 def default_data_path(task: str) -> Path:
     return Path("..") / "shared" / "data" / task
 
@@ -110,18 +115,18 @@ def _load_hub(cfg: DataConfig) -> dict[str, datasets.Dataset]:
 
 
 def _sorted_labels(table: datasets.Dataset, label_column: str) -> tuple[str, ...]:
-    return tuple(sorted({str(v) for v in table[label_column]}))
+    return tuple(sorted({str(v) for v in column(table, label_column)}))
 
 
 def _to_ids(table, split, text_columns, label_column, label_names) -> datasets.Dataset:
     index = {name: i for i, name in enumerate(label_names)}
-    raw_labels = [str(v) for v in table[label_column]]
+    raw_labels = [str(v) for v in column(table, label_column)]
     unknown = sorted(set(raw_labels) - index.keys())
     if unknown:
         raise LegendError(
             f"data: label '{unknown[0]}' in the {split} split is not one of {', '.join(label_names)}; set data.labels to every label in class order"
         )
-    columns = {"text": [str(t) for t in table[text_columns[0]]], "label": [index[v] for v in raw_labels]}
+    columns = {"text": [str(t) for t in column(table, text_columns[0])], "label": [index[v] for v in raw_labels]}
     if len(text_columns) == 2:
-        columns["text_pair"] = [str(t) for t in table[text_columns[1]]]
+        columns["text_pair"] = [str(t) for t in column(table, text_columns[1])]
     return datasets.Dataset.from_dict(columns)
