@@ -55,12 +55,11 @@ def run_tiny(out, resume=False, on_round=None, **extra):
 
 
 def keep_checkpoint_of_round_1(out, copy):
-    """An on_round callback that copies the checkpoint written after round 1, as a run killed then would leave it."""
+    """An on_round callback that copies the run folder after round 1 (checkpoint, per-client files), as a run killed then would leave it."""
 
     def on_round(row):
         if row["round"] == 1:
-            copy.mkdir()
-            shutil.copy(out / CHECKPOINT, copy / CHECKPOINT)
+            shutil.copytree(out, copy)
 
     return on_round
 
@@ -116,7 +115,7 @@ def trained(client, state, seed, n=10):
 def test_fedsa_keeps_b_on_each_device_and_scores_with_the_mean_b():
     fedsa = strategy(FedSALoRA)
     initial_b = {MODULE_B: torch.zeros(6, 1)}
-    fedsa.load_state_dict({"initial_b": initial_b, "local_b": {}, "samples": {}})
+    fedsa.initial_b = initial_b
     state = {MODULE_A: torch.randn(1, 6), "head": torch.randn(2), **initial_b}
     plans = fedsa.plan(1, [0, 1], state, NO_DEVICES)
     assert plans[0].weights.keys() == {MODULE_A, "head"} and plans[0].local is initial_b  # first time: the initial B

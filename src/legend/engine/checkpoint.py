@@ -16,7 +16,7 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """After a crash at any point, ``path`` holds either the old content or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
@@ -34,7 +34,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT_VERSION, **payload}, buffer)
-    atomic_write(out_dir / CHECKPOINT, buffer.getvalue())
+    atomic_write(out_dir / CHECKPOINT, buffer.getbuffer())  # a view: no second copy of the checkpoint in memory
 
 
 def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:

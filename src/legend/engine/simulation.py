@@ -114,6 +114,7 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     ``runtime`` is where the devices train: in this process unless given (Flower passes its own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = experiment or build_experiment(config)
+    exp.strategy.use_folder(out_dir)
     runtime = runtime or InProcess(config.faults)
     fingerprint = config.model_dump()
     if resume:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from legend.config import Config
@@ -103,6 +104,9 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
         """The new global state; never mutates its arguments."""
+
+    def use_folder(self, folder: Path) -> None:
+        """The run's folder, where a strategy with per-client state keeps it (a file per client)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy-private state that must survive a checkpoint (e.g. per-client tensors)."""

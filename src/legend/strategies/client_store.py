@@ -1,0 +1,87 @@
+"""Each client's own tensors between rounds (FedSA-LoRA's B): a file each, the most recent also in memory.
+
+A simulated fleet of 1,000 clients should cost about what 10 do, so a client's tensors are written to
+a file of their own in the run's folder (``client_state/``) when they arrive, and memory keeps only the
+most recently written ones, up to ``engine.client_state_mb``. A checkpoint names the files instead of
+holding the tensors, so it stays small. A file is never rewritten: a client's newer tensors go to a
+new file, and the old one is deleted only once neither the checkpoint being written nor the one
+before it names it, so a crash while a checkpoint is written leaves the previous one whole.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from legend.engine.checkpoint import atomic_write
+from legend.errors import LegendError
+from legend.models.shared import State
+
+
+def state_bytes(state: State) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+
+
+class ClientStore:
+    def __init__(self, limit_mb: float):
+        self.limit = int(limit_mb * 2**20)
+        self.memory: OrderedDict[int, State] = OrderedDict()  # client -> its tensors, least recently written first
+        self.bytes = 0  # of the tensors in memory
+        self.files: dict[int, str] = {}  # client -> the file under ``folder`` holding its tensors
+        self.folder: Path | None = None  # None: everything stays in memory (no run folder, e.g. a unit test)
+        self.written = 0  # files written so far: the next file's name is new
+        self.kept: set[str] = set()  # the files the previous checkpoint names
+
+    def use_folder(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+
+    def clients(self) -> list[int]:
+        return sorted(set(self.memory) | set(self.files))
+
+    def get(self, client: int) -> State | None:
+        if client in self.memory:
+            return self.memory[client]
+        if client in self.files:
+            return torch.load(self.folder / self.files[client], weights_only=True)
+        return None
+
+    def put(self, client: int, state: State) -> None:
+        if self.folder is not None:
+            name = f"client-{client}-{self.written}.pt"
+            self.written += 1
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            atomic_write(self.folder / name, buffer.getbuffer())
+            self.files[client] = name
+        if client in self.memory:
+            self.bytes -= state_bytes(self.memory.pop(client))
+        self.memory[client] = state
+        self.bytes += state_bytes(state)
+        while self.folder is not None and self.bytes > self.limit:
+            self.bytes -= state_bytes(self.memory.popitem(last=False)[1])  # its file holds it
+
+    def state_dict(self) -> dict[str, Any]:
+        """The names of the files (without a folder: the tensors). Called once per checkpoint, it deletes the files
+        that neither this checkpoint nor the previous one names."""
+        if self.folder is None:
+            return {"memory": dict(self.memory), "files": {}, "written": 0}
+        named = set(self.files.values())
+        for path in self.folder.glob("client-*.pt"):
+            if path.name not in named and path.name not in self.kept:
+                path.unlink()
+        self.kept = named
+        return {"memory": {}, "files": dict(self.files), "written": self.written}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [name for name in state["files"].values() if self.folder is None or not (self.folder / name).is_file()]
+        if missing:
+            raise LegendError(f"--resume: {missing[0]} (a client's saved tensors) is missing from {self.folder}: restore the run folder whole, or start a new run")
+        self.memory = OrderedDict(state["memory"])
+        self.bytes = sum(state_bytes(tensors) for tensors in self.memory.values())
+        self.files, self.written = dict(state["files"]), state["written"]
+        self.kept = set(self.files.values())
