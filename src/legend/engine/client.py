@@ -66,8 +66,9 @@ def forward(model: SharedModel, data: EncodedSplit, rows: np.ndarray, prefix: Pr
     """The model's output on these rows (with ``labels``: its loss too), from the frozen-prefix cache when given one."""
     batch = data.batch(rows)
     if prefix is None:
-        return model.module(**batch), batch
-    with model.starting_at(prefix.boundary, prefix.hidden(rows)):
+        with model.autocast():
+            return model.module(**batch), batch
+    with model.starting_at(prefix.boundary, prefix.hidden(rows)), model.autocast():
         return model.module(**batch), batch
 
 

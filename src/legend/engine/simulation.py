@@ -25,7 +25,7 @@ from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S,
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches, derived_seed, evaluate
-from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
+from legend.engine.prefix_cache import DTYPES, MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
 from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
@@ -74,6 +74,7 @@ def build_experiment(config: Config) -> Experiment:
     task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test
     model = SharedModel.build(config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout)
+    model.compute_dtype = DTYPES[config.engine.precision]
     strategy = strategy_cls(config, model.info)
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
     test = encode(test_table, model.tokenizer, config.data.max_length)

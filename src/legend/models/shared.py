@@ -72,8 +72,13 @@ class SharedModel:
         self.tokenizer = tokenizer
         self.info = info
         self.blocks_prefix = info.blocks_prefix
+        self.compute_dtype = torch.float32  # of matrix multiplies in forward and backward passes (engine.precision)
         module.requires_grad_(False)
         self._index_parameters()
+
+    def autocast(self) -> torch.autocast:
+        """Inside: matrix multiplies run in ``compute_dtype`` (parameters, gradients and the loss stay float32)."""
+        return torch.autocast("cpu", dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
     def _index_parameters(self) -> None:
         self.params = dict(self.module.named_parameters())
@@ -193,7 +198,8 @@ class SharedModel:
         training = self.module.training
         self.module.eval()
         try:
-            self.module(**{k: v for k, v in batch.items() if k != "labels"})
+            with self.autocast():
+                self.module(**{k: v for k, v in batch.items() if k != "labels"})
         except _PrefixDone:
             pass
         finally:
