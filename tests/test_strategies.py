@@ -115,7 +115,7 @@ def trained(client, state, seed, n=10):
 def test_fedsa_keeps_b_on_each_device_and_scores_with_the_mean_b():
     fedsa = strategy(FedSALoRA)
     initial_b = {MODULE_B: torch.zeros(6, 1)}
-    fedsa.initial_b = initial_b
+    fedsa.load_state_dict({"initial_b": initial_b, "local_b": {}, "samples": {}})  # the format before client_state/, still read
     state = {MODULE_A: torch.randn(1, 6), "head": torch.randn(2), **initial_b}
     plans = fedsa.plan(1, [0, 1], state, NO_DEVICES)
     assert plans[0].weights.keys() == {MODULE_A, "head"} and plans[0].local is initial_b  # first time: the initial B

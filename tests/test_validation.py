@@ -35,6 +35,18 @@ def test_a_missing_tensor_is_rejected():
     assert "missing ['head']" in rejection(Update(0, {"a": torch.ones(2, 3)}, 10), EXPECTED, START, 0.0)
 
 
+@pytest.mark.parametrize("kept, reason", [
+    ({"b": torch.tensor([[float("nan")], [0.0]])}, "NaN or Inf in b"),
+    ({"b": torch.ones(1, 2)}, "wrong shape for b: got (1, 2), expected (2, 1)"),
+    ({}, "wrong keys: missing ['b']"),
+])
+def test_the_tensors_a_device_keeps_are_checked_too(kept, reason):
+    """FedSA-LoRA's B stays with the server for the simulated devices: a corrupt one would spoil every later score."""
+    expected_kept = {"b": ((2, 1), torch.float32)}
+    assert rejection(Update(0, update().weights, 10, local={"b": torch.ones(2, 1)}), EXPECTED, START, 0.0, expected_kept) is None
+    assert reason in rejection(Update(0, update().weights, 10, local=kept), EXPECTED, START, 0.0, expected_kept)
+
+
 def test_the_norm_limit_counts_the_distance_from_the_start():
     assert rejection(update(), EXPECTED, START, max_norm=0.0) is None  # no limit
     assert rejection(update(), EXPECTED, START, max_norm=3.0) is None

@@ -25,7 +25,7 @@ from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S,
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches, derived_seed, evaluate
-from legend.engine.prefix_cache import DTYPES, MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
+from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
 from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
@@ -73,8 +73,8 @@ def build_experiment(config: Config) -> Experiment:
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
     task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test
-    model = SharedModel.build(config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout)
-    model.compute_dtype = DTYPES[config.engine.precision]
+    model = SharedModel.build(config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout,
+                              getattr(torch, config.engine.precision))
     strategy = strategy_cls(config, model.info)
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
     test = encode(test_table, model.tokenizer, config.data.max_length)
@@ -176,7 +176,8 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     expected = {u.client: _expected(exp, plans[u.client], global_state) for u in arrived}
     rejected = {}
     for update in arrived:
-        if reason := rejection(update, *expected[update.client], config.fl.max_update_norm):
+        sent, start, kept = expected[update.client]
+        if reason := rejection(update, sent, start, config.fl.max_update_norm, kept):
             rejected[update.client] = reason
             log.warning("round %d: update of client %d rejected: %s", round_number, update.client, reason)
     valid = [u for u in arrived if u.client not in rejected]
@@ -213,12 +214,14 @@ def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Ba
     return needed
 
 
-def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], State]:
-    """What the plan asks the device to send back (shape and dtype per tensor) and the values it started from."""
+def _expected(exp: Experiment, plan: ClientPlan, global_state: State):
+    """What the plan asks the device to send back (shape and dtype per tensor), the values it started from, and
+    the shape and dtype of the tensors it keeps."""
     received = {**global_state, **plan.weights}
     shapes = {key: shape for key, shape in exp.model.device_shapes(plan.layout).items() if key not in plan.local}
     expected = {key: (shape, exp.model.params[key].dtype) for key, shape in shapes.items()}
-    return expected, {key: received[key][tuple(slice(0, n) for n in shape)] for key, shape in shapes.items()}
+    kept = {key: (tuple(tensor.shape), tensor.dtype) for key, tensor in plan.local.items()}
+    return expected, {key: received[key][tuple(slice(0, n) for n in shape)] for key, shape in shapes.items()}, kept
 
 
 def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple[dict[int, list[np.ndarray]], DeviceView]:
@@ -304,4 +307,5 @@ def _persist(out_dir: Path, fingerprint: dict, global_state: State, exp: Experim
     """The checkpoint is the source of truth; metrics.jsonl is rewritten from it."""
     save_checkpoint(out_dir, {"config": fingerprint, "global_state": global_state, "strategy_state": exp.strategy.state_dict(),
                               "capacity": exp.capacity.state_dict(), "metrics": rows})
+    exp.strategy.checkpointed()
     write_metrics(out_dir, rows)

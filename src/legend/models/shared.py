@@ -90,7 +90,8 @@ class SharedModel:
         self._below_blocks = {key for i, key in enumerate(self.params) if i < first_block}
 
     @classmethod
-    def build(cls, name: str, num_labels: int, target_modules: tuple[str, ...] = (), seed: int = 0, dropout: float | None = None) -> SharedModel:
+    def build(cls, name: str, num_labels: int, target_modules: tuple[str, ...] = (), seed: int = 0, dropout: float | None = None,
+              compute_dtype: torch.dtype = torch.float32) -> SharedModel:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         source = resolve_model(name)
@@ -111,7 +112,9 @@ class SharedModel:
         prefix, blocks = find_blocks(module)
         targets = tuple(target_modules) or default_target_modules(module.config.model_type)
         info = ModelInfo(module.config.model_type, len(blocks), module.config.hidden_size, targets, prefix)
-        return cls(module, tokenizer, info)
+        model = cls(module, tokenizer, info)
+        model.compute_dtype = compute_dtype
+        return model
 
     def add_adapters(self, layout: AdapterLayout, lora_alpha: float | Sequence[float], lora_dropout: float, seed: int = 0,
                      lora_init: str = "default") -> None:

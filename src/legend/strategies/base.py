@@ -114,3 +114,6 @@ class Strategy(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+
+    def checkpointed(self) -> None:
+        """The checkpoint holding ``state_dict()`` is written: what only older checkpoints named may go."""

@@ -4,8 +4,8 @@ A simulated fleet of 1,000 clients should cost about what 10 do, so a client's t
 a file of their own in the run's folder (``client_state/``) when they arrive, and memory keeps only the
 most recently written ones, up to ``engine.client_state_mb``. A checkpoint names the files instead of
 holding the tensors, so it stays small. A file is never rewritten: a client's newer tensors go to a
-new file, and the old one is deleted only once neither the checkpoint being written nor the one
-before it names it, so a crash while a checkpoint is written leaves the previous one whole.
+new file, and the files the checkpoint does not name are deleted only after it is written
+(``collect``), so a crash at any point leaves the last checkpoint whole, files and all.
 """
 
 from __future__ import annotations
@@ -34,14 +34,10 @@ class ClientStore:
         self.files: dict[int, str] = {}  # client -> the file under ``folder`` holding its tensors
         self.folder: Path | None = None  # None: everything stays in memory (no run folder, e.g. a unit test)
         self.written = 0  # files written so far: the next file's name is new
-        self.kept: set[str] = set()  # the files the previous checkpoint names
 
     def use_folder(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-
-    def clients(self) -> list[int]:
-        return sorted(set(self.memory) | set(self.files))
 
     def get(self, client: int) -> State | None:
         if client in self.memory:
@@ -66,22 +62,26 @@ class ClientStore:
             self.bytes -= state_bytes(self.memory.popitem(last=False)[1])  # its file holds it
 
     def state_dict(self) -> dict[str, Any]:
-        """The names of the files (without a folder: the tensors). Called once per checkpoint, it deletes the files
-        that neither this checkpoint nor the previous one names."""
+        """The names of the files (without a folder: the tensors themselves)."""
         if self.folder is None:
             return {"memory": dict(self.memory), "files": {}, "written": 0}
-        named = set(self.files.values())
-        for path in self.folder.glob("client-*.pt"):
-            if path.name not in named and path.name not in self.kept:
-                path.unlink()
-        self.kept = named
         return {"memory": {}, "files": dict(self.files), "written": self.written}
+
+    def collect(self) -> None:
+        """Delete the files no client's latest tensors are in (and temporary files a crash left); call it once the
+        checkpoint naming the latest ones is written."""
+        if self.folder is None:
+            return
+        named = set(self.files.values())
+        for path in [*self.folder.glob("client-*.pt"), *self.folder.glob(".client-*.pt.tmp")]:
+            if path.name not in named:
+                path.unlink()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = [name for name in state["files"].values() if self.folder is None or not (self.folder / name).is_file()]
         if missing:
             raise LegendError(f"--resume: {missing[0]} (a client's saved tensors) is missing from {self.folder}: restore the run folder whole, or start a new run")
-        self.memory = OrderedDict(state["memory"])
-        self.bytes = sum(state_bytes(tensors) for tensors in self.memory.values())
+        self.memory, self.bytes = OrderedDict(), 0
         self.files, self.written = dict(state["files"]), state["written"]
-        self.kept = set(self.files.values())
+        for client, tensors in state["memory"].items():  # saved without a folder: into files now, where there is one
+            self.put(client, tensors)

@@ -2,8 +2,8 @@
 
 Up and down: every A and the classification head (the head is shared like A: design choice). B never
 leaves the device: a client seen for the first time starts from the initial B, later from the B it
-trained last (kept here for the simulated devices, on disk past ``engine.client_state_mb``, and in the
-checkpoint). The global model that the server evaluates uses the sample-weighted mean of the latest B
+trained last (kept here for the simulated devices: a file per client that the checkpoint names, the
+latest ``engine.client_state_mb`` of them also in memory). The global model that the server evaluates uses the sample-weighted mean of the latest B
 of every client seen so far: a scoring convention only, nothing sends it. The mean is kept as a
 running float64 sum, so a round touches only its own clients' B, however many clients came before.
 """
@@ -43,6 +43,7 @@ class FedSALoRA(FedIT):
     def initial_state(self, model: SharedModel) -> State:
         state = super().initial_state(model)
         self.initial_b = {b_key: state[b_key] for _, b_key in lora_modules(state).values()}
+        self.weighted_b_sum = {key: torch.zeros_like(b, dtype=torch.float64) for key, b in self.initial_b.items()}
         return state
 
     def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
@@ -51,8 +52,6 @@ class FedSALoRA(FedIT):
         return {c: ClientPlan(c, layout, shared, lr, local=self.local_b.get(c) or self.initial_b) for c in clients}
 
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
-        if not self.weighted_b_sum:
-            self.weighted_b_sum = {key: torch.zeros_like(b, dtype=torch.float64) for key, b in self.initial_b.items()}
         for update in updates:
             previous = self.local_b.get(update.client)
             for key, total in self.weighted_b_sum.items():
@@ -68,6 +67,13 @@ class FedSALoRA(FedIT):
     def state_dict(self) -> dict[str, Any]:
         return {"initial_b": self.initial_b, "local_b": self.local_b.state_dict(), "samples": self.samples, "weighted_b_sum": self.weighted_b_sum}
 
+    def checkpointed(self) -> None:
+        self.local_b.collect()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "weighted_b_sum" not in state:  # written before client_state/ (2026-11-24): every client's B in the checkpoint
+            state = {**state, "local_b": {"memory": state["local_b"], "files": {}, "written": 0},
+                     "weighted_b_sum": {key: sum((b[key].double() * state["samples"][c] for c, b in state["local_b"].items()),
+                                                 torch.zeros_like(initial, dtype=torch.float64)) for key, initial in state["initial_b"].items()}}
         self.initial_b, self.samples, self.weighted_b_sum = state["initial_b"], state["samples"], state["weighted_b_sum"]
         self.local_b.load_state_dict(state["local_b"])
