@@ -214,7 +214,8 @@ def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Ba
     return needed
 
 
-def _expected(exp: Experiment, plan: ClientPlan, global_state: State):
+def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], State,
+                                                                                dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     """What the plan asks the device to send back (shape and dtype per tensor), the values it started from, and
     the shape and dtype of the tensors it keeps."""
     received = {**global_state, **plan.weights}

@@ -67,12 +67,12 @@ class SharedModel:
     per client but those tensors.
     """
 
-    def __init__(self, module: nn.Module, tokenizer, info: ModelInfo):
+    def __init__(self, module: nn.Module, tokenizer, info: ModelInfo, compute_dtype: torch.dtype = torch.float32):
         self.module = module
         self.tokenizer = tokenizer
         self.info = info
         self.blocks_prefix = info.blocks_prefix
-        self.compute_dtype = torch.float32  # of matrix multiplies in forward and backward passes (engine.precision)
+        self.compute_dtype = compute_dtype  # of matrix multiplies in forward and backward passes (engine.precision)
         module.requires_grad_(False)
         self._index_parameters()
 
@@ -112,9 +112,7 @@ class SharedModel:
         prefix, blocks = find_blocks(module)
         targets = tuple(target_modules) or default_target_modules(module.config.model_type)
         info = ModelInfo(module.config.model_type, len(blocks), module.config.hidden_size, targets, prefix)
-        model = cls(module, tokenizer, info)
-        model.compute_dtype = compute_dtype
-        return model
+        return cls(module, tokenizer, info, compute_dtype)
 
     def add_adapters(self, layout: AdapterLayout, lora_alpha: float | Sequence[float], lora_dropout: float, seed: int = 0,
                      lora_init: str = "default") -> None:

@@ -2,7 +2,7 @@
 
 A simulated fleet of 1,000 clients should cost about what 10 do, so a client's tensors are written to
 a file of their own in the run's folder (``client_state/``) when they arrive, and memory keeps only the
-most recently written ones, up to ``engine.client_state_mb``. A checkpoint names the files instead of
+most recently used ones, up to ``engine.client_state_mb``. A checkpoint names the files instead of
 holding the tensors, so it stays small. A file is never rewritten: a client's newer tensors go to a
 new file, and the files the checkpoint does not name are deleted only after it is written
 (``collect``), so a crash at any point leaves the last checkpoint whole, files and all.
@@ -23,13 +23,13 @@ from legend.models.shared import State
 
 
 def state_bytes(state: State) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    return sum(tensor.nbytes for tensor in state.values())
 
 
 class ClientStore:
     def __init__(self, limit_mb: float):
         self.limit = int(limit_mb * 2**20)
-        self.memory: OrderedDict[int, State] = OrderedDict()  # client -> its tensors, least recently written first
+        self.memory: OrderedDict[int, State] = OrderedDict()  # client -> its tensors, least recently used first
         self.bytes = 0  # of the tensors in memory
         self.files: dict[int, str] = {}  # client -> the file under ``folder`` holding its tensors
         self.folder: Path | None = None  # None: everything stays in memory (no run folder, e.g. a unit test)
@@ -43,7 +43,9 @@ class ClientStore:
         if client in self.memory:
             return self.memory[client]
         if client in self.files:
-            return torch.load(self.folder / self.files[client], weights_only=True)
+            state = torch.load(self.folder / self.files[client], weights_only=True)
+            self._remember(client, state)  # a client planned this round is read again when its update arrives
+            return state
         return None
 
     def put(self, client: int, state: State) -> None:
@@ -54,12 +56,16 @@ class ClientStore:
             torch.save(state, buffer)
             atomic_write(self.folder / name, buffer.getbuffer())
             self.files[client] = name
+        self._remember(client, state)
+
+    def _remember(self, client: int, state: State) -> None:
+        """Keep in memory as the most recently used; past the limit, the least recently used leave (their files hold them)."""
         if client in self.memory:
             self.bytes -= state_bytes(self.memory.pop(client))
         self.memory[client] = state
         self.bytes += state_bytes(state)
         while self.folder is not None and self.bytes > self.limit:
-            self.bytes -= state_bytes(self.memory.popitem(last=False)[1])  # its file holds it
+            self.bytes -= state_bytes(self.memory.popitem(last=False)[1])
 
     def state_dict(self) -> dict[str, Any]:
         """The names of the files (without a folder: the tensors themselves)."""

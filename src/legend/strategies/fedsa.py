@@ -3,9 +3,10 @@
 Up and down: every A and the classification head (the head is shared like A: design choice). B never
 leaves the device: a client seen for the first time starts from the initial B, later from the B it
 trained last (kept here for the simulated devices: a file per client that the checkpoint names, the
-latest ``engine.client_state_mb`` of them also in memory). The global model that the server evaluates uses the sample-weighted mean of the latest B
-of every client seen so far: a scoring convention only, nothing sends it. The mean is kept as a
-running float64 sum, so a round touches only its own clients' B, however many clients came before.
+latest ``engine.client_state_mb`` of them also in memory). The global model that the server
+evaluates uses the sample-weighted mean of the latest B of every client seen so far: a scoring
+convention only, nothing sends it. The mean is kept as a running float64 sum, so a round touches
+only its own clients' B, however many clients came before.
 """
 
 from __future__ import annotations
