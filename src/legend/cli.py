@@ -229,6 +229,86 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
     console.print(f"estimated round time over the clients: min {spread['min_s']:.2f} s, median {spread['median_s']:.2f} s, max {spread['max_s']:.2f} s")
 
 
+CLIENT = typer.Option(None, "--client", help="a personalised strategy's (fedsa) client whose own model to take", show_default=False)
+
+
+@app.command("export")
+@user_errors
+def export_model(
+    run_dir: Path = typer.Argument(..., help="a run folder: the --out of `legend run` or `legend deploy`, or OUT/runs/<name> of `legend compare`",
+                                   show_default=False),
+    out: Path = typer.Option(..., "--out", help="new (or empty) folder for the export", show_default=False),
+    merge: bool = typer.Option(False, "--merge", help="a full transformers model with the adapters merged in (default: a PEFT adapter)"),
+    client: int = CLIENT,
+    debug: bool = DEBUG,
+):
+    """Write the run's fine-tuned model as a PEFT adapter (or, with --merge, a full transformers model) with a model card."""
+    quiet_libraries()
+    from legend.export import export
+
+    console.print(f"exported {'merged model' if merge else 'PEFT adapter'} to {export(run_dir, out, merge, client)}")
+
+
+@app.command()
+@user_errors
+def predict(
+    model_dir: Path = typer.Argument(..., help="an export (`legend export`) or a run folder", show_default=False),
+    texts: list[str] = typer.Argument(None, help="texts to classify (a sentence pair: the two texts joined by a tab)", show_default=False),
+    file: Path = typer.Option(None, "--file", help="classify every row of a .tsv/.csv (with a header) or .jsonl file, by the model's text columns"),
+    as_jsonl: bool = typer.Option(False, "--jsonl", help="print one JSON object per input instead of a table"),
+    client: int = CLIENT,
+    debug: bool = DEBUG,
+):
+    """Classify texts with a fine-tuned model: the label and every class's probability."""
+    quiet_libraries()
+    from legend.inference import load_classifier, read_inputs
+    from legend.inference import predict as classify
+
+    classifier = load_classifier(model_dir, "predict", client)
+    inputs = [tuple(text.split("\t")) for text in texts or []] + (read_inputs(file, classifier.text_columns) if file else [])
+    if not inputs:
+        raise LegendError("predict: nothing to classify: give texts after the folder, or --file F")
+    results = classify(classifier, inputs)
+    if as_jsonl:
+        for result in results:
+            print(json.dumps(result))
+        return
+    table = Table(title=f"{len(results)} predictions ({classifier.source} {model_dir})")
+    for column in ("input", "label", *classifier.label_names):
+        table.add_column(column, justify="left" if column in ("input", "label") else "right")
+    for result in results:
+        shown = " | ".join(result["input"]) if isinstance(result["input"], list) else result["input"]
+        table.add_row(shown[:80], result["label"], *(f"{p:.4f}" for p in result["probabilities"].values()))
+    console.print(table)
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_model(
+    model_dir: Path = typer.Argument(..., help="an export (`legend export`) or a run folder", show_default=False),
+    overrides: list[str] = typer.Argument(None, help="data.* or eval.* overrides, e.g. data.path=my/data data.test_split=dev", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+    client: int = CLIENT,
+    debug: bool = DEBUG,
+):
+    """Score a fine-tuned model on its task's test split (or your own data): accuracy, macro-F1, confusion matrix."""
+    quiet_libraries()
+    from legend.inference import evaluate, load_classifier
+
+    result = evaluate(load_classifier(model_dir, "evaluate", client), overrides or [])
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(f"{result['examples']} examples of split '{result['split']}': accuracy {result['accuracy']}  macro-F1 {result['macro_f1']:.4f}")
+    table = Table(title="confusion matrix (rows: true label, columns: predicted)")
+    table.add_column("")
+    for name in result["labels"]:
+        table.add_column(name, justify="right")
+    for name, row in zip(result["labels"], result["confusion"], strict=True):
+        table.add_row(name, *map(str, row))
+    console.print(table)
+
+
 deploy_app = typer.Typer(no_args_is_help=True, help="Run an experiment on Flower (needs the flower extra: pip install 'legend\\[flower]').")
 app.add_typer(deploy_app, name="deploy")
 

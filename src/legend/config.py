@@ -206,6 +206,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return validate_config(raw)
 
 
+def override_config(config: Config, overrides: list[str]) -> Config:
+    """``config`` with ``a.b=value`` overrides applied, validated again."""
+    raw = config.model_dump()
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_config(raw)
+
+
 def validate_config(raw: dict[str, Any]) -> Config:
     try:
         config = Config.model_validate(raw)

@@ -62,7 +62,7 @@ def load_task(cfg: DataConfig) -> TaskData:
     spec = TASKS.get(cfg.task)
     if spec is None and cfg.task != "custom":
         raise LegendError(f"data.task '{cfg.task}' is unknown: use one of {', '.join(TASKS)} or 'custom'")
-    text_columns = tuple(cfg.text_columns) or (spec.text_columns if spec else ())
+    text_columns = task_text_columns(cfg)
     if not 1 <= len(text_columns) <= 2:
         raise LegendError("data.text_columns must name one column, or two for sentence pairs (e.g. [\"question\", \"sentence\"])")
     label_column = cfg.label_column
@@ -81,6 +81,18 @@ def load_task(cfg: DataConfig) -> TaskData:
         test=_to_ids(test, cfg.test_split, text_columns, label_column, label_names),
         label_names=label_names,
     )
+
+
+def task_labels(cfg: DataConfig) -> tuple[str, ...]:
+    """The class names in class order, read from the data only for a custom task that does not list them."""
+    spec = TASKS.get(cfg.task)
+    return tuple(cfg.labels) or (spec.labels if spec else load_task(cfg).label_names)
+
+
+def task_text_columns(cfg: DataConfig) -> tuple[str, ...]:
+    """The one text column, or two for sentence pairs."""
+    spec = TASKS.get(cfg.task)
+    return tuple(cfg.text_columns) or (spec.text_columns if spec else ())
 
 
 def _load_folder(cfg: DataConfig) -> dict[str, datasets.Dataset]:

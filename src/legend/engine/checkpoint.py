@@ -37,18 +37,26 @@ def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> None:
     atomic_write(out_dir / CHECKPOINT, buffer.getbuffer())  # a view: no second copy of the checkpoint in memory
 
 
-def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The saved run state; refuses a file that is unreadable or was written by another config."""
+def read_checkpoint(out_dir: Path, purpose: str) -> dict[str, Any]:
+    """The saved run state, its config completed with the defaults of keys added since; ``purpose`` starts each error line."""
     path = out_dir / CHECKPOINT
     if not path.is_file():
-        raise LegendError(f"--resume: no {CHECKPOINT} in {out_dir}: run without --resume to start fresh")
+        raise LegendError(f"{purpose}: no {CHECKPOINT} in {out_dir}: " + (
+            "run without --resume to start fresh" if purpose == "--resume" else
+            "give the --out folder of `legend run` or `legend deploy`, or OUT/runs/<strategy>-seed<N> of `legend compare`, once its first round has finished"))
     try:
         payload = torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise LegendError(f"--resume: {path} is unreadable ({type(exc).__name__}): delete it to start over") from None
+        raise LegendError(f"{purpose}: {path} is unreadable ({type(exc).__name__}): delete it to start over") from None
     if payload.get("format") != FORMAT_VERSION:
-        raise LegendError(f"--resume: {path} has format {payload.get('format')}, this legend writes {FORMAT_VERSION}: start a new run")
-    differing = _differences(_with_defaults(payload["config"], Config().model_dump()), config)
+        raise LegendError(f"{purpose}: {path} has format {payload.get('format')}, this legend reads {FORMAT_VERSION}: start a new run")
+    return {**payload, "config": _with_defaults(payload["config"], Config().model_dump())}
+
+
+def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The saved run state to resume from; refuses a file that is unreadable or was written by another config."""
+    payload = read_checkpoint(out_dir, "--resume")
+    differing = _differences(payload["config"], config)
     if differing:
         raise LegendError(f"--resume: {out_dir} was run with a different config ({', '.join(differing)}): resume with the same config, or use a new --out")
     return payload

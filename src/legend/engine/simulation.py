@@ -64,6 +64,16 @@ class Experiment:
         return self.prefix.view(split, data, fixed_batches=split == "test")  # evaluation reads the same buckets every time
 
 
+def build_model(config: Config, num_labels: int) -> tuple[SharedModel, Strategy]:
+    """The shared model with the strategy's global layout injected and initialised from the seed, and the strategy:
+    what every run (and every export of one) starts from."""
+    model = SharedModel.build(config.model.name, num_labels, tuple(config.lora.target_modules), config.seed, config.model.dropout,
+                              getattr(torch, config.engine.precision))
+    strategy = strategy_class(config.strategy.name)(config, model.info)
+    model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
+    return model, strategy
+
+
 def build_experiment(config: Config) -> Experiment:
     torch.set_num_threads(config.engine.threads or os.cpu_count() or 1)
     strategy_cls = strategy_class(config.strategy.name)  # fail on a bad name before loading anything
@@ -73,10 +83,7 @@ def build_experiment(config: Config) -> Experiment:
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
     task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test
-    model = SharedModel.build(config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout,
-                              getattr(torch, config.engine.precision))
-    strategy = strategy_cls(config, model.info)
-    model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
+    model, strategy = build_model(config, len(task.label_names))
     test = encode(test_table, model.tokenizer, config.data.max_length)
     train = encode(train_table, model.tokenizer, config.data.max_length)
     boundary = model.frozen_prefix(list(strategy.initial_state(model)))

@@ -92,24 +92,28 @@ def cut_to_layout(state: dict[str, torch.Tensor], layout: AdapterLayout, block_o
     return out
 
 
-def inject_lora(model: torch.nn.Module, module_names_by_block: dict[int, list[str]], layout: AdapterLayout,
-                alpha: float | Sequence[float], dropout: float) -> None:
-    """Add PEFT LoRA layers in place: one rank per block, given by ``layout.rank_by_block``, and one alpha
-    for every block or one per block (the scaling of block l is alpha_l / r_l).
-
-    Modules are named in full, so PEFT's ``rank_pattern`` and ``alpha_pattern`` map each one to its block's values exactly.
-    """
-    alphas = tuple(alpha) if isinstance(alpha, Sequence) else (alpha,) * len(layout.rank_by_block)
-    block_of = {name: block for block, names in module_names_by_block.items() for name in names if layout.rank_by_block[block] > 0}
-    ranks = {name: layout.rank_by_block[block] for name, block in block_of.items()}
-    if not ranks:
-        return
-    config = LoraConfig(
-        r=max(ranks.values()),
-        lora_alpha=alphas[max(block_of.values())],
+def lora_config(ranks: dict[str, int], alphas: dict[str, float], dropout: float, **extra) -> LoraConfig:
+    """One PEFT LoraConfig for adapters of different ranks: every module named in full, so ``rank_pattern`` and
+    ``alpha_pattern`` map each one to its own rank and alpha exactly (LEGEND's ramp, blocks without adapters)."""
+    top = max(ranks, key=ranks.get)
+    return LoraConfig(
+        r=ranks[top],
+        lora_alpha=alphas[top],
         lora_dropout=dropout,
         target_modules=sorted(ranks),
         rank_pattern={re.escape(name): rank for name, rank in ranks.items()},
-        alpha_pattern={re.escape(name): alphas[block] for name, block in block_of.items()},
+        alpha_pattern={re.escape(name): alpha for name, alpha in alphas.items()},
+        **extra,
     )
-    inject_adapter_in_model(config, model)
+
+
+def inject_lora(model: torch.nn.Module, module_names_by_block: dict[int, list[str]], layout: AdapterLayout,
+                alpha: float | Sequence[float], dropout: float) -> None:
+    """Add PEFT LoRA layers in place: one rank per block, given by ``layout.rank_by_block``, and one alpha
+    for every block or one per block (the scaling of block l is alpha_l / r_l)."""
+    alphas = tuple(alpha) if isinstance(alpha, Sequence) else (alpha,) * len(layout.rank_by_block)
+    block_of = {name: block for block, names in module_names_by_block.items() for name in names if layout.rank_by_block[block] > 0}
+    if not block_of:
+        return
+    ranks = {name: layout.rank_by_block[block] for name, block in block_of.items()}
+    inject_adapter_in_model(lora_config(ranks, {name: alphas[block] for name, block in block_of.items()}, dropout), model)

@@ -65,6 +65,8 @@ class Strategy(ABC):
     default_lr: ClassVar[float] = 3e-3  # LoRA's few parameters take a larger step than full fine-tuning
     # Aggregates each coordinate as the weighted mean of the updates that carry it (what client-level DP calibrates its noise to).
     averages_coordinates: ClassVar[bool] = False
+    # Each client keeps a part of its model to itself (FedSA-LoRA's B): a client's model is the global state with its own part loaded.
+    personalised: ClassVar[bool] = False
 
     def __init__(self, config: Config, info: ModelInfo):
         self.config = config
@@ -114,6 +116,14 @@ class Strategy(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+
+    def personal_clients(self) -> list[int]:
+        """The clients that hold a part of their own (those that trained, for a personalised strategy)."""
+        return []
+
+    def personal_state(self, client: int) -> State | None:
+        """The tensors ``client`` keeps to itself, or None if it keeps none."""
+        return None
 
     def checkpointed(self) -> None:
         """The checkpoint holding ``state_dict()`` is written: what only older checkpoints named may go."""

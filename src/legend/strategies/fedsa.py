@@ -30,6 +30,7 @@ from legend.strategies.registry import register
 class FedSALoRA(FedIT):
     name = "fedsa"
     averages_coordinates = False  # the scored B is a mean of B factors that never leave the devices
+    personalised = True
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -64,6 +65,12 @@ class FedSALoRA(FedIT):
         seen = sum(self.samples.values())
         evaluation_b = {key: (total / seen).float() for key, total in self.weighted_b_sum.items()}
         return {**global_state, **average_updates(updates), **evaluation_b}
+
+    def personal_clients(self) -> list[int]:
+        return sorted(self.samples)
+
+    def personal_state(self, client: int) -> State | None:
+        return self.local_b.get(client)
 
     def state_dict(self) -> dict[str, Any]:
         return {"initial_b": self.initial_b, "local_b": self.local_b.state_dict(), "samples": self.samples, "weighted_b_sum": self.weighted_b_sum}

@@ -1,0 +1,196 @@
+"""A run's model taken out: exports load with transformers + PEFT alone and compute legend's own logits.
+
+Each strategy runs two rounds of the tiny config; its export is loaded in a fresh Python process that
+imports only transformers, peft and torch, and its logits on the 64 test sentences are compared with
+those of legend's shared model holding the run's state (the engine's own forward pass).
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import ROOT, tiny_overrides
+from typer.testing import CliRunner
+
+from legend.cli import app
+from legend.config import load_config
+from legend.data import encode, load_task, subsample
+from legend.engine.checkpoint import read_checkpoint
+from legend.engine.client import forward
+from legend.engine.simulation import run_experiment
+from legend.export import export, load_trained
+from legend.inference import scores
+
+QUICKSTART = ROOT / "configs" / "quickstart.toml"
+TOLERANCE = 1e-4
+
+# strategy -> (exports an adapter, --client)
+CASES = {
+    "fedit": (True, None),
+    "legend": (True, None),  # ranks 0 0 2 4 8 16: one LoraConfig with rank_pattern / alpha_pattern
+    "federa": (True, None),  # relative to the original W: rank 2r of concatenated factors
+    "hetlora": (True, None),
+    "flexlora": (True, None),
+    "fedsa": (True, "personal"),  # a client's own B
+    "fedavg-full": (False, None),
+    "bitfit": (False, None),
+    "flora": (False, None),  # merged into W every round
+}
+
+# Runs in a fresh interpreter: loads each export with transformers and peft only, prints their logits as JSON.
+FRESH_PROCESS = """
+import json, os, sys
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+texts, results = json.loads(sys.stdin.read()), {}
+for folder in sys.argv[1:]:
+    labels = None
+    if os.path.exists(os.path.join(folder, "adapter_config.json")):
+        from peft import PeftConfig, PeftModel
+        base = AutoModelForSequenceClassification.from_pretrained(PeftConfig.from_pretrained(folder).base_model_name_or_path, num_labels=2)
+        model = PeftModel.from_pretrained(base, folder)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        labels = [result["label"] for result in pipeline("text-classification", model=folder)(texts[:4])]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model.eval()(**tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")).logits
+    results[folder] = {"logits": logits.tolist(), "pipeline_labels": labels}
+assert not any(name == "legend" or name.startswith("legend.") for name in sys.modules), "the fresh process imported legend"
+print(json.dumps(results))
+"""
+
+
+def tiny_config(strategy, **extra):
+    return load_config(QUICKSTART, tiny_overrides(**{"strategy.name": strategy}, **extra))
+
+
+def fresh_logits(folders, texts):
+    """Each export's logits and its text-classification pipeline's first labels (merged exports), from one fresh process."""
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, *map(str, folders)], input=json.dumps(texts), capture_output=True, text=True, check=False,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return [(np.asarray(results[str(f)]["logits"]), results[str(f)]["pipeline_labels"]) for f in folders]
+
+
+def legend_logits(run, client):
+    """The engine's forward pass over the 64 test rows, on the shared model holding the run's (or the client's) state;
+    the rows' labels and texts."""
+    trained = load_trained(run, client)
+    config = trained.config
+    test = subsample(load_task(config.data), config.data, config.seed).test
+    split = encode(test, trained.model.tokenizer, config.data.max_length)
+    with torch.no_grad():
+        out, _ = forward(trained.model, split, np.arange(len(split)))
+    return out.logits.numpy(), split.labels, list(test["text"])
+
+
+@pytest.mark.parametrize("strategy", list(CASES))
+def test_export_loads_with_transformers_and_peft_alone_and_equals_legend(strategy, tmp_path):
+    adapter, personal = CASES[strategy]
+    run = tmp_path / "run"
+    summary = run_experiment(tiny_config(strategy), run)
+    client = read_checkpoint(run, "test")["metrics"][-1]["clients"][0] if personal else None  # one that trained in the last round
+    ours, labels, texts = legend_logits(run, client)
+    assert len(texts) == 64
+    if client is None:  # legend's logits are the global model the run scored: its accuracy is the run's final accuracy
+        assert scores(labels, ours.argmax(-1), 2)["accuracy"] == summary["final_accuracy"]
+    merged_dir = export(run, tmp_path / "merged", merge=True, client=client)
+    if adapter:
+        adapter_dir = export(run, tmp_path / "adapter", client=client)
+        assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
+        (merged, pipeline_labels), (from_adapter, _) = fresh_logits([merged_dir, adapter_dir], texts)
+        assert np.abs(from_adapter - ours).max() <= TOLERANCE
+        assert np.abs(from_adapter - merged).max() <= TOLERANCE
+    else:
+        result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "adapter")])
+        assert result.exit_code == 2 and "--merge" in result.stderr
+        assert not (tmp_path / "adapter").exists()
+        [(merged, pipeline_labels)] = fresh_logits([merged_dir], texts)
+    assert np.abs(merged - ours).max() <= TOLERANCE
+    assert pipeline_labels == [str(i) for i in ours[:4].argmax(-1)]  # sst2's labels are named "0" and "1"
+    card = (merged_dir / "README.md").read_text()
+    assert f"`{strategy}`" in card and "2 of 2" in card and '"rounds": 2' in card
+
+
+@pytest.fixture(scope="module")
+def fedit_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fedit") / "run"
+    return run, run_experiment(tiny_config("fedit"), run)
+
+
+def test_evaluate_on_an_export_prints_the_runs_final_accuracy(fedit_run, tmp_path):
+    run, summary = fedit_run
+    folder = export(run, tmp_path / "export")
+    for model in (folder, run):  # an export and the run folder itself
+        result = CliRunner().invoke(app, ["evaluate", str(model), "--json"])
+        assert result.exit_code == 0, result.output
+        scored = json.loads(result.stdout)
+        assert scored["accuracy"] == summary["final_accuracy"] and scored["examples"] == 64
+        assert np.asarray(scored["confusion"]).sum() == 64 and 0 <= scored["macro_f1"] <= 1
+    table = CliRunner().invoke(app, ["evaluate", str(folder)])
+    assert f"accuracy {summary['final_accuracy']}" in table.stdout and "confusion" in table.stdout
+    fewer = json.loads(CliRunner().invoke(app, ["evaluate", str(folder), "data.test_size=10", "--json"]).stdout)
+    assert fewer["examples"] == 10
+
+
+def test_predict_gives_each_input_a_label_and_probabilities(fedit_run, tmp_path):
+    run, _ = fedit_run
+    folder = export(run, tmp_path / "export", merge=True)
+    texts = ["a gorgeous, witty, seductive movie .", "the plot is nothing but boilerplate clichés ."]
+    (tmp_path / "inputs.tsv").write_text("sentence\n" + "\n".join(texts) + "\n")
+    (tmp_path / "inputs.jsonl").write_text("".join(json.dumps({"sentence": t}) + "\n" for t in texts))
+    outputs = []
+    for args in ([*texts], ["--file", str(tmp_path / "inputs.tsv")], ["--file", str(tmp_path / "inputs.jsonl")]):
+        result = CliRunner().invoke(app, ["predict", str(folder), *args, "--jsonl"])
+        assert result.exit_code == 0, result.output
+        outputs.append([json.loads(line) for line in result.stdout.splitlines()])
+    assert outputs[0] == outputs[1] == outputs[2]
+    for text, row in zip(texts, outputs[0], strict=True):
+        assert row["input"] == text and abs(sum(row["probabilities"].values()) - 1) < 1e-6
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+    from_run = [json.loads(line) for line in CliRunner().invoke(app, ["predict", str(run), *texts, "--jsonl"]).stdout.splitlines()]
+    assert [r["label"] for r in from_run] == [r["label"] for r in outputs[0]]
+    assert "probabilities" not in CliRunner().invoke(app, ["predict", str(folder), texts[0]]).stdout  # a table, not JSON
+
+
+def test_bad_input_is_one_line_exit_code_2_and_nothing_overwritten(fedit_run, tmp_path):
+    run, _ = fedit_run
+    (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "no-checkpoint").mkdir()
+    (tmp_path / "no-checkpoint" / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep me")
+    cases = {
+        "not a run": (["export", str(tmp_path / "not-a-run"), "--out", str(tmp_path / "x")], "is not a run folder (no checkpoint.pt)"),
+        "no checkpoint": (["export", str(tmp_path / "no-checkpoint"), "--out", str(tmp_path / "x")], "has the metrics of a run but no checkpoint.pt"),
+        "missing folder": (["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "is not a folder"),
+        "--client on a global model": (["export", str(run), "--out", str(tmp_path / "x"), "--client", "1"], "trains one global model"),
+        "out not empty": (["export", str(run), "--out", str(taken)], "exists and is not empty"),
+        "predict on no model": (["predict", str(tmp_path / "not-a-run"), "hello"], "is neither an export"),
+        "evaluate a model key": (["evaluate", str(run), "lora.r=4"], "is not a data.* or eval.* key"),
+    }
+    for name, (args, message) in cases.items():
+        result = CliRunner().invoke(app, args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2, (name, result.output)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, result.stderr)
+    assert not (tmp_path / "x").exists()
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"] and (taken / "mine.txt").read_text() == "keep me"
+
+
+def test_a_personalised_run_needs_a_client_that_trained(tmp_path):
+    run = tmp_path / "run"
+    run_experiment(tiny_config("fedsa", **{"fl.num_clients": 8}), run)  # 2 rounds of 2 clients: at least 4 never train
+    trained_clients = {c for row in read_checkpoint(run, "test")["metrics"] for c in row["clients"]}
+    never = next(c for c in range(8) if c not in trained_clients)
+    for args, message in ((["--out", str(tmp_path / "x")], "pass --client N, one of"),
+                          (["--out", str(tmp_path / "x"), "--client", str(never)], f"--client {never}: that client has no model of its own")):
+        result = CliRunner().invoke(app, ["export", str(run), *args])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "x").exists()
