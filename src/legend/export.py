@@ -249,7 +249,8 @@ classify = pipeline("text-classification", model=model, tokenizer=tokenizer)""" 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 base = AutoModelForSequenceClassification.from_pretrained(
-    "{base}", num_labels={len(labels)}, id2label={id2label!r}, label2id={ {v: k for k, v in id2label.items()}!r})
+    "{base}", num_labels={len(labels)}, id2label={id2label!r}, label2id={ {v: k for k, v in id2label.items()}!r},
+    pad_token_id={trained.model.tokenizer.pad_token_id})
 model = PeftModel.from_pretrained(base, "PATH").eval()
 tokenizer = AutoTokenizer.from_pretrained("PATH")""")
     front = ["---", f"base_model: {base}", f"library_name: {'transformers' if merge else 'peft'}", "pipeline_tag: text-classification",

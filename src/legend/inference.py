@@ -60,24 +60,23 @@ def _from_export(path: Path, purpose: str) -> Classifier:
     described = json.loads((path / LEGEND_FILE).read_text()) if (path / LEGEND_FILE).is_file() else {}
     config = Config.model_validate(described["config"]) if "config" in described else Config()
     try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token_id is None:  # decoders: pad with EOS, as the run did
+            tokenizer.pad_token = tokenizer.eos_token
         if (path / "adapter_config.json").is_file():
             from peft import PeftConfig, PeftModel
 
             base = PeftConfig.from_pretrained(path).base_model_name_or_path
             labels = described.get("labels") or []
             head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
-            module = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, **head), path)
-            source = "adapter"
+            base_model = AutoModelForSequenceClassification.from_pretrained(base, pad_token_id=tokenizer.pad_token_id, **head)
+            module, source = PeftModel.from_pretrained(base_model, path), "adapter"
         else:
-            module = AutoModelForSequenceClassification.from_pretrained(path)
-            source = "merged"
-        tokenizer = AutoTokenizer.from_pretrained(path)
+            module, source = AutoModelForSequenceClassification.from_pretrained(path), "merged"
     except (OSError, ValueError) as exc:
         raise LegendError(f"{purpose}: {path} could not be loaded ({str(exc).splitlines()[0]}): export the run again with `legend export`") from None
     id2label = module.config.id2label
     labels = tuple(described.get("labels") or [id2label[i] for i in range(len(id2label))])
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return Classifier(module.eval(), tokenizer, labels, config, source)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 
 def quiet_libraries() -> None:
@@ -16,3 +17,4 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Flower's per-request lines
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations PEFT triggers inside transformers
