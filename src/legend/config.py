@@ -89,6 +89,9 @@ class FlConfig(Section):
     wire_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of tensors on the wire, both directions")
     max_update_norm: float = Field(0.0, ge=0, description="reject a client update that moved further than this (L2 over its tensors) from what it was sent (0 = no limit)")
     min_clients: int = Field(1, gt=0, description="skip aggregation (keep the global model) when fewer valid updates than this arrive in a round")
+    aggregator: Literal["mean", "trimmed_mean", "median"] = Field(
+        "mean", description="how coordinate-mean strategies combine updates: the sample-weighted 'mean', or per coordinate (unweighted) the 'trimmed_mean' or 'median', which poisoned updates move less")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share of the updates covering a coordinate dropped at each end (floor of it), e.g. 0.2 of 8 drops 1 lowest and 1 highest")
 
 
 class TrainConfig(Section):
@@ -154,6 +157,10 @@ class FaultsConfig(Section):
 
     dropout: float = Field(0.0, ge=0, lt=1, description="probability that a sampled device drops out after receiving its plan and sends nothing back")
     crash: float = Field(0.0, ge=0, lt=1, description="probability that a sampled device's local training crashes at a random step (nothing is sent back)")
+    malicious: float = Field(0.0, ge=0, le=1, description="probability that a sampled device attacks in a round: it sends a poisoned but well-formed update (faults.attack)")
+    attack: Literal["label_flip", "sign_flip", "scale"] = Field(
+        "sign_flip", description="what an attacker does: trains on flipped labels (C-1-y), sends the opposite of its change, or its change times faults.attack_scale")
+    attack_scale: float = Field(10.0, description="the factor a 'scale' attacker multiplies its change by")
 
 
 class PrivacyConfig(Section):

@@ -8,12 +8,14 @@ Every runtime trains with ``local_training``, so a run gives the same result on 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from legend.config import FaultsConfig
+from legend.data.batching import EncodedSplit
+from legend.engine.attacks import MALICIOUS, flipped_labels, is_attacker, poison
 from legend.engine.client import client_batches, local_step_count, train_client
 from legend.strategies.base import ClientPlan, Update
 
@@ -44,15 +46,16 @@ class DeviceCrash(RuntimeError):
     """A simulated crash inside local training (``faults.crash``)."""
 
 
-def local_training(exp: Experiment, job: Job, crash_at_step: int | None = None) -> Update:
+def local_training(exp: Experiment, job: Job, crash_at_step: int | None = None, data: EncodedSplit | None = None) -> Update:
     """What a device does with a job: draw its batches from its own data, train from the plan.
 
-    ``crash_at_step``: the simulation's fault injection; training raises DeviceCrash when it reaches that step."""
+    ``crash_at_step``, ``data``: the simulation's fault injection; training raises DeviceCrash when it reaches that step,
+    and reads ``data`` (the same examples, other labels) instead of the training split."""
     indices = exp.partitions[job.plan.client]
     batches = client_batches(exp.train, indices, exp.config.train, job.seed)
     if crash_at_step is not None:
         batches = _crash_at(batches, crash_at_step)
-    return train_client(exp.model, job.plan, exp.train, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"))
+    return train_client(exp.model, job.plan, data or exp.train, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"))
 
 
 def _crash_at(batches: list[np.ndarray], step: int) -> Iterator[np.ndarray]:
@@ -64,11 +67,13 @@ class InProcess:
     """The embedded runtime: the devices train one after another on this process's shared model.
 
     Simulated faults (``faults``), drawn per (seed, round, client): a device that drops out after
-    receiving its plan sends nothing; one whose training crashes (DeviceCrash at a random step) neither.
-    Other exceptions are bugs, not device faults, and stop the run."""
+    receiving its plan sends nothing; one whose training crashes (DeviceCrash at a random step) neither;
+    an attacker sends a poisoned update (``engine/attacks.py``). Other exceptions are bugs, not device
+    faults, and stop the run."""
 
     def __init__(self, faults: FaultsConfig):
         self.faults = faults
+        self._flipped: EncodedSplit | None = None  # the training split with flipped labels, made at the first label-flip attack
 
     def reachable(self, clients: list[int]) -> list[int]:
         return clients
@@ -81,7 +86,17 @@ class InProcess:
         if leaves < self.faults.dropout:
             return "dropped out after receiving its plan (faults.dropout)"
         steps = local_step_count(len(exp.partitions[job.plan.client]), exp.config.train)
+        attacker = is_attacker(self.faults, job.seed)
+        if attacker and self.faults.attack == "label_flip" and self._flipped is None:
+            self._flipped = flipped_labels(exp.train, len(exp.label_names))
         try:
-            return local_training(exp, job, int(step * steps) if crashes < self.faults.crash else None)
+            update = local_training(exp, job, int(step * steps) if crashes < self.faults.crash else None,
+                                    self._flipped if attacker and self.faults.attack == "label_flip" else None)
         except DeviceCrash as crash:
             return f"crashed in local training: {crash} (faults.crash)"
+        if not attacker:
+            return update
+        sent = update.weights
+        if self.faults.attack != "label_flip":
+            sent = poison(sent, {key: job.plan.weights[key][tuple(slice(0, n) for n in value.shape)] for key, value in sent.items()}, self.faults)
+        return replace(update, weights=sent, metrics={**update.metrics, MALICIOUS: 1.0})

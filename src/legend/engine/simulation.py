@@ -77,9 +77,14 @@ def build_model(config: Config, num_labels: int) -> tuple[SharedModel, Strategy]
 def build_experiment(config: Config) -> Experiment:
     torch.set_num_threads(config.engine.threads or os.cpu_count() or 1)
     strategy_cls = strategy_class(config.strategy.name)  # fail on a bad name before loading anything
+    supported = ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.averages_coordinates))
     if config.privacy.clip_norm > 0 and not strategy_cls.averages_coordinates:
-        supported = ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.averages_coordinates))
         raise LegendError(f"privacy: {config.strategy.name} does not aggregate by averaging, which client-level DP needs: use one of {supported}")
+    if config.fl.aggregator != "mean" and not strategy_cls.averages_coordinates:
+        raise LegendError(f"fl.aggregator '{config.fl.aggregator}' combines coordinates, and {config.strategy.name} does not aggregate by "
+                          f"coordinate means: use one of {supported}, or fl.aggregator='mean'")
+    if config.fl.aggregator != "mean" and config.privacy.clip_norm > 0:
+        raise LegendError("privacy: client-level DP calibrates its noise to the weighted mean: use fl.aggregator='mean' with privacy.clip_norm")
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
     task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test

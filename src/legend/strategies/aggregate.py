@@ -42,6 +42,33 @@ def masked_average(current: torch.Tensor, tensors: list[torch.Tensor], weights: 
     return torch.where(mass > 0, total / mass.clamp_min(torch.finfo(torch.float32).tiny), current.float())
 
 
+def robust_average(current: torch.Tensor, tensors: list[torch.Tensor], rule: str, trim: float) -> torch.Tensor:
+    """Per coordinate over the k tensors that cover it, unweighted: the median, or the trimmed mean (drop the
+    floor(trim k) smallest and largest values, average the rest; Yin et al. 2018). Coverage as in ``masked_average``.
+
+    Unweighted: a device could claim any sample count, and a robust rule must not let it buy weight."""
+    stacked = torch.full((len(tensors), *current.shape), float("nan"))  # (K, *shape): NaN where a tensor does not reach
+    for row, tensor in zip(stacked, tensors, strict=True):
+        row[tuple(slice(0, n) for n in tensor.shape)] = tensor.float()
+    count = (~stacked.isnan()).sum(0)  # (*shape)
+    ordered = stacked.sort(dim=0).values  # NaN sort last
+    position = torch.arange(len(tensors)).view(-1, *([1] * current.dim()))
+    if rule == "median":  # the mean of the two middle values for an even count
+        low, high = ordered.gather(0, ((count - 1) // 2).clamp_min(0)[None]), ordered.gather(0, (count // 2).clamp_max(len(tensors) - 1)[None])
+        value = ((low + high) / 2)[0]
+    else:
+        cut = (trim * count).floor().long()
+        kept = (position >= cut) & (position < count - cut)
+        value = torch.where(kept, ordered, 0.0).sum(0) / (count - 2 * cut).clamp_min(1)
+    return torch.where(count > 0, value, current.float())
+
+
+def robust_updates(global_state: State, updates: list[Update], rule: str, trim: float) -> State:
+    """``robust_average`` of every tensor any update carries (a device may carry a leading slice, or none of a tensor)."""
+    keys = dict.fromkeys(key for u in updates for key in u.weights)
+    return {key: robust_average(global_state[key], [u.weights[key] for u in updates if key in u.weights], rule, trim) for key in keys}
+
+
 # LoRA factors of one adapted module: A (r x in), B (out x r); the adapter adds s * B @ A.
 Factors = tuple[torch.Tensor, torch.Tensor]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from legend.devices.capacity import DeviceView
 from legend.lora.layout import AdapterLayout
 from legend.models.shared import State
-from legend.strategies.aggregate import average_updates
+from legend.strategies.aggregate import average_updates, robust_updates
 from legend.strategies.base import ClientPlan, Strategy, Update
 from legend.strategies.registry import register
 
@@ -27,4 +27,7 @@ class FedIT(Strategy):
         return {client: ClientPlan(client, layout, global_state, lr) for client in clients}
 
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
+        fl = self.config.fl
+        if fl.aggregator != "mean":
+            return {**global_state, **robust_updates(global_state, updates, fl.aggregator, fl.trim_fraction)}
         return {**global_state, **average_updates(updates)}

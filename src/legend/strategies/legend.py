@@ -21,7 +21,7 @@ from legend.devices.capacity import Capacity, DeviceView, Estimate, estimate_rou
 from legend.devices.cost import applied_ranks
 from legend.lora.layout import AdapterLayout, cut_to_layout
 from legend.models.shared import State
-from legend.strategies.aggregate import masked_average, sample_weights
+from legend.strategies.aggregate import masked_average, robust_updates, sample_weights
 from legend.strategies.base import ClientPlan, Strategy, Update
 from legend.strategies.registry import register
 
@@ -114,7 +114,10 @@ class Legend(Strategy):
         return {c: ClientPlan(c, a.layout, cut_to_layout(global_state, a.layout, self.info.block_of), lr) for c, a in assignments.items()}
 
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
-        """Each coordinate: the sample-weighted mean over the devices that trained it; the rest keeps its value."""
+        """Each coordinate: the sample-weighted mean (or fl.aggregator's robust rule) over the devices that trained it; the rest keeps its value."""
+        fl = self.config.fl
+        if fl.aggregator != "mean":
+            return {**global_state, **robust_updates(global_state, updates, fl.aggregator, fl.trim_fraction)}
         weights = sample_weights(updates)
         new = dict(global_state)
         for key in {k for u in updates for k in u.weights}:

@@ -1,0 +1,54 @@
+"""Robust aggregation (fl.aggregator): the coordinate-wise median and trimmed mean, checked against their definitions."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.conftest import ROOT, tiny_overrides
+
+from legend.config import load_config
+from legend.engine.simulation import build_experiment
+from legend.errors import LegendError
+from legend.strategies.aggregate import robust_average
+
+
+def by_definition(values: list[float], rule: str, trim: float) -> float:
+    values = sorted(values)
+    if rule == "median":
+        return float(np.median(values))
+    cut = int(np.floor(trim * len(values)))
+    return float(np.mean(values[cut : len(values) - cut]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.sampled_from(["median", "trimmed_mean"]), st.sampled_from([0.0, 0.1, 0.2, 0.25, 0.4]), st.integers(0, 2**31 - 1))
+def test_each_coordinate_is_the_rule_over_the_tensors_that_cover_it(clients, rule, trim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    current = torch.randn(5, 4, generator=generator)
+    rows = torch.randint(0, 6, (clients,), generator=generator)  # each client covers a leading block of rows (0: none)
+    tensors = [torch.randn(int(r), 4, generator=generator) * 10 for r in rows]
+    out = robust_average(current, tensors, rule, trim)
+    for i in range(5):
+        for j in range(4):
+            covering = [t[i, j].item() for t in tensors if i < t.shape[0]]
+            expected = by_definition(covering, rule, trim) if covering else current[i, j].item()
+            assert out[i, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_a_scaled_update_moves_the_mean_but_not_the_robust_rules():
+    honest = [torch.full((3,), v) for v in (1.0, 1.1, 0.9, 1.05, 0.95)]
+    poisoned = [*honest, torch.full((3,), 1000.0)]
+    mean = torch.stack(poisoned).mean(0)
+    assert mean[0] > 100
+    for rule in ("median", "trimmed_mean"):
+        assert abs(robust_average(torch.zeros(3), poisoned, rule, 0.2)[0].item() - 1.0) < 0.1
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"strategy.name": "hetlora", "fl.aggregator": "median"}, "does not aggregate by coordinate means"),
+    ({"fl.aggregator": "trimmed_mean", "privacy.clip_norm": 1.0}, "use fl.aggregator='mean' with privacy.clip_norm"),
+])
+def test_robust_rules_are_refused_where_they_do_not_apply(overrides, message):
+    with pytest.raises(LegendError, match=message):
+        build_experiment(load_config(ROOT / "configs" / "quickstart.toml", tiny_overrides(**overrides)))
