@@ -1,4 +1,6 @@
-"""Robust aggregation (fl.aggregator): the coordinate-wise median and trimmed mean, checked against their definitions."""
+"""Robust aggregation (fl.aggregator) checked against its definitions, and the simulated attackers it must withstand."""
+
+import json
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
-from legend.engine.simulation import build_experiment
+from legend.engine.simulation import build_experiment, run_experiment
 from legend.errors import LegendError
 from legend.strategies.aggregate import robust_average
 
@@ -52,3 +54,33 @@ def test_a_scaled_update_moves_the_mean_but_not_the_robust_rules():
 def test_robust_rules_are_refused_where_they_do_not_apply(overrides, message):
     with pytest.raises(LegendError, match=message):
         build_experiment(load_config(ROOT / "configs" / "quickstart.toml", tiny_overrides(**overrides)))
+
+
+def round_one_state(out, **overrides):
+    """The global state after one round of the tiny config where every sampled device is sampled (and, with faults, attacks)."""
+    settings = {"fl.rounds": 1, "fl.clients_per_round": 4, **overrides}
+    run_experiment(load_config(ROOT / "configs" / "quickstart.toml", tiny_overrides(**settings)), out)
+    return torch.load(out / "checkpoint.pt", weights_only=True)["global_state"]
+
+
+def test_attackers_send_their_change_flipped_or_scaled_and_are_marked(tmp_path):
+    start = round_one_state(tmp_path / "start", **{"fl.rounds": 1, "train.local_steps": 0})  # no step taken: the initial state
+    clean = round_one_state(tmp_path / "clean")
+    flipped = round_one_state(tmp_path / "flip", **{"faults.malicious": 1.0, "faults.attack": "sign_flip"})
+    scaled = round_one_state(tmp_path / "scale", **{"faults.malicious": 1.0, "faults.attack": "scale", "faults.attack_scale": 5.0})
+    for key in clean:  # FedIT's mean of the devices' sends: every device attacks, so the mean change is flipped or scaled too
+        change = clean[key] - start[key]
+        assert torch.allclose(flipped[key] - start[key], -change, atol=1e-6)
+        assert torch.allclose(scaled[key] - start[key], 5.0 * change, atol=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "flip" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["malicious"] == rows[1]["clients"] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "flip" / "summary.json").read_text())["malicious_updates"] == 4
+
+
+def test_label_flip_attackers_train_on_the_other_labels(tmp_path):
+    clean = round_one_state(tmp_path / "clean")
+    flipped = round_one_state(tmp_path / "flip", **{"faults.malicious": 1.0, "faults.attack": "label_flip"})
+    head = "classifier.weight"  # trained toward the other class: its rows move the opposite way from the clean run's
+    assert not torch.allclose(clean[head], flipped[head])
+    rows = [json.loads(line) for line in (tmp_path / "flip" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["malicious"] == [0, 1, 2, 3]

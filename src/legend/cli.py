@@ -300,7 +300,8 @@ def evaluate_model(
         print(json.dumps(result))
         return
     console.print(f"{result['examples']} examples of split '{result['split']}': accuracy {result['accuracy']}  macro-F1 {result['macro_f1']:.4f}")
-    table = Table(title="confusion matrix (rows: true label, columns: predicted)")
+    console.print("confusion matrix (rows: true label, columns: predicted label)")
+    table = Table()
     table.add_column("")
     for name in result["labels"]:
         table.add_column(name, justify="right")
