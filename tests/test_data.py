@@ -90,3 +90,20 @@ def test_too_little_data_for_the_minimum_is_one_clear_error():
     data = load_task(DataConfig(task="qnli", path=str(DATA / "qnli")))
     with pytest.raises(LegendError, match="cannot give 1000 clients 10 each"):
         partition_indices(data.train, 1000, DataConfig(), seed=0)
+
+
+def test_validation_is_a_stratified_seeded_hold_out_of_the_training_data():
+    from legend.data import subsample
+
+    config = DataConfig(task="agnews", path=str(DATA / "agnews"), val_size=1000)
+    task = load_task(config)
+    split = subsample(task, config, seed=3)
+    assert len(split.validation) == 1000 and len(split.train) == len(task.train) - 1000
+    held_out = set(split.validation["text"])
+    assert not held_out & set(split.train["text"][:5000])  # held out, not copied
+    whole = np.bincount(task.train["label"], minlength=4) / len(task.train)
+    assert np.abs(np.bincount(split.validation["label"], minlength=4) / 1000 - whole).max() <= 1 / 1000  # label shares kept
+    assert list(subsample(task, config, seed=3).validation["text"]) == list(split.validation["text"])  # same seed, same split
+    assert list(subsample(task, config, seed=4).validation["text"]) != list(split.validation["text"])
+    with pytest.raises(LegendError, match="data.val_size"):
+        subsample(task, DataConfig(task="agnews", path=str(DATA / "agnews"), val_size=len(task.train)), seed=0)

@@ -37,6 +37,7 @@ class DataConfig(Section):
     max_length: int = Field(64, gt=0, description="truncate each example to this many tokens (batches are padded dynamically)")
     train_size: int = Field(0, ge=0, description="use a seeded random subset of this many training examples (0 = all)")
     test_size: int = Field(0, ge=0, description="evaluate on the first this many test examples (0 = all)")
+    val_size: int = Field(0, ge=0, description="hold out this many training examples (stratified by label, seeded) as a validation split, before partitioning: targets and tuning are then judged on it (0 = none)")
     partition: Literal["iid", "dirichlet"] = Field("dirichlet", description="how training data is split over clients")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over labels: smaller is more non-IID")
     min_partition_size: int = Field(10, ge=1, description="every client gets at least this many examples")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from legend.config import DataConfig
 from legend.errors import LegendError
@@ -28,11 +29,13 @@ TASKS = {
 
 @dataclass(frozen=True)
 class TaskData:
-    """Train and test splits with columns ``text``, optional ``text_pair``, and integer ``label``."""
+    """Train and test splits with columns ``text``, optional ``text_pair``, and integer ``label``; with
+    ``data.val_size``, a validation split held out of the training data (what tuning and targets are chosen on)."""
 
     train: datasets.Dataset
     test: datasets.Dataset
     label_names: tuple[str, ...]
+    validation: datasets.Dataset | None = None
 
     @property
     def is_pair(self) -> bool:
@@ -40,13 +43,31 @@ class TaskData:
 
 
 def subsample(task: TaskData, cfg: DataConfig, seed: int) -> TaskData:
-    """Apply data.train_size (a seeded random subset) and data.test_size (the first rows)."""
-    train, test = task.train, task.test
+    """Hold out data.val_size training examples (stratified, seeded), then apply data.train_size (a seeded random
+    subset of the rest) and data.test_size (the first rows)."""
+    train, test, validation = task.train, task.test, None
+    if cfg.val_size:
+        if cfg.val_size >= len(train):
+            raise LegendError(f"data.val_size ({cfg.val_size}) leaves no training data ({len(train)} examples): hold out fewer")
+        held_out = stratified_sample(np.asarray(column(train, "label")), cfg.val_size, seed)
+        validation = train.select(held_out)
+        train = train.select(np.setdiff1d(np.arange(len(train)), held_out))
     if cfg.train_size and cfg.train_size < len(train):
         train = train.shuffle(seed=seed).select(range(cfg.train_size))
     if cfg.test_size and cfg.test_size < len(test):
         test = test.select(range(cfg.test_size))
-    return TaskData(train, test, task.label_names)
+    return TaskData(train, test, task.label_names, validation)
+
+
+def stratified_sample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """``size`` sorted row indices drawn from (seed) whose label shares match the whole's (largest remainders)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = size * counts / len(labels)
+    take = np.floor(exact).astype(int)
+    take[np.argsort(-(exact - take), kind="stable")[: size - take.sum()]] += 1
+    rng = np.random.default_rng([seed, 41])
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=n, replace=False) for c, n in zip(classes, take, strict=True)]
+    return np.sort(np.concatenate(chosen))
 
 
 def column(table: datasets.Dataset, name: str) -> list:
