@@ -102,12 +102,12 @@ def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
     import torch
 
     from legend.config import load_config
+    from legend.core import Update
     from legend.data import load_task, subsample
     from legend.data.tasks import column
     from legend.engine.client import derived_seed, local_step_count, training_batches
     from legend.engine.simulation import build_experiment, device_view, sample_clients
     from legend.models.shared import SharedModel
-    from legend.strategies.base import Update
 
     config = load_config(BASE, [*overrides, "engine.cache_mb=0", "train.group_by_length=false"])
     torch.set_num_threads(config.engine.threads or os.cpu_count())

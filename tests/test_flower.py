@@ -17,6 +17,7 @@ import torch
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import DevicesConfig, load_config
+from legend.core import ClientPlan, Update
 from legend.devices import build_fleet
 from legend.devices.capacity import CapacityEstimator
 from legend.errors import LegendError
@@ -24,7 +25,6 @@ from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.runtime import Job
 from legend.engine.simulation import run_experiment
 from legend.lora.layout import AdapterLayout
-from legend.strategies.base import ClientPlan, Update
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
 pytestmark = pytest.mark.xdist_group("flower")  # one deployment at a time: each test checks that no Flower process outlives it

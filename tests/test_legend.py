@@ -10,14 +10,13 @@ from peft.tuners.lora import LoraLayer
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
+from legend.core import ModelInfo, Update
 from legend.devices.capacity import Capacity, DeviceView
 from legend.devices.cost import Batches, ModelSpec
 from legend.engine.simulation import run_experiment
 from legend.lora.layout import cut_to_layout
 from legend.models import SharedModel
-from legend.models.shared import ModelInfo
 from legend.strategies.aggregate import masked_average
-from legend.strategies.base import Update
 from legend.strategies.legend import Legend, configure, device_layout, estimate_layout, rank_distribution
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"

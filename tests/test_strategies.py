@@ -12,11 +12,10 @@ import torch
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
+from legend.core import ModelInfo, Update
 from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.simulation import run_experiment
-from legend.models.shared import ModelInfo
 from legend.strategies import STRATEGIES
-from legend.strategies.base import Update
 from legend.strategies.fedsa import FedSALoRA
 from legend.strategies.flora import FLoRA
 

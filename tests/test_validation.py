@@ -7,9 +7,9 @@ import torch
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
+from legend.core import Update
 from legend.engine.simulation import run_experiment
 from legend.engine.validation import rejection
-from legend.strategies.base import Update
 
 EXPECTED = {"a": ((2, 3), torch.float32), "head": ((2,), torch.float32)}
 START = {"a": torch.zeros(2, 3), "head": torch.zeros(2)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from legend.models.shared import State
+from legend.core import State
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from legend.config import Config
+from legend.core import atomic_write
 from legend.errors import LegendError
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """After a crash at any point, ``path`` holds either the old content or the new, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> None:

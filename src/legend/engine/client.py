@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from legend.config import TrainConfig
+from legend.core import ClientPlan, State, Update
 from legend.data.batching import EncodedSplit
 from legend.engine.prefix_cache import PrefixView
 from legend.lora.layout import AdapterLayout, lora_modules
-from legend.models.shared import SharedModel, State
+from legend.models.shared import SharedModel
 from legend.strategies.aggregate import tail_norm
-from legend.strategies.base import TAIL_NORM, ClientPlan, Update
+from legend.strategies.base import TAIL_NORM
 
 
 FORWARD_BACKWARD_S = "forward_backward_s"  # metric: seconds of local training spent in forward and backward passes (the rest is overhead)

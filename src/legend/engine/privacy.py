@@ -21,8 +21,7 @@ import math
 
 import torch
 
-from legend.models.shared import State
-from legend.strategies.base import Update
+from legend.core import State, Update
 
 ORDERS = tuple(range(2, 257))
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from legend.config import FaultsConfig
+from legend.core import ClientPlan, Update
 from legend.engine.client import client_batches, local_step_count, train_client
-from legend.strategies.base import ClientPlan, Update
 
 if TYPE_CHECKING:
     from legend.engine.simulation import Experiment

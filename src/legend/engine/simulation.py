@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from legend.config import Config
+from legend.core import ClientPlan, State, Update
 from legend.data import EncodedSplit, encode, length_buckets, load_task, partition_indices, subsample
 from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, device_time, synchronous_round, training_flops
 from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
@@ -29,10 +30,10 @@ from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixVi
 from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
-from legend.models.shared import SharedModel, State
+from legend.models.shared import SharedModel
 from legend.report.metrics import summarize, write_metrics, write_summary
 from legend.errors import LegendError
-from legend.strategies import STRATEGIES, ClientPlan, Strategy, Update, strategy_class
+from legend.strategies import STRATEGIES, Strategy, strategy_class
 from legend.wire import WIRE_DTYPES, payload_bytes, through_wire
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from legend.models.shared import State
-from legend.strategies.base import Update
+from legend.core import State, Update
 
 
 def rejection(update: Update, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], start: State, max_norm: float,

@@ -7,10 +7,9 @@ from dataclasses import asdict
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from legend.core import ClientPlan, State, Update
 from legend.engine.runtime import Job
 from legend.lora.layout import AdapterLayout
-from legend.models.shared import State
-from legend.strategies.base import ClientPlan, Update
 
 
 def _arrays(state: State) -> ArrayRecord:

@@ -16,10 +16,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from legend.config import FlowerConfig
+from legend.core import Update
 from legend.engine.runtime import ROUND_TRIP_S, Job
 from legend.errors import LegendError
 from legend.flower.messages import decode_update, encode_job
-from legend.strategies.base import Update
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from legend.engine.checkpoint import atomic_write
+from legend.core import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

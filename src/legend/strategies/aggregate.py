@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from legend.models.shared import State
-from legend.strategies.base import Update
+from legend.core import State, Update
 
 
 def sample_weights(updates: list[Update]) -> list[float]:

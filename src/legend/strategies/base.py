@@ -9,53 +9,16 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from legend.config import Config
+from legend.core import ClientPlan, ModelInfo, State, Update
 from legend.devices.capacity import DeviceView
 from legend.lora.layout import AdapterLayout
-from legend.models.shared import ModelInfo, SharedModel, State
-
+from legend.models.shared import SharedModel
 
 TAIL_NORM = "tail_norm"  # metric key of HetLoRA's tail norm in an update
-
-
-@dataclass(frozen=True)
-class ClientPlan:
-    """What one device is told: its layout, the tensors it starts from, its learning rate.
-
-    weights: tensors the device loads over the global model; sent, unless ``wire`` says otherwise.
-    local: the device's own tensors (FedSA-LoRA's B), never sent; the device keeps them after training.
-    wire: what is sent instead of ``weights`` when the device rebuilds them from a more compact
-          message (FLoRA's stacked factors, from which it merges its base weights); bytes count this.
-    tail_penalty: HetLoRA's (lambda, gamma): the device adds lambda x its tail norms to the loss and
-          reports them after training under ``TAIL_NORM``.
-    """
-
-    client: int
-    layout: AdapterLayout
-    weights: State
-    lr: float
-    local: State = field(default_factory=dict)
-    wire: State | None = None
-    tail_penalty: tuple[float, float] | None = None
-
-
-@dataclass(frozen=True)
-class Update:
-    """What one device sends back: the tensors it trained (cut to its layout) and how much data it used.
-
-    local: the trained tensors the plan marked as the device's own; they stay on the device (in the
-           simulation the strategy keeps them for it) and are not sent.
-    """
-
-    client: int
-    weights: State
-    num_samples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    local: State = field(default_factory=dict)
 
 
 class Strategy(ABC):

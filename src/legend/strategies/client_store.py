@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 
-from legend.engine.checkpoint import atomic_write
+from legend.core import State, atomic_write
 from legend.errors import LegendError
-from legend.models.shared import State
 
 
 def state_bytes(state: State) -> int:

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import DeviceView
 from legend.lora.layout import lora_modules
-from legend.models.shared import SharedModel, State
+from legend.models.shared import SharedModel
 from legend.strategies.aggregate import average_updates
-from legend.strategies.base import ClientPlan, Update
 from legend.strategies.client_store import ClientStore
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import DeviceView, ranks_by_capacity
 from legend.lora.layout import AdapterLayout, cut_to_layout, lora_modules
-from legend.models.shared import State
 from legend.strategies.aggregate import average_updates, client_factors, hetlora_factors
-from legend.strategies.base import TAIL_NORM, ClientPlan, Update
+from legend.strategies.base import TAIL_NORM
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import Capacity, DeviceView, Estimate, estimate_round, lora_bytes
 from legend.devices.cost import applied_ranks
 from legend.lora.layout import AdapterLayout, cut_to_layout
-from legend.models.shared import State
 from legend.strategies.aggregate import masked_average, sample_weights
-from legend.strategies.base import ClientPlan, Strategy, Update
+from legend.strategies.base import Strategy
 from legend.strategies.registry import register
 
 
