@@ -55,9 +55,9 @@ def rows_without_wall_time(out):
 
 def test_messages_carry_jobs_and_updates_unchanged():
     layout = AdapterLayout("lora", (0, 0, 2, 4, 8, 16), train_head=True)
-    plan = ClientPlan(3, layout, {"a": torch.randn(2, 5), "empty": torch.zeros(0, 5)}, 0.003, {"b": torch.randn(4)}, tail_penalty=(0.1, 0.9))
+    plan = ClientPlan(3, layout, {"a": torch.randn(2, 5), "empty": torch.zeros(0, 5)}, 0.003, {"b": torch.randn(4)})
     job = decode_job(encode_job(Job(7, plan, 123456789)))
-    assert (job.round_number, job.seed, job.plan.client, job.plan.layout, job.plan.lr, job.plan.tail_penalty) == (7, 123456789, 3, layout, 0.003, (0.1, 0.9))
+    assert (job.round_number, job.seed, job.plan.client, job.plan.layout, job.plan.lr) == (7, 123456789, 3, layout, 0.003)
     assert all(torch.equal(job.plan.weights[k], plan.weights[k]) for k in plan.weights) and torch.equal(job.plan.local["b"], plan.local["b"])
     update = Update(3, {"a": torch.randn(2, 5)}, 41, {"train_loss": 0.5, "steps": 2})
     back = decode_update(encode_update(update))

@@ -11,10 +11,8 @@ from legend.config import load_config
 from legend.core import ModelInfo, Update
 from legend.devices.capacity import ranks_by_capacity
 from legend.engine.simulation import run_experiment
-from legend.strategies.aggregate import tail_norm
-from legend.strategies.base import TAIL_NORM
 from legend.strategies.flexlora import FlexLoRA
-from legend.strategies.hetlora import HetLoRA
+from legend.strategies.hetlora import TAIL_NORM, HetLoRA, tail_norm
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 H = 384

@@ -46,8 +46,6 @@ class ClientPlan:
     local: the device's own tensors (FedSA-LoRA's B), never sent; the device keeps them after training.
     wire: what is sent instead of ``weights`` when the device rebuilds them from a more compact
           message (FLoRA's stacked factors, from which it merges its base weights); bytes count this.
-    tail_penalty: HetLoRA's (lambda, gamma): the device adds lambda x its tail norms to the loss and
-          reports them after training.
     """
 
     client: int
@@ -56,7 +54,6 @@ class ClientPlan:
     lr: float
     local: State = field(default_factory=dict)
     wire: State | None = None
-    tail_penalty: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

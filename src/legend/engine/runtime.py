@@ -52,7 +52,8 @@ def local_training(exp: Experiment, job: Job, crash_at_step: int | None = None) 
     batches = client_batches(exp.train, indices, exp.config.train, job.seed)
     if crash_at_step is not None:
         batches = _crash_at(batches, crash_at_step)
-    return train_client(exp.model, job.plan, exp.train, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"))
+    return train_client(exp.model, job.plan, exp.train, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"),
+                        exp.strategy.device_side())
 
 
 def _crash_at(batches: list[np.ndarray], step: int) -> Iterator[np.ndarray]:

@@ -22,8 +22,7 @@ def _meta(content: RecordDict) -> dict:
 
 def encode_job(job: Job) -> RecordDict:
     plan = job.plan
-    meta = {"round": job.round_number, "seed": job.seed, "client": plan.client, "lr": plan.lr, "layout": asdict(plan.layout),
-            "tail_penalty": plan.tail_penalty}
+    meta = {"round": job.round_number, "seed": job.seed, "client": plan.client, "lr": plan.lr, "layout": asdict(plan.layout)}
     return RecordDict({"weights": _arrays(plan.weights), "local": _arrays(plan.local), "meta": ConfigRecord({"json": json.dumps(meta)})})
 
 
@@ -31,9 +30,7 @@ def decode_job(content: RecordDict) -> Job:
     meta = _meta(content)
     layout = meta["layout"]
     layout = AdapterLayout(layout["method"], tuple(layout["rank_by_block"]), tuple(layout["train_factors"]), layout["train_head"])
-    penalty = tuple(meta["tail_penalty"]) if meta["tail_penalty"] is not None else None
-    plan = ClientPlan(meta["client"], layout, content["weights"].to_torch_state_dict(), meta["lr"], content["local"].to_torch_state_dict(),
-                      tail_penalty=penalty)
+    plan = ClientPlan(meta["client"], layout, content["weights"].to_torch_state_dict(), meta["lr"], content["local"].to_torch_state_dict())
     return Job(meta["round"], plan, meta["seed"])
 
 

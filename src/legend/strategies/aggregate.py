@@ -75,13 +75,6 @@ def pad_factors(factors: Factors, rank: int) -> Factors:
     return torch.nn.functional.pad(a, (0, 0, 0, missing)), torch.nn.functional.pad(b, (0, missing))
 
 
-def tail_norm(factors: Factors, rank: int, gamma: float) -> torch.Tensor:
-    """HetLoRA's regulariser for one module of rank r: ||B[:, floor(gamma r):r]||_F x ||A[floor(gamma r):r, :]||_F."""
-    a, b = factors
-    keep = int(gamma * rank)
-    return torch.linalg.matrix_norm(b[:, keep:rank]) * torch.linalg.matrix_norm(a[keep:rank])
-
-
 def hetlora_factors(factors: list[Factors], rank: int) -> Factors:
     """HetLoRA: zero-pad every client to ``rank``, weight it by w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F."""
     norms = [torch.linalg.matrix_norm(b @ a).item() for a, b in factors]

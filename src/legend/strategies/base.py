@@ -12,13 +12,28 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from legend.config import Config
 from legend.core import ClientPlan, ModelInfo, State, Update
 from legend.devices.capacity import DeviceView
 from legend.lora.layout import AdapterLayout
 from legend.models.shared import SharedModel
 
-TAIL_NORM = "tail_norm"  # metric key of HetLoRA's tail norm in an update
+class DeviceSide:
+    """What local training asks of a strategy on the device; the default asks nothing (plain local training).
+
+    A strategy whose devices do more (an extra loss term, a metric to report) returns its own from
+    ``Strategy.device_side``. The hooks see the shared model with the plan loaded and its layout trainable.
+    """
+
+    def extra_loss(self, model: SharedModel, plan: ClientPlan) -> torch.Tensor | None:
+        """A term added to each local step's loss (None: none)."""
+        return None
+
+    def report(self, model: SharedModel, plan: ClientPlan) -> dict[str, float]:
+        """Metrics the device adds to its update after training."""
+        return {}
 
 
 class Strategy(ABC):
@@ -67,6 +82,10 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
         """The new global state; never mutates its arguments."""
+
+    def device_side(self) -> DeviceSide:
+        """The hooks local training calls on every device (built from the config, so a Flower node builds the same)."""
+        return DeviceSide()
 
     def use_folder(self, folder: Path) -> None:
         """The run's folder, where a strategy with per-client state keeps it (a file per client)."""
