@@ -35,6 +35,7 @@ ALL = 22_713_986  # every parameter of MiniLM-L6 with its 2-label head
 WIRE = {
     "fedit": ([LORA + HEAD] * 2, [LORA + HEAD] * 2),
     "federa": ([LORA + HEAD] * 2, [LORA + HEAD] * 2),  # FedIT's wire: the SVD initialisation is derived, not sent
+    "fedprox": ([LORA + HEAD] * 2, [LORA + HEAD] * 2),  # FedIT's wire: the proximal term is local
     "fedavg-full": ([ALL] * 2, [ALL] * 2),
     "ffa": ([MODULES * B + HEAD] * 2, [MODULES * B + HEAD] * 2),  # only B: A is known from the seed
     "fedsa": ([MODULES * A + HEAD] * 2, [MODULES * A + HEAD] * 2),  # only A: B stays on the device
