@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from legend.report.metrics import read_metrics
+from legend.records import read_metrics
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ in turn on the shared model, reject unsound updates, aggregate, evaluate, checkp
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from legend.config import Config
-from legend.core import ClientPlan, State, Update
+from legend.core import ClientPlan, State, Update, atomic_write
 from legend.data import EncodedSplit, encode, length_buckets, load_task, partition_indices, subsample
 from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, device_time, synchronous_round, training_flops
 from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
@@ -31,7 +32,7 @@ from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
 from legend.models.shared import SharedModel
-from legend.report.metrics import summarize, write_metrics, write_summary
+from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, summarize
 from legend.errors import LegendError
 from legend.strategies import STRATEGIES, Strategy, strategy_class
 from legend.wire import WIRE_DTYPES, payload_bytes, through_wire
@@ -128,8 +129,8 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
         scored = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
-        rows = [_row(0, scored.accuracy, scored.loss, [], [], set(), {}, {}, False, 0, 0.0, 0.0, time.perf_counter() - started, {}, {},
-                     scored.forward_s)]
+        rows = [RoundRecord(0, accuracy=scored.accuracy, loss=scored.loss, wall_s=round(time.perf_counter() - started, 4),
+                            forward_backward_s=round(scored.forward_s, 4)).row()]
         _persist(out_dir, fingerprint, global_state, exp, rows)
     if on_round:
         for row in rows:
@@ -198,10 +199,27 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
         accuracy, loss, forward_s = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
         forward_backward_s += forward_s
-    bytes_down = sum(sent_bytes(plans[c], config.fl.wire_dtype) for c in clients)
-    row = _row(round_number, accuracy, loss, valid, times, dropped, rejected, lost, skipped, bytes_down, round_s, clock_s + round_s,
-               time.perf_counter() - started, plans, memory, forward_backward_s)
-    return global_state, row
+    losses = [u.metrics["train_loss"] for u in valid]
+    record = RoundRecord(
+        round=round_number,
+        clients=sorted([t.client for t in times] + list(lost)),
+        accuracy=accuracy,
+        loss=loss,
+        train_loss=float(np.mean(losses)) if losses else None,
+        bytes_up=sum(t.bytes_up for t in times if t.client not in dropped),  # every update that arrived (rejected ones were sent too)
+        bytes_down=sum(sent_bytes(plans[c], config.fl.wire_dtype) for c in clients),  # every device that was sent a plan
+        round_time_s=round(round_s, 4),
+        virtual_time_s=round(clock_s + round_s, 4),
+        dropped=sorted(dropped),
+        devices=[{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block),
+                  "memory_gb": round(memory[t.client] / 1e9, 4)} for t in times],
+        rejected=[{"client": client, "reason": reason} for client, reason in rejected.items()],
+        lost=[{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
+        skipped=skipped,
+        wall_s=round(time.perf_counter() - started, 4),
+        forward_backward_s=round(forward_backward_s, 4),
+    )
+    return global_state, record.row()
 
 
 def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Batches) -> int:
@@ -280,34 +298,17 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
     return replace(update, weights=through_wire(update.weights, wire), metrics={**update.metrics, **report}), times
 
 
-def _row(round_number, accuracy, loss, aggregated, times, dropped, rejected, lost, skipped, bytes_down, round_s, virtual_time_s, wall_s,
-         plans, memory, forward_backward_s) -> dict[str, Any]:
-    """Bytes up count every update that arrived (rejected ones too: they were sent); bytes down every device that was sent a plan."""
-    losses = [u.metrics["train_loss"] for u in aggregated]
-    return {
-        "round": round_number,
-        "clients": sorted([t.client for t in times] + list(lost)),
-        "accuracy": accuracy,
-        "loss": loss,
-        "train_loss": float(np.mean(losses)) if losses else None,
-        "bytes_up": sum(t.bytes_up for t in times if t.client not in dropped),
-        "bytes_down": bytes_down,
-        "round_time_s": round(round_s, 4),
-        "virtual_time_s": round(virtual_time_s, 4),
-        "dropped": sorted(dropped),
-        "devices": [{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block),
-                     "memory_gb": round(memory[t.client] / 1e9, 4)} for t in times],
-        "rejected": [{"client": client, "reason": reason} for client, reason in rejected.items()],
-        "lost": [{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
-        "skipped": skipped,
-        "wall_s": round(wall_s, 4),
-        "forward_backward_s": round(forward_backward_s, 4),
-    }
-
-
 def _persist(out_dir: Path, fingerprint: dict, global_state: State, exp: Experiment, rows: list[dict]) -> None:
     """The checkpoint is the source of truth; metrics.jsonl is rewritten from it."""
     save_checkpoint(out_dir, {"config": fingerprint, "global_state": global_state, "strategy_state": exp.strategy.state_dict(),
                               "capacity": exp.capacity.state_dict(), "metrics": rows})
     exp.strategy.checkpointed()
     write_metrics(out_dir, rows)
+
+
+def write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write(out_dir / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write(out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
