@@ -112,20 +112,26 @@ def trained(client, state, seed, n=10):
     return Update(client, {k: v + torch.randn(v.shape, generator=gen) for k, v in state.items()}, n)
 
 
-def test_fedsa_keeps_b_on_each_device_and_scores_with_the_mean_b():
+def test_fedsa_sends_only_a_and_scores_with_the_mean_of_the_devices_b():
     fedsa = strategy(FedSALoRA)
     initial_b = {MODULE_B: torch.zeros(6, 1)}
     fedsa.load_state_dict({"initial_b": initial_b, "local_b": {}, "samples": {}})  # the format before client_state/, still read
     state = {MODULE_A: torch.randn(1, 6), "head": torch.randn(2), **initial_b}
+    assert fedsa.device_side().kept(state) == {MODULE_B}  # B stays on the device: its runtime stores it
     plans = fedsa.plan(1, [0, 1], state, NO_DEVICES)
-    assert plans[0].weights.keys() == {MODULE_A, "head"} and plans[0].local is initial_b  # first time: the initial B
-    updates = [Update(c, trained(c, plans[c].weights, c).weights, n, local=trained(c, initial_b, 10 + c).weights) for c, n in ((0, 10), (1, 30))]
+    assert plans[0].weights.keys() == {MODULE_A, "head"}
+    b = {c: trained(c, initial_b, 10 + c).weights for c in (0, 1)}
+    updates = [Update(c, trained(c, plans[c].weights, c).weights, n, kept=b[c], kept_start=initial_b) for c, n in ((0, 10), (1, 30))]
     state = fedsa.aggregate(1, state, updates)
     torch.testing.assert_close(state[MODULE_A], 0.25 * updates[0].weights[MODULE_A] + 0.75 * updates[1].weights[MODULE_A])
-    torch.testing.assert_close(state[MODULE_B], 0.25 * updates[0].local[MODULE_B] + 0.75 * updates[1].local[MODULE_B])
+    torch.testing.assert_close(state[MODULE_B], 0.25 * b[0][MODULE_B] + 0.75 * b[1][MODULE_B])
+    # round 2: client 1 again, from its own B; client 2 for the first time: the mean holds every client's latest B
+    b[1], b[2] = trained(1, b[1], 21).weights, trained(2, initial_b, 22).weights
     plans = fedsa.plan(2, [1, 2], state, NO_DEVICES)
-    assert_same(plans[1].local, updates[1].local)  # its own B, not the mean
-    assert_same(plans[2].local, initial_b)
+    updates = [Update(1, trained(1, plans[1].weights, 1).weights, 30, kept=b[1], kept_start=updates[1].kept),
+               Update(2, trained(2, plans[2].weights, 2).weights, 20, kept=b[2], kept_start=initial_b)]
+    state = fedsa.aggregate(2, state, updates)
+    torch.testing.assert_close(state[MODULE_B], (10 * b[0][MODULE_B] + 30 * b[1][MODULE_B] + 20 * b[2][MODULE_B]) / 60)
 
 
 def test_flora_sends_pending_stacks_until_dense_w_is_smaller():

@@ -42,8 +42,8 @@ class ModelInfo:
 class ClientPlan:
     """What one device is told: its layout, the tensors it starts from, its learning rate.
 
-    weights: tensors the device loads over the global model; sent, unless ``wire`` says otherwise.
-    local: the device's own tensors (FedSA-LoRA's B), never sent; the device keeps them after training.
+    weights: tensors the device loads over the global model; sent, unless ``wire`` says otherwise. With the
+          tensors the device keeps itself (``DeviceSide.kept``: FedSA-LoRA's B) they cover the global state.
     wire: what is sent instead of ``weights`` when the device rebuilds them from a more compact
           message (FLoRA's stacked factors, from which it merges its base weights); bytes count this.
     """
@@ -52,7 +52,6 @@ class ClientPlan:
     layout: AdapterLayout
     weights: State
     lr: float
-    local: State = field(default_factory=dict)
     wire: State | None = None
 
 
@@ -60,15 +59,17 @@ class ClientPlan:
 class Update:
     """What one device sends back: the tensors it trained (cut to its layout) and how much data it used.
 
-    local: the trained tensors the plan marked as the device's own; they stay on the device (in the
-           simulation the strategy keeps them for it) and are not sent.
+    kept: the trained tensors the device keeps as its own (``DeviceSide.kept``; its runtime stores them), and
+    kept_start: what it started them from: both reported for the server's scoring only (FedSA-LoRA's mean B),
+                never counted as sent.
     """
 
     client: int
     weights: State
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
-    local: State = field(default_factory=dict)
+    kept: State = field(default_factory=dict)
+    kept_start: State = field(default_factory=dict)
 
 
 def atomic_write(path: Path, data: bytes | memoryview) -> None:

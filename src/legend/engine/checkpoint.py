@@ -39,6 +39,18 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def device_state(saved: dict[str, Any]) -> dict[str, Any]:
+    """What the runtime stored of the devices' own tensors. Checkpoints from before the runtime owned them (2026-11-30)
+    have FedSA-LoRA's B in the strategy's state: its initial B, and per client a file name or (before client_state/) the tensors."""
+    if "devices" in saved:
+        return saved["devices"]
+    strategy = saved["strategy_state"]
+    if "local_b" not in strategy:
+        return {"initial": {}, "own": {"memory": {}, "files": {}, "written": 0}}
+    own = strategy["local_b"] if "files" in strategy["local_b"] else {"memory": strategy["local_b"], "files": {}, "written": 0}
+    return {"initial": strategy["initial_b"], "own": own}
+
+
 def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The saved config with keys it predates (added by a later legend) at their defaults: such a run resumes as it ran."""
     out = dict(saved)

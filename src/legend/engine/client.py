@@ -71,13 +71,14 @@ def forward(model: SharedModel, data: EncodedSplit, rows: np.ndarray, prefix: Pr
         return model.module(**batch), batch
 
 
-def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray],
-                 num_samples: int, cfg: TrainConfig, seed: int, prefix: PrefixView | None = None, device: DeviceSide | None = None) -> Update:
-    """Local AdamW over ``batches``, starting from the plan's tensors (which cover the whole global state).
+def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray], num_samples: int,
+                 cfg: TrainConfig, seed: int, prefix: PrefixView | None = None, device: DeviceSide | None = None, own: State | None = None) -> Update:
+    """Local AdamW over ``batches``, starting from the plan's tensors and the device's own (together the whole global state).
 
-    ``device``: the strategy's device-side hooks (an extra loss term, metrics to report); none by default."""
-    device = device or DeviceSide()
-    model.load({**plan.weights, **plan.local})
+    ``device``: the strategy's device-side hooks (an extra loss term, metrics to report); none by default.
+    ``own``: the tensors the device keeps between rounds (``DeviceSide.kept``), as its runtime stored them."""
+    device, own = device or DeviceSide(), own or {}
+    model.load({**plan.weights, **own})
     params = model.set_trainable(plan.layout)
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
     torch.manual_seed(seed)  # dropout
@@ -101,9 +102,9 @@ def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batch
     with torch.no_grad():
         metrics.update(device.report(model, plan))
     trained = model.read(plan.layout)
-    sent = {key: value for key, value in trained.items() if key not in plan.local}
-    kept = {key: value for key, value in trained.items() if key in plan.local}
-    return Update(plan.client, sent, num_samples, metrics, kept)
+    sent = {key: value for key, value in trained.items() if key not in own}
+    kept = {key: value for key, value in trained.items() if key in own}
+    return Update(plan.client, sent, num_samples, metrics, kept, own)
 
 
 class Evaluation(NamedTuple):

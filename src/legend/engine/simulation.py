@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from legend.data import EncodedSplit, encode, length_buckets, load_task, partiti
 from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, device_time, synchronous_round, training_flops
 from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
 from legend.devices.cost import applied_ranks, layout_bytes, require_fits
-from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from legend.engine.checkpoint import CHECKPOINT, device_state, load_checkpoint, save_checkpoint
 from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches, derived_seed, evaluate
 from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
 from legend.engine.privacy import add_noise, clip_update, epsilon
@@ -117,28 +117,29 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     ``runtime`` is where the devices train: in this process unless given (Flower passes its own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = experiment or build_experiment(config)
-    exp.strategy.use_folder(out_dir)
-    runtime = runtime or InProcess(config.faults)
+    runtime = runtime or InProcess(config.faults, config.engine.client_state_mb)
     fingerprint = config.model_dump()
     if resume:
         saved = load_checkpoint(out_dir, fingerprint)
         global_state, rows = saved["global_state"], saved["metrics"]
         exp.strategy.load_state_dict(saved["strategy_state"])
         exp.capacity.load_state_dict(saved["capacity"])
+        runtime.start(out_dir, {}, device_state(saved))
     else:
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
+        runtime.start(out_dir, {key: global_state[key] for key in kept_keys(exp, exp.strategy.global_layout())}, None)
         scored = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
         rows = [RoundRecord(0, accuracy=scored.accuracy, loss=scored.loss, wall_s=round(time.perf_counter() - started, 4),
                             forward_backward_s=round(scored.forward_s, 4)).row()]
-        _persist(out_dir, fingerprint, global_state, exp, rows)
+        _persist(out_dir, fingerprint, global_state, exp, runtime, rows)
     if on_round:
         for row in rows:
             on_round(row)
     for round_number in range(rows[-1]["round"] + 1, config.fl.rounds + 1):
         global_state, row = run_round(exp, runtime, round_number, global_state, rows[-1]["virtual_time_s"])
         rows.append(row)
-        _persist(out_dir, fingerprint, global_state, exp, rows)
+        _persist(out_dir, fingerprint, global_state, exp, runtime, rows)
         if on_round:
             on_round(row)
     summary = summarize(config.strategy.name, rows, config.eval.target_accuracy)
@@ -178,8 +179,8 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     expected = {u.client: _expected(exp, plans[u.client], global_state) for u in arrived}
     rejected = {}
     for update in arrived:
-        sent, start, kept = expected[update.client]
-        if reason := rejection(update, sent, start, config.fl.max_update_norm, kept):
+        want = expected[update.client]
+        if reason := rejection(update, want.sent, want.start, config.fl.max_update_norm, want.kept):
             rejected[update.client] = reason
             log.warning("round %d: update of client %d rejected: %s", round_number, update.client, reason)
     valid = [u for u in arrived if u.client not in rejected]
@@ -187,10 +188,11 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         exp.capacity.observe(update.client, update.metrics)
     privacy = config.privacy
     if privacy.clip_norm > 0:
-        valid = [clip_update(u, expected[u.client][1], privacy.clip_norm) for u in valid]
+        valid = [clip_update(u, expected[u.client].start, privacy.clip_norm) for u in valid]
     skipped = len(valid) < config.fl.min_clients
     if not skipped:
         global_state = exp.strategy.aggregate(round_number, global_state, valid)
+        runtime.keep(valid)
         if privacy.noise_multiplier > 0:
             noise = torch.Generator().manual_seed(derived_seed(config.seed, round_number, 23))
             global_state = add_noise(global_state, valid, privacy.noise_multiplier, privacy.clip_norm, noise)
@@ -222,26 +224,41 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     return global_state, record.row()
 
 
+def kept_keys(exp: Experiment, layout) -> set[str]:
+    """The tensors of this layout that a device keeps as its own (FedSA-LoRA's B): never sent, stored by its runtime."""
+    return exp.strategy.device_side().kept(exp.model.keys(layout))
+
+
 def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Batches) -> int:
-    """The memory the plan needs on its device (bytes). A plan must fit that memory, and carry every global tensor:
-    a device loads its plan and nothing else."""
+    """The memory the plan needs on its device (bytes). A plan must fit that memory, and carry every global tensor
+    the device does not keep itself: a device loads its plan and its own tensors, nothing else."""
     device = exp.fleet.device_of(plan.client)
     needed = require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {plan.client} ({device.kind})")
-    missing = global_state.keys() - plan.weights.keys() - plan.local.keys()
+    missing = global_state.keys() - plan.weights.keys() - kept_keys(exp, plan.layout)
     if missing:
         raise RuntimeError(f"{exp.strategy.name}: the plan of client {plan.client} leaves out global tensors {sorted(missing)[:3]}")
     return needed
 
 
-def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], State,
-                                                                                dict[str, tuple[tuple[int, ...], torch.dtype]]]:
-    """What the plan asks the device to send back (shape and dtype per tensor), the values it started from, and
-    the shape and dtype of the tensors it keeps."""
+Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # tensor -> (shape, dtype)
+
+
+class Expected(NamedTuple):
+    """What a plan asks its device to send back, the values it started those from, and what it keeps."""
+
+    sent: Shapes
+    start: State
+    kept: Shapes
+
+
+def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> Expected:
     received = {**global_state, **plan.weights}
-    shapes = {key: shape for key, shape in exp.model.device_shapes(plan.layout).items() if key not in plan.local}
-    expected = {key: (shape, exp.model.params[key].dtype) for key, shape in shapes.items()}
-    kept = {key: (tuple(tensor.shape), tensor.dtype) for key, tensor in plan.local.items()}
-    return expected, {key: received[key][tuple(slice(0, n) for n in shape)] for key, shape in shapes.items()}, kept
+    shapes = exp.model.device_shapes(plan.layout)
+    kept = kept_keys(exp, plan.layout)
+    sent = {key: shape for key, shape in shapes.items() if key not in kept}
+    return Expected(sent={key: (shape, exp.model.params[key].dtype) for key, shape in sent.items()},
+                    start={key: received[key][tuple(slice(0, n) for n in shape)] for key, shape in sent.items()},
+                    kept={key: (shapes[key], exp.model.params[key].dtype) for key in kept})
 
 
 def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple[dict[int, list[np.ndarray]], DeviceView]:
@@ -262,7 +279,7 @@ def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
     for client, plan in plans.items():
         applied = applied_ranks(plan.layout, global_layout)
         down = sent_bytes(plan, wire)
-        up = layout_bytes(exp.model, plan.layout, wire, exclude=plan.local)
+        up = layout_bytes(exp.model, plan.layout, wire, exclude=kept_keys(exp, plan.layout))
         estimate = estimate_round(view, client, plan.layout, applied, down, up)
         rows.append({"client": client, "device": view.capacity[client].kind, "depth": plan.layout.depth, "rank_by_block": list(plan.layout.rank_by_block),
                      "compute_s": estimate.compute_s, "communication_s": estimate.download_s + estimate.upload_s, "round_s": estimate.total_s,
@@ -298,11 +315,11 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
     return replace(update, weights=through_wire(update.weights, wire), metrics={**update.metrics, **report}), times
 
 
-def _persist(out_dir: Path, fingerprint: dict, global_state: State, exp: Experiment, rows: list[dict]) -> None:
+def _persist(out_dir: Path, fingerprint: dict, global_state: State, exp: Experiment, runtime: Runtime, rows: list[dict]) -> None:
     """The checkpoint is the source of truth; metrics.jsonl is rewritten from it."""
     save_checkpoint(out_dir, {"config": fingerprint, "global_state": global_state, "strategy_state": exp.strategy.state_dict(),
-                              "capacity": exp.capacity.state_dict(), "metrics": rows})
-    exp.strategy.checkpointed()
+                              "capacity": exp.capacity.state_dict(), "devices": runtime.state_dict(), "metrics": rows})
+    runtime.checkpointed()
     write_metrics(out_dir, rows)
 
 

@@ -65,6 +65,18 @@ class FlowerRuntime:
         if missing:
             log.warning("no SuperNode for clients %s: the run goes on without them", missing)
 
+    def start(self, folder, initial, saved) -> None:
+        """Nothing to restore: each node keeps its device's own tensors (``flower/apps.py``)."""
+
+    def keep(self, updates: list[Update]) -> None:
+        """Nothing to store: a node keeps what its device trained."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def checkpointed(self) -> None:
+        pass
+
     def reachable(self, clients: list[int]) -> list[int]:
         connected = set(self.grid.get_node_ids())
         return [c for c in clients if self.node_of.get(c) in connected]

@@ -1,15 +1,16 @@
-"""The Strategy interface every algorithm implements, and the plain data that crosses the wire.
+"""The Strategy interface every algorithm implements: its server side, and its device side (``DeviceSide``).
 
 A strategy plans each sampled device's adapter layout and starting tensors (``plan``) and turns what
-comes back into the new global state (``aggregate``). Engines (embedded, Flower) only move plans and
-updates; no strategy knows which engine runs it.
+comes back into the new global state (``aggregate``); on the device, local training calls its hooks
+(an extra loss term, the tensors the device keeps, the metrics it reports). Engines (embedded, Flower)
+only move plans and updates (``legend.core``); no strategy knows which engine runs it.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +35,11 @@ class DeviceSide:
     def report(self, model: SharedModel, plan: ClientPlan) -> dict[str, float]:
         """Metrics the device adds to its update after training."""
         return {}
+
+    def kept(self, keys: Iterable[str]) -> set[str]:
+        """Which of the tensors it trains (``keys``) a device keeps as its own between rounds: never sent, its runtime
+        stores them (a device seen for the first time starts them from the initial global state)."""
+        return set()
 
 
 class Strategy(ABC):
@@ -87,15 +93,9 @@ class Strategy(ABC):
         """The hooks local training calls on every device (built from the config, so a Flower node builds the same)."""
         return DeviceSide()
 
-    def use_folder(self, folder: Path) -> None:
-        """The run's folder, where a strategy with per-client state keeps it (a file per client)."""
-
     def state_dict(self) -> dict[str, Any]:
-        """Strategy-private state that must survive a checkpoint (e.g. per-client tensors)."""
+        """Strategy-private state that must survive a checkpoint (e.g. per-client ranks, running sums)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
-
-    def checkpointed(self) -> None:
-        """The checkpoint holding ``state_dict()`` is written: what only older checkpoints named may go."""
