@@ -72,6 +72,11 @@ class Update:
     kept_start: State = field(default_factory=dict)
 
 
+def numel(state: State) -> int:
+    """How many numbers the tensors hold."""
+    return sum(tensor.numel() for tensor in state.values())
+
+
 def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """After a crash at any point, ``path`` holds either the old content or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from legend.config import Config
-from legend.core import ClientPlan, State, Update, atomic_write
+from legend.core import ClientPlan, State, Update, atomic_write, numel
 from legend.data import EncodedSplit, encode, length_buckets, load_task, partition_indices, subsample
 from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, device_time, synchronous_round, training_flops
 from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
-from legend.devices.cost import applied_ranks, layout_bytes, require_fits
+from legend.devices.cost import applied_ranks, layout_numel, require_fits
 from legend.engine.checkpoint import CHECKPOINT, device_state, load_checkpoint, save_checkpoint
 from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches, derived_seed, evaluate
 from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
@@ -35,7 +35,7 @@ from legend.models.shared import SharedModel
 from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, summarize
 from legend.errors import LegendError
 from legend.strategies import STRATEGIES, Strategy, strategy_class
-from legend.wire import WIRE_DTYPES, payload_bytes, through_wire
+from legend.wire import through_wire, wire_bytes
 
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple
     config = exp.config
     batches = {c: client_batches(exp.train, exp.partitions[c], config.train, derived_seed(config.seed, round_number, c)) for c in clients}
     workload = {c: Batches.of(batch_shapes(exp.train, b)) for c, b in batches.items()}
-    return batches, DeviceView(exp.spec, exp.capacity.estimates(), workload, WIRE_DTYPES[config.fl.wire_dtype].itemsize)
+    return batches, DeviceView(exp.spec, exp.capacity.estimates(), workload, config.fl.wire_dtype)
 
 
 def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
@@ -279,7 +279,7 @@ def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
     for client, plan in plans.items():
         applied = applied_ranks(plan.layout, global_layout)
         down = sent_bytes(plan, wire)
-        up = layout_bytes(exp.model, plan.layout, wire, exclude=kept_keys(exp, plan.layout))
+        up = wire_bytes(layout_numel(exp.model, plan.layout, exclude=kept_keys(exp, plan.layout)), wire)
         estimate = estimate_round(view, client, plan.layout, applied, down, up)
         rows.append({"client": client, "device": view.capacity[client].kind, "depth": plan.layout.depth, "rank_by_block": list(plan.layout.rank_by_block),
                      "compute_s": estimate.compute_s, "communication_s": estimate.download_s + estimate.upload_s, "round_s": estimate.total_s,
@@ -289,7 +289,7 @@ def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
 
 def sent_bytes(plan: ClientPlan, wire_dtype: str) -> int:
     """Bytes of the plan on the wire (its compact form where it has one)."""
-    return payload_bytes(plan.weights if plan.wire is None else plan.wire, wire_dtype)
+    return wire_bytes(numel(plan.weights if plan.wire is None else plan.wire), wire_dtype)
 
 
 def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batches, update: Update) -> tuple[Update, DeviceTime]:
@@ -301,7 +301,7 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
     config, client = exp.config, plan.client
     wire = config.fl.wire_dtype
     device = exp.fleet.device_of(client)
-    bytes_down, bytes_up = sent_bytes(plan, wire), payload_bytes(update.weights, wire)
+    bytes_down, bytes_up = sent_bytes(plan, wire), wire_bytes(numel(update.weights), wire)
     flops = training_flops(exp.spec, plan.layout, work, applied_ranks(plan.layout, exp.strategy.global_layout()))
     if config.flower.clock == "measured" and ROUND_TRIP_S in update.metrics:
         compute_s = update.metrics["train_wall_s"]
