@@ -11,7 +11,7 @@ from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import DevicesConfig, load_config
 from legend.core import numel
-from legend.devices import Batches, DeviceTime, ModelSpec, build_fleet, layout_numel, synchronous_round, training_flops
+from legend.devices import Batches, ModelSpec, RoundTime, build_fleet, layout_numel, synchronous_round, training_flops
 from legend.devices.calibrate import BlockTimer
 from legend.devices.capacity import lora_numel
 from legend.devices.cost import block_backward_flops, block_forward_flops, require_fits, training_memory_bytes
@@ -38,7 +38,7 @@ def top(depth, rank=8, blocks=6):
 
 
 def times(*totals):
-    return [DeviceTime(client, "x", 0.0, total, 0.0, 0, 0) for client, total in enumerate(totals)]
+    return [RoundTime(client, "x", 0.0, total, 0.0, 0, 0) for client, total in enumerate(totals)]
 
 
 def test_round_lasts_as_long_as_its_slowest_participant():

@@ -19,7 +19,7 @@ class RoundRecord:
     """One line of metrics.jsonl: round 0 is the evaluation before training.
 
     Bytes up count every update that arrived (rejected ones too: they were sent); bytes down every
-    device that was sent a plan. ``devices``: each participant's times and bytes (``DeviceTime.as_row``)
+    device that was sent a plan. ``devices``: each participant's times and bytes (``RoundTime.as_row``)
     with its ranks and memory; ``wall_s`` and ``forward_backward_s`` are this machine's seconds.
     """
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from legend.devices.clock import RoundTime
 from legend.devices.cost import Batches, ModelSpec, adapter_params, training_flops, training_memory_bytes
 from legend.devices.fleet import Fleet
 from legend.lora.layout import AdapterLayout
@@ -34,20 +35,6 @@ class Capacity:
     uplink: float
     downlink: float
     memory_gb: float
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A layout's estimated round on one device (seconds) and the memory it needs (bytes)."""
-
-    compute_s: float
-    download_s: float
-    upload_s: float
-    memory_bytes: int
-
-    @property
-    def total_s(self) -> float:
-        return self.download_s + self.compute_s + self.upload_s
 
 
 @dataclass(frozen=True)
@@ -121,13 +108,17 @@ def lora_numel(spec: ModelSpec, rank_by_block, train_factors=("lora_A", "lora_B"
     return int(factors * sum(adapter_params(spec, "lora", r) for r in rank_by_block) + (spec.head_params if head else 0))
 
 
-def estimate_round(view: DeviceView, client: int, layout: AdapterLayout, applied: tuple[int, ...], bytes_down: int, bytes_up: int) -> Estimate:
+def estimate_round(view: DeviceView, client: int, layout: AdapterLayout, applied: tuple[int, ...], bytes_down: int, bytes_up: int) -> RoundTime:
     """Estimated download, compute and upload seconds of a layout on one client, and its training memory."""
     capacity, work = view.capacity[client], view.workload[client]
-    return Estimate(
-        compute_s=training_flops(view.spec, layout, work, applied) / capacity.flops_per_s,
+    return RoundTime(
+        client=client,
+        device=capacity.kind,
         download_s=bytes_down / capacity.downlink,
+        compute_s=training_flops(view.spec, layout, work, applied) / capacity.flops_per_s,
         upload_s=bytes_up / capacity.uplink,
+        bytes_down=bytes_down,
+        bytes_up=bytes_up,
         memory_bytes=training_memory_bytes(view.spec, layout, work),
     )
 

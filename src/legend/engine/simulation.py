@@ -22,7 +22,7 @@ import torch
 from legend.config import Config
 from legend.core import ClientPlan, State, Update, atomic_write, numel
 from legend.data import EncodedSplit, encode, length_buckets, load_task, partition_indices, subsample
-from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, device_time, synchronous_round, training_flops
+from legend.devices import Batches, Fleet, ModelSpec, RoundTime, build_fleet, device_time, synchronous_round, training_flops
 from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
 from legend.devices.cost import applied_ranks, layout_numel, require_fits
 from legend.engine.checkpoint import CHECKPOINT, device_state, load_checkpoint, save_checkpoint
@@ -292,7 +292,7 @@ def sent_bytes(plan: ClientPlan, wire_dtype: str) -> int:
     return wire_bytes(numel(plan.weights if plan.wire is None else plan.wire), wire_dtype)
 
 
-def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batches, update: Update) -> tuple[Update, DeviceTime]:
+def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batches, update: Update) -> tuple[Update, RoundTime]:
     """The update as the server receives it, with the device's report of its round in its metrics, and its times.
 
     Virtual clock: times from the device's profile and this round's link draw. Measured clock (Flower
@@ -307,7 +307,7 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
         compute_s = update.metrics["train_wall_s"]
         transfer_s = max(update.metrics[ROUND_TRIP_S] - compute_s, 0.0)
         share_down = bytes_down / max(bytes_down + bytes_up, 1)
-        times = DeviceTime(client, device.kind, transfer_s * share_down, compute_s, transfer_s * (1 - share_down), bytes_down, bytes_up)
+        times = RoundTime(client, device.kind, transfer_s * share_down, compute_s, transfer_s * (1 - share_down), bytes_down, bytes_up)
     else:
         times = device_time(client, device.kind, flops, device.profile.flops, bytes_down, bytes_up, exp.fleet.link(client, round_number, config.seed))
     report = {FLOPS: flops, COMPUTE_S: times.compute_s, BYTES_DOWN: times.bytes_down, DOWNLOAD_S: times.download_s,

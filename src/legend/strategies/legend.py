@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from legend.core import ClientPlan, State, Update
-from legend.devices.capacity import Capacity, DeviceView, Estimate, estimate_round, lora_numel
+from legend.devices.capacity import Capacity, DeviceView, estimate_round, lora_numel
+from legend.devices.clock import RoundTime
 from legend.devices.cost import applied_ranks
 from legend.lora.layout import AdapterLayout, cut_to_layout
 from legend.strategies.aggregate import masked_average, sample_weights
@@ -52,10 +53,10 @@ class Assignment:
     depth: int
     cap: int
     layout: AdapterLayout
-    estimate: Estimate
+    estimate: RoundTime
 
 
-def estimate_layout(view: DeviceView, client: int, layout: AdapterLayout, global_layout: AdapterLayout) -> Estimate:
+def estimate_layout(view: DeviceView, client: int, layout: AdapterLayout, global_layout: AdapterLayout) -> RoundTime:
     """Down: every global adapter the device applies (its region at its own ranks) and the head; up: its region and the head."""
     applied = applied_ranks(layout, global_layout)
     down = wire_bytes(lora_numel(view.spec, applied), view.wire_dtype)
