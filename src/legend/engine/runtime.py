@@ -94,11 +94,10 @@ class InProcess:
         self.initial: State = {}  # what a device seen for the first time starts them from
 
     def start(self, folder: Path, initial: State, saved: dict[str, Any] | None) -> None:
-        self.own.use_folder(folder / "client_state")
-        if saved is None:
-            self.initial = initial
-        else:
-            self.initial = saved["initial"]
+        self.initial = initial if saved is None else saved["initial"]
+        if self.initial:  # the strategy's devices keep something: client_state/ holds it
+            self.own.use_folder(folder / "client_state")
+        if saved is not None:
             self.own.load_state_dict(saved["own"])
 
     def keep(self, updates: list[Update]) -> None:
