@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from legend.report.metrics import read_metrics
+from legend.records import read_metrics
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,12 +102,12 @@ def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
     import torch
 
     from legend.config import load_config
+    from legend.core import Update
     from legend.data import load_task, subsample
     from legend.data.tasks import column
     from legend.engine.client import derived_seed, local_step_count, training_batches
     from legend.engine.simulation import build_experiment, device_view, sample_clients
     from legend.models.shared import SharedModel
-    from legend.strategies.base import Update
 
     config = load_config(BASE, [*overrides, "engine.cache_mb=0", "train.group_by_length=false"])
     torch.set_num_threads(config.engine.threads or os.cpu_count())
@@ -127,7 +127,7 @@ def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
 
     def train_client(plan, round_number: int) -> Update:
         model = rebuilt()
-        model.load({**plan.weights, **plan.local})
+        model.load(plan.weights)  # the benchmarked strategies keep nothing on the device
         params = model.set_trainable(plan.layout)
         optimizer = torch.optim.AdamW(params, lr=plan.lr)
         indices = exp.partitions[plan.client]
@@ -139,7 +139,7 @@ def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
             optimizer.step()
             optimizer.zero_grad()
         trained = model.read(plan.layout)
-        return Update(plan.client, {k: v for k, v in trained.items() if k not in plan.local}, len(indices), {}, {k: v for k, v in trained.items() if k in plan.local})
+        return Update(plan.client, trained, len(indices))
 
     @torch.no_grad()
     def accuracy(state) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from legend.config import load_config
 from legend.engine.simulation import run_resumable
-from legend.report.metrics import read_metrics, summarize
+from legend.records import read_metrics, summarize
 
 STRATEGIES = ("federa", "fedit", "ffa", "fedavg-full", "bitfit")
 ALPHAS = (0.1, 0.5, 1.0)

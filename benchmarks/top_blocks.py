@@ -16,7 +16,7 @@ from pathlib import Path
 
 from legend.config import load_config
 from legend.engine.simulation import run_resumable
-from legend.report.metrics import read_metrics
+from legend.records import read_metrics
 
 
 def top_only(depth: int, rank: int) -> list[str]:

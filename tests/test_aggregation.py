@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from legend.core import Update
 from legend.strategies.aggregate import (
     average_updates,
     fedex_residual,
@@ -13,7 +14,6 @@ from legend.strategies.aggregate import (
     stack_factors,
     svd_factors,
 )
-from legend.strategies.base import Update
 
 OUT, IN = 6, 5
 

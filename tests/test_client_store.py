@@ -11,7 +11,7 @@ from legend.config import load_config
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.simulation import run_experiment
 from legend.errors import LegendError
-from legend.strategies.client_store import ClientStore, state_bytes
+from legend.engine.client_store import ClientStore, state_bytes
 from tests.conftest import ROOT, tiny_overrides
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
@@ -97,12 +97,12 @@ def test_a_fedsa_checkpoint_from_before_client_state_resumes_as_the_uninterrupte
     with pytest.raises(Crash):
         run_experiment(config, old, on_round=crash_after_round(2))
     payload = torch.load(old / CHECKPOINT, weights_only=True)  # rewritten as legend wrote it before: every B in it, no running sum
-    saved = payload["strategy_state"]
+    devices = payload.pop("devices")  # nor the runtime's own part: the B were the strategy's
     store = ClientStore(limit_mb=64)
     store.use_folder(old / "client_state")
-    store.load_state_dict(saved["local_b"])
-    payload["strategy_state"] = {"initial_b": saved["initial_b"], "samples": saved["samples"],
-                                 "local_b": {client: store.get(client) for client in saved["local_b"]["files"]}}
+    store.load_state_dict(devices["own"])
+    payload["strategy_state"] = {"initial_b": devices["initial"], "samples": payload["strategy_state"]["samples"],
+                                 "local_b": {client: store.get(client) for client in devices["own"]["files"]}}
     shutil.rmtree(old / "client_state")
     save_checkpoint(old, payload)
     assert without_wall_time(run_experiment(config, old, resume=True)) == without_wall_time(whole)

@@ -10,8 +10,10 @@ import torch
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import DevicesConfig, load_config
-from legend.devices import Batches, DeviceTime, ModelSpec, build_fleet, layout_bytes, synchronous_round, training_flops
+from legend.core import numel
+from legend.devices import Batches, ModelSpec, RoundTime, build_fleet, layout_numel, synchronous_round, training_flops
 from legend.devices.calibrate import BlockTimer
+from legend.devices.capacity import lora_numel
 from legend.devices.cost import block_backward_flops, block_forward_flops, require_fits, training_memory_bytes
 from legend.devices.fleet import Link
 from legend.devices.profiles import CATALOG
@@ -19,7 +21,7 @@ from legend.engine.simulation import run_experiment
 from legend.errors import LegendError
 from legend.lora import AdapterLayout
 from legend.models import SharedModel
-from legend.wire import payload_bytes
+from legend.wire import wire_bytes
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
@@ -36,7 +38,7 @@ def top(depth, rank=8, blocks=6):
 
 
 def times(*totals):
-    return [DeviceTime(client, "x", 0.0, total, 0.0, 0, 0) for client, total in enumerate(totals)]
+    return [RoundTime(client, "x", 0.0, total, 0.0, 0, 0) for client, total in enumerate(totals)]
 
 
 def test_round_lasts_as_long_as_its_slowest_participant():
@@ -89,11 +91,12 @@ def test_forward_flops_grow_with_the_attention_length_term(model):
     assert block_forward_flops(spec, long, 0) - block_forward_flops(spec, short, 0) == 4 * (long.token_pairs - short.token_pairs) * spec.attention_width
 
 
-def test_layout_bytes_equal_the_adapter_tensors(model):
+def test_a_layouts_numbers_are_those_of_its_adapter_tensors(model):
     for layout in (top(6), top(2), AdapterLayout("lora", (0, 0, 2, 4, 8, 8)), AdapterLayout("lora", (8,) * 6, train_factors=("lora_B",))):
-        assert layout_bytes(model, layout, "float32") == payload_bytes(model.read(layout), "float32")
+        assert layout_numel(model, layout) == numel(model.read(layout))
+        assert layout_numel(model, layout) == lora_numel(ModelSpec.of(model), layout.rank_by_block, layout.train_factors)
     h, head = 384, 2 * 384 + 2
-    assert layout_bytes(model, AdapterLayout("lora", (0, 0, 2, 4, 8, 8)), "float16") == 2 * (2 * 2 * h * (2 + 4 + 8 + 8) + head)
+    assert wire_bytes(layout_numel(model, AdapterLayout("lora", (0, 0, 2, 4, 8, 8))), "float16") == 2 * (2 * 2 * h * (2 + 4 + 8 + 8) + head)
 
 
 def test_memory_grows_with_depth_and_a_plan_that_does_not_fit_is_refused(model):

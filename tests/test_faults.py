@@ -78,7 +78,7 @@ def test_a_corrupt_update_is_rejected_and_the_global_model_stays_finite(tmp_path
 
 KILL_IN_THIRD_CHECKPOINT_WRITE = """
 import os, signal, sys
-import legend.engine.checkpoint as checkpoint
+import legend.core as core
 writes = 0
 real_fsync = os.fsync
 def fsync(fd):  # the temp file of the third checkpoint (after round 2) is written, not yet synced or renamed
@@ -88,7 +88,7 @@ def fsync(fd):  # the temp file of the third checkpoint (after round 2) is writt
         if writes == 3:
             os.kill(os.getpid(), signal.SIGKILL)
     real_fsync(fd)
-checkpoint.os.fsync = fsync
+core.os.fsync = fsync
 from legend.cli import main
 sys.argv = ["legend", *sys.argv[1:]]
 main()

@@ -17,6 +17,7 @@ import torch
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import DevicesConfig, load_config
+from legend.core import ClientPlan, Update
 from legend.devices import build_fleet
 from legend.devices.capacity import CapacityEstimator
 from legend.errors import LegendError
@@ -24,7 +25,6 @@ from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.runtime import Job
 from legend.engine.simulation import run_experiment
 from legend.lora.layout import AdapterLayout
-from legend.strategies.base import ClientPlan, Update
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
 pytestmark = pytest.mark.xdist_group("flower")  # one deployment at a time: each test checks that no Flower process outlives it
@@ -55,13 +55,26 @@ def rows_without_wall_time(out):
 
 def test_messages_carry_jobs_and_updates_unchanged():
     layout = AdapterLayout("lora", (0, 0, 2, 4, 8, 16), train_head=True)
-    plan = ClientPlan(3, layout, {"a": torch.randn(2, 5), "empty": torch.zeros(0, 5)}, 0.003, {"b": torch.randn(4)}, tail_penalty=(0.1, 0.9))
+    plan = ClientPlan(3, layout, {"a": torch.randn(2, 5), "empty": torch.zeros(0, 5)}, 0.003)
     job = decode_job(encode_job(Job(7, plan, 123456789)))
-    assert (job.round_number, job.seed, job.plan.client, job.plan.layout, job.plan.lr, job.plan.tail_penalty) == (7, 123456789, 3, layout, 0.003, (0.1, 0.9))
-    assert all(torch.equal(job.plan.weights[k], plan.weights[k]) for k in plan.weights) and torch.equal(job.plan.local["b"], plan.local["b"])
-    update = Update(3, {"a": torch.randn(2, 5)}, 41, {"train_loss": 0.5, "steps": 2})
+    assert (job.round_number, job.seed, job.plan.client, job.plan.layout, job.plan.lr) == (7, 123456789, 3, layout, 0.003)
+    assert all(torch.equal(job.plan.weights[k], plan.weights[k]) for k in plan.weights)
+    update = Update(3, {"a": torch.randn(2, 5)}, 41, {"train_loss": 0.5, "steps": 2}, kept={"b": torch.randn(4)}, kept_start={"b": torch.zeros(4)})
     back = decode_update(encode_update(update))
-    assert (back.client, back.num_samples, back.metrics, back.local) == (3, 41, update.metrics, {}) and torch.equal(back.weights["a"], update.weights["a"])
+    assert (back.client, back.num_samples, back.metrics) == (3, 41, update.metrics) and torch.equal(back.weights["a"], update.weights["a"])
+    assert torch.equal(back.kept["b"], update.kept["b"]) and torch.equal(back.kept_start["b"], update.kept_start["b"])
+
+
+def test_a_node_keeps_its_devices_own_tensors_for_later_rounds_of_the_same_experiment(tmp_path):
+    from legend.flower.apps import _keep, _kept_file, _own
+
+    path = _kept_file({"state-dir": str(tmp_path)}, '{"seed": 0}', 3)
+    initial = {"b": torch.zeros(2)}
+    assert _own(path, 1, initial) is initial
+    _keep(path, 1, {"b": torch.ones(2)})
+    assert torch.equal(_own(path, 2, initial)["b"], torch.ones(2))
+    assert _own(path, 1, initial) is initial  # a new run of the experiment starts from the initial values
+    assert _kept_file({"state-dir": str(tmp_path)}, '{"seed": 1}', 3) != path
 
 
 def test_a_node_that_states_its_memory_and_bandwidth_replaces_its_class_figures_for_itself():

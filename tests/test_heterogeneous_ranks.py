@@ -8,13 +8,11 @@ from tests.conftest import ROOT, tiny_overrides
 from tests.test_legend import view
 
 from legend.config import load_config
+from legend.core import ModelInfo, Update
 from legend.devices.capacity import ranks_by_capacity
 from legend.engine.simulation import run_experiment
-from legend.models.shared import ModelInfo
-from legend.strategies.aggregate import tail_norm
-from legend.strategies.base import TAIL_NORM, Update
 from legend.strategies.flexlora import FlexLoRA
-from legend.strategies.hetlora import HetLoRA
+from legend.strategies.hetlora import TAIL_NORM, HetLoRA, tail_norm
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 H = 384

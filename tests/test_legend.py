@@ -10,14 +10,13 @@ from peft.tuners.lora import LoraLayer
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
+from legend.core import ModelInfo, Update
 from legend.devices.capacity import Capacity, DeviceView
 from legend.devices.cost import Batches, ModelSpec
 from legend.engine.simulation import run_experiment
 from legend.lora.layout import cut_to_layout
 from legend.models import SharedModel
-from legend.models.shared import ModelInfo
 from legend.strategies.aggregate import masked_average
-from legend.strategies.base import Update
 from legend.strategies.legend import Legend, configure, device_layout, estimate_layout, rank_distribution
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
@@ -32,7 +31,7 @@ GLOBAL = (2, 5, 8, 10, 13, 16)  # legend.ranks = "linear" from 2 to 16
 def view(flops, uplink=1.25e6, memory_gb=8.0):
     """Devices that differ in compute (FLOP/s each), on the same link, all training 5 batches of 16 x 32 tokens."""
     capacity = {c: Capacity(f"d{c}", f, uplink, 2 * uplink, memory_gb) for c, f in enumerate(flops)}
-    return DeviceView(SPEC, capacity, {c: Batches.uniform(5, 16, 32) for c in capacity}, wire_itemsize=4)
+    return DeviceView(SPEC, capacity, {c: Batches.uniform(5, 16, 32) for c in capacity}, wire_dtype="float32")
 
 
 @pytest.mark.parametrize("shape", ["linear", "geometric", "uniform"])

@@ -9,10 +9,10 @@ import torch
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
+from legend.core import Update
 from legend.engine.privacy import ORDERS, add_noise, clip_update, epsilon
 from legend.engine.simulation import run_experiment
 from legend.errors import LegendError
-from legend.strategies.base import Update
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 

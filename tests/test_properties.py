@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from legend.config import Config, load_config, validate_config
+from legend.core import Update
 from legend.engine.validation import rejection
 from legend.errors import LegendError
-from legend.strategies.base import Update
 
 SECTIONS = {name: list(field.annotation.model_fields) for name, field in Config.model_fields.items() if hasattr(field.annotation, "model_fields")}
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),

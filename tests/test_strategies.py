@@ -12,11 +12,10 @@ import torch
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
+from legend.core import ModelInfo, Update
 from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.simulation import run_experiment
-from legend.models.shared import ModelInfo
 from legend.strategies import STRATEGIES
-from legend.strategies.base import Update
 from legend.strategies.fedsa import FedSALoRA
 from legend.strategies.flora import FLoRA
 
@@ -36,6 +35,7 @@ ALL = 22_713_986  # every parameter of MiniLM-L6 with its 2-label head
 WIRE = {
     "fedit": ([LORA + HEAD] * 2, [LORA + HEAD] * 2),
     "federa": ([LORA + HEAD] * 2, [LORA + HEAD] * 2),  # FedIT's wire: the SVD initialisation is derived, not sent
+    "fedprox": ([LORA + HEAD] * 2, [LORA + HEAD] * 2),  # FedIT's wire: the proximal term is local
     "fedavg-full": ([ALL] * 2, [ALL] * 2),
     "ffa": ([MODULES * B + HEAD] * 2, [MODULES * B + HEAD] * 2),  # only B: A is known from the seed
     "fedsa": ([MODULES * A + HEAD] * 2, [MODULES * A + HEAD] * 2),  # only A: B stays on the device
@@ -48,6 +48,22 @@ WIRE = {
     "hetlora": None,  # per device, from its rank: tests/test_heterogeneous_ranks.py
     "flexlora": None,
 }
+
+
+# Summaries of the tiny run of each strategy as legend wrote them before issue 20's refactor (tests/golden/README.md).
+GOLDEN = json.loads((ROOT / "tests" / "golden" / "tiny_summaries.json").read_text())
+
+
+ADDED_SINCE = {"malicious_updates"}  # summary keys of features added after the golden summaries were written
+
+
+def assert_matches_golden(summary, golden):
+    assert {k for k in summary if k != "wall_s"} - ADDED_SINCE == set(golden)
+    for key, expected in golden.items():
+        if isinstance(expected, float):
+            assert summary[key] == pytest.approx(expected, rel=1e-6, abs=1e-9), key
+        else:
+            assert summary[key] == expected, key
 
 
 def run_tiny(out, resume=False, on_round=None, **extra):
@@ -84,6 +100,8 @@ def test_every_strategy_has_its_wire_format_here():
 def test_strategy_sends_its_wire_format_and_resumes(tmp_path, name):
     whole = run_tiny(tmp_path / "whole", on_round=keep_checkpoint_of_round_1(tmp_path / "whole", tmp_path / "resumed"), **{"strategy.name": name})
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    if name in GOLDEN:  # every strategy that existed before the refactor gives the summary it gave then
+        assert_matches_golden(whole, GOLDEN[name])
     if WIRE[name] is not None:
         down, up = WIRE[name]
         assert [r["bytes_down"] for r in rows[1:]] == [2 * 4 * n for n in down]  # 2 clients, float32
@@ -112,20 +130,26 @@ def trained(client, state, seed, n=10):
     return Update(client, {k: v + torch.randn(v.shape, generator=gen) for k, v in state.items()}, n)
 
 
-def test_fedsa_keeps_b_on_each_device_and_scores_with_the_mean_b():
+def test_fedsa_sends_only_a_and_scores_with_the_mean_of_the_devices_b():
     fedsa = strategy(FedSALoRA)
     initial_b = {MODULE_B: torch.zeros(6, 1)}
     fedsa.load_state_dict({"initial_b": initial_b, "local_b": {}, "samples": {}})  # the format before client_state/, still read
     state = {MODULE_A: torch.randn(1, 6), "head": torch.randn(2), **initial_b}
+    assert fedsa.device_side().kept(state) == {MODULE_B}  # B stays on the device: its runtime stores it
     plans = fedsa.plan(1, [0, 1], state, NO_DEVICES)
-    assert plans[0].weights.keys() == {MODULE_A, "head"} and plans[0].local is initial_b  # first time: the initial B
-    updates = [Update(c, trained(c, plans[c].weights, c).weights, n, local=trained(c, initial_b, 10 + c).weights) for c, n in ((0, 10), (1, 30))]
+    assert plans[0].weights.keys() == {MODULE_A, "head"}
+    b = {c: trained(c, initial_b, 10 + c).weights for c in (0, 1)}
+    updates = [Update(c, trained(c, plans[c].weights, c).weights, n, kept=b[c], kept_start=initial_b) for c, n in ((0, 10), (1, 30))]
     state = fedsa.aggregate(1, state, updates)
     torch.testing.assert_close(state[MODULE_A], 0.25 * updates[0].weights[MODULE_A] + 0.75 * updates[1].weights[MODULE_A])
-    torch.testing.assert_close(state[MODULE_B], 0.25 * updates[0].local[MODULE_B] + 0.75 * updates[1].local[MODULE_B])
+    torch.testing.assert_close(state[MODULE_B], 0.25 * b[0][MODULE_B] + 0.75 * b[1][MODULE_B])
+    # round 2: client 1 again, from its own B; client 2 for the first time: the mean holds every client's latest B
+    b[1], b[2] = trained(1, b[1], 21).weights, trained(2, initial_b, 22).weights
     plans = fedsa.plan(2, [1, 2], state, NO_DEVICES)
-    assert_same(plans[1].local, updates[1].local)  # its own B, not the mean
-    assert_same(plans[2].local, initial_b)
+    updates = [Update(1, trained(1, plans[1].weights, 1).weights, 30, kept=b[1], kept_start=updates[1].kept),
+               Update(2, trained(2, plans[2].weights, 2).weights, 20, kept=b[2], kept_start=initial_b)]
+    state = fedsa.aggregate(2, state, updates)
+    torch.testing.assert_close(state[MODULE_B], (10 * b[0][MODULE_B] + 30 * b[1][MODULE_B] + 20 * b[2][MODULE_B]) / 60)
 
 
 def test_flora_sends_pending_stacks_until_dense_w_is_smaller():

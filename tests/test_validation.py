@@ -7,9 +7,9 @@ import torch
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
+from legend.core import Update
 from legend.engine.simulation import run_experiment
 from legend.engine.validation import rejection
-from legend.strategies.base import Update
 
 EXPECTED = {"a": ((2, 3), torch.float32), "head": ((2,), torch.float32)}
 START = {"a": torch.zeros(2, 3), "head": torch.zeros(2)}
@@ -41,10 +41,10 @@ def test_a_missing_tensor_is_rejected():
     ({}, "wrong keys: missing ['b']"),
 ])
 def test_the_tensors_a_device_keeps_are_checked_too(kept, reason):
-    """FedSA-LoRA's B stays with the server for the simulated devices: a corrupt one would spoil every later score."""
+    """FedSA-LoRA's B is stored by the embedded runtime and scored by the server: a corrupt one would spoil every later score."""
     expected_kept = {"b": ((2, 1), torch.float32)}
-    assert rejection(Update(0, update().weights, 10, local={"b": torch.ones(2, 1)}), EXPECTED, START, 0.0, expected_kept) is None
-    assert reason in rejection(Update(0, update().weights, 10, local=kept), EXPECTED, START, 0.0, expected_kept)
+    assert rejection(Update(0, update().weights, 10, kept={"b": torch.ones(2, 1)}), EXPECTED, START, 0.0, expected_kept) is None
+    assert reason in rejection(Update(0, update().weights, 10, kept=kept), EXPECTED, START, 0.0, expected_kept)
 
 
 def test_the_norm_limit_counts_the_distance_from_the_start():

@@ -67,6 +67,10 @@ class HetLoraConfig(Section):
     gamma: float = Field(0.99, gt=0, lt=1, description="HetLoRA: decay of rank self-pruning: a device whose tail norm shrank keeps floor(gamma r) ranks")
 
 
+class FedProxConfig(Section):
+    mu: float = Field(0.01, ge=0, description="FedProx: weight of the proximal term mu/2 ||w - w_global||^2 in each local step's loss (0 = FedIT)")
+
+
 class LegendConfig(Section):
     ranks: Literal["linear", "geometric", "uniform"] = Field("geometric", description="LEGEND: shape of the global rank ramp from r_min (deepest LoRA block) to r_max (top block)")
     r_min: int = Field(2, gt=0, description="LEGEND: rank of the deepest LoRA block")
@@ -186,6 +190,7 @@ class Config(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     hetlora: HetLoraConfig = Field(default_factory=HetLoraConfig)
+    fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
     legend: LegendConfig = Field(default_factory=LegendConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     fl: FlConfig = Field(default_factory=FlConfig)

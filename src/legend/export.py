@@ -29,14 +29,15 @@ from peft.tuners.lora import LoraLayer
 
 import legend
 from legend.config import Config
+from legend.core import State
 from legend.data.tasks import task_labels, task_text_columns
-from legend.engine.checkpoint import CHECKPOINT, read_checkpoint
+from legend.engine.checkpoint import CHECKPOINT, device_state, read_checkpoint
 from legend.engine.simulation import build_model
 from legend.errors import LegendError
 from legend.lora.layout import lora_config
 from legend.models.resolve import resolve_model
-from legend.models.shared import SharedModel, State
-from legend.report.metrics import METRICS_FILE
+from legend.models.shared import SharedModel
+from legend.records import METRICS_FILE
 from legend.strategies import Strategy
 
 LEGEND_FILE = "legend.json"  # in every export: what legend needs to predict and evaluate with it (labels, text columns, config)
@@ -99,8 +100,9 @@ def load_trained(folder: Path, client: int | None = None, purpose: str = "export
     model, strategy = build_model(config, len(labels))
     initial = {key: param.detach().clone() for key, param in model.params.items() if ".lora_" in key}
     state = saved["global_state"]
-    if strategy.personalised or client is not None:
-        state = {**state, **_client_tensors(folder, strategy, saved, client)}
+    kept = strategy.device_side().kept(model.keys(strategy.global_layout()))
+    if kept or client is not None:
+        state = {**state, **_client_tensors(folder, strategy.name, bool(kept), saved, client)}
     model.load(state)
     model.module.eval()
     rows = saved["metrics"]
@@ -108,19 +110,19 @@ def load_trained(folder: Path, client: int | None = None, purpose: str = "export
     return TrainedModel(folder, config, model, strategy, state, initial, labels, rows[-1]["round"], evaluated[-1] if evaluated else None, client)
 
 
-def _client_tensors(folder: Path, strategy: Strategy, saved: dict[str, Any], client: int | None) -> State:
-    name = strategy.name
-    if not strategy.personalised:
+def _client_tensors(folder: Path, name: str, personalised: bool, saved: dict[str, Any], client: int | None) -> State:
+    """The tensors ``client`` keeps as its own (FedSA-LoRA's B), as the run's runtime stored them."""
+    if not personalised:
         raise LegendError(f"--client: {name} trains one global model, which every client shares: export without --client")
-    strategy.use_folder(folder)
-    strategy.load_state_dict(saved["strategy_state"])
-    clients = strategy.personal_clients()
+    own = device_state(saved)["own"]  # the embedded runtime's store: tensors in memory, or a file per client under client_state/
+    clients = sorted({*own["memory"], *own["files"]})
     if client is None:
-        raise LegendError(f"{name} keeps a personal part on each client and has no global model: pass --client N, one of {_listed(clients)}")
-    own = strategy.personal_state(client)
-    if own is None:
-        raise LegendError(f"--client {client}: that client has no model of its own in {folder} (it never trained): use one of {_listed(clients)}")
-    return own
+        raise LegendError(f"{name} keeps a part of the model on each client and has no global model: pass --client N, one of {_listed(clients)}")
+    if client in own["memory"]:
+        return own["memory"][client]
+    if client in own["files"]:
+        return torch.load(folder / "client_state" / own["files"][client], weights_only=True)
+    raise LegendError(f"--client {client}: that client has no model of its own in {folder} (it never trained): use one of {_listed(clients)}")
 
 
 def _listed(clients: list[int]) -> str:

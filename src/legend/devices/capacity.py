@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from legend.devices.clock import RoundTime
 from legend.devices.cost import Batches, ModelSpec, adapter_params, training_flops, training_memory_bytes
 from legend.devices.fleet import Fleet
 from legend.lora.layout import AdapterLayout
+from legend.wire import wire_bytes
 
 # Keys of the device report that an update carries in its metrics (the same on every engine).
 FLOPS, COMPUTE_S, BYTES_DOWN, DOWNLOAD_S, BYTES_UP, UPLOAD_S = "flops", "compute_s", "bytes_down", "download_s", "bytes_up", "upload_s"
@@ -36,31 +38,18 @@ class Capacity:
 
 
 @dataclass(frozen=True)
-class Estimate:
-    """A layout's estimated round on one device (seconds) and the memory it needs (bytes)."""
-
-    compute_s: float
-    download_s: float
-    upload_s: float
-    memory_bytes: int
-
-    @property
-    def total_s(self) -> float:
-        return self.download_s + self.compute_s + self.upload_s
-
-
-@dataclass(frozen=True)
 class DeviceView:
     """What a strategy may know about the devices when it plans a round.
 
     capacity: every client's current estimate; workload: what each sampled client trains on this
-    round (its batch shapes; a real device reports its data statistics); spec: the model's sizes.
+    round (its batch shapes; a real device reports its data statistics); spec: the model's sizes;
+    wire_dtype: ``fl.wire_dtype``, in which bytes are counted (``wire_bytes``).
     """
 
     spec: ModelSpec
     capacity: dict[int, Capacity]
     workload: dict[int, Batches]
-    wire_itemsize: int
+    wire_dtype: str
 
 
 class CapacityEstimator:
@@ -113,19 +102,23 @@ def _rate(report: dict[str, float], amount: str, seconds: str) -> float | None:
     return None
 
 
-def lora_bytes(spec: ModelSpec, rank_by_block, itemsize: int, train_factors=("lora_A", "lora_B"), head: bool = True) -> int:
-    """Bytes of LoRA factors of these per-block ranks (and the head) on the wire."""
+def lora_numel(spec: ModelSpec, rank_by_block, train_factors=("lora_A", "lora_B"), head: bool = True) -> int:
+    """How many numbers LoRA factors of these per-block ranks (and the head) hold: ``wire_bytes`` of it on the wire."""
     factors = len(train_factors) / 2  # A (r x in) and B (out x r) together are r (in + out)
-    return int(itemsize * (factors * sum(adapter_params(spec, "lora", r) for r in rank_by_block) + (spec.head_params if head else 0)))
+    return int(factors * sum(adapter_params(spec, "lora", r) for r in rank_by_block) + (spec.head_params if head else 0))
 
 
-def estimate_round(view: DeviceView, client: int, layout: AdapterLayout, applied: tuple[int, ...], bytes_down: int, bytes_up: int) -> Estimate:
+def estimate_round(view: DeviceView, client: int, layout: AdapterLayout, applied: tuple[int, ...], bytes_down: int, bytes_up: int) -> RoundTime:
     """Estimated download, compute and upload seconds of a layout on one client, and its training memory."""
     capacity, work = view.capacity[client], view.workload[client]
-    return Estimate(
-        compute_s=training_flops(view.spec, layout, work, applied) / capacity.flops_per_s,
+    return RoundTime(
+        client=client,
+        device=capacity.kind,
         download_s=bytes_down / capacity.downlink,
+        compute_s=training_flops(view.spec, layout, work, applied) / capacity.flops_per_s,
         upload_s=bytes_up / capacity.uplink,
+        bytes_down=bytes_down,
+        bytes_up=bytes_up,
         memory_bytes=training_memory_bytes(view.spec, layout, work),
     )
 
@@ -138,7 +131,7 @@ def ranks_by_capacity(view: DeviceView, clients: list[int], r_min: int, r_max: i
     times slower a third of it.
     """
     layout = AdapterLayout.uniform_lora(view.spec.num_blocks, r_max)
-    size = lora_bytes(view.spec, layout.rank_by_block, view.wire_itemsize)
+    size = wire_bytes(lora_numel(view.spec, layout.rank_by_block), view.wire_dtype)
     times = {c: estimate_round(view, c, layout, layout.rank_by_block, size, size).total_s for c in clients}
     fastest = min(times.values())
     return {c: max(r_min, min(r_max, int(r_max * fastest / t))) for c, t in times.items()}

@@ -8,8 +8,13 @@ from legend.devices.fleet import Link
 
 
 @dataclass(frozen=True)
-class DeviceTime:
-    """One device's round: receive the plan, train, send the update (seconds of virtual time)."""
+class RoundTime:
+    """One device's round: receive the plan, train, send the update (seconds), and its bytes.
+
+    The one type of a round's time, however it was obtained: on the virtual clock, measured on a
+    Flower node, or estimated before the round by a planner (``capacity.estimate_round``, which also
+    gives the memory training needs).
+    """
 
     client: int
     device: str
@@ -18,6 +23,7 @@ class DeviceTime:
     upload_s: float
     bytes_down: int
     bytes_up: int
+    memory_bytes: int = 0  # estimates only
 
     @property
     def total_s(self) -> float:
@@ -29,11 +35,11 @@ class DeviceTime:
                 "dropped": dropped}
 
 
-def device_time(client: int, device: str, flops: float, device_flops: float, bytes_down: int, bytes_up: int, link: Link) -> DeviceTime:
-    return DeviceTime(client, device, float(bytes_down / link.downlink), float(flops / device_flops), float(bytes_up / link.uplink), bytes_down, bytes_up)
+def device_time(client: int, device: str, flops: float, device_flops: float, bytes_down: int, bytes_up: int, link: Link) -> RoundTime:
+    return RoundTime(client, device, float(bytes_down / link.downlink), float(flops / device_flops), float(bytes_up / link.uplink), bytes_down, bytes_up)
 
 
-def synchronous_round(times: list[DeviceTime], deadline_s: float = 0.0) -> tuple[float, set[int]]:
+def synchronous_round(times: list[RoundTime], deadline_s: float = 0.0) -> tuple[float, set[int]]:
     """The round lasts as long as its slowest participant; with a deadline, later devices are dropped.
 
     Returns the round's length and the dropped clients. A server with a deadline waits until it passes

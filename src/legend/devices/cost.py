@@ -20,7 +20,6 @@ from torch import nn
 from legend.errors import LegendError
 from legend.lora.layout import BOTTLENECK, AdapterLayout
 from legend.models.shared import SharedModel
-from legend.wire import WIRE_DTYPES
 
 FLOAT_BYTES = 4  # training runs in float32
 ADAMW_BYTES_PER_PARAM = 3 * FLOAT_BYTES  # gradient + two moments
@@ -154,10 +153,10 @@ def training_memory_bytes(spec: ModelSpec, layout: AdapterLayout, batches: Batch
     return weights + depth * per_block + ADAMW_BYTES_PER_PARAM * trainable_params(spec, layout)
 
 
-def layout_bytes(model: SharedModel, layout: AdapterLayout, wire_dtype: str, exclude=()) -> int:
-    """Bytes of the tensors a layout trains, as they cross the wire (less ``exclude``: tensors kept on the device)."""
-    itemsize = WIRE_DTYPES[wire_dtype].itemsize
-    return itemsize * sum(int(np.prod(shape)) for key, shape in model.device_shapes(layout).items() if key not in exclude)
+def layout_numel(model: SharedModel, layout: AdapterLayout, exclude=()) -> int:
+    """How many numbers the tensors a layout trains hold (less ``exclude``: tensors kept on the device); ``wire_bytes`` of it
+    is what they cost on the wire."""
+    return sum(int(np.prod(shape)) for key, shape in model.device_shapes(layout).items() if key not in exclude)
 
 
 def applied_ranks(layout: AdapterLayout, global_layout: AdapterLayout) -> tuple[int, ...]:

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from legend.config import Config
+from legend.core import atomic_write
 from legend.errors import LegendError
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """After a crash at any point, ``path`` holds either the old content or the new, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> None:
@@ -60,6 +45,18 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     if differing:
         raise LegendError(f"--resume: {out_dir} was run with a different config ({', '.join(differing)}): resume with the same config, or use a new --out")
     return payload
+
+
+def device_state(saved: dict[str, Any]) -> dict[str, Any]:
+    """What the runtime stored of the devices' own tensors. Checkpoints from before the runtime owned them (2026-11-30)
+    have FedSA-LoRA's B in the strategy's state: its initial B, and per client a file name or (before client_state/) the tensors."""
+    if "devices" in saved:
+        return saved["devices"]
+    strategy = saved["strategy_state"]
+    if "local_b" not in strategy:
+        return {"initial": {}, "own": {"memory": {}, "files": {}, "written": 0}}
+    own = strategy["local_b"] if "files" in strategy["local_b"] else {"memory": strategy["local_b"], "files": {}, "written": 0}
+    return {"initial": strategy["initial_b"], "own": own}
 
 
 def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -11,12 +11,11 @@ import numpy as np
 import torch
 
 from legend.config import TrainConfig
+from legend.core import ClientPlan, State, Update
 from legend.data.batching import EncodedSplit
 from legend.engine.prefix_cache import PrefixView
-from legend.lora.layout import AdapterLayout, lora_modules
-from legend.models.shared import SharedModel, State
-from legend.strategies.aggregate import tail_norm
-from legend.strategies.base import TAIL_NORM, ClientPlan, Update
+from legend.models.shared import SharedModel
+from legend.strategies.base import DeviceSide
 
 
 FORWARD_BACKWARD_S = "forward_backward_s"  # metric: seconds of local training spent in forward and backward passes (the rest is overhead)
@@ -72,10 +71,14 @@ def forward(model: SharedModel, data: EncodedSplit, rows: np.ndarray, prefix: Pr
         return model.module(**batch), batch
 
 
-def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray],
-                 num_samples: int, cfg: TrainConfig, seed: int, prefix: PrefixView | None = None) -> Update:
-    """Local AdamW over ``batches``, starting from the plan's tensors (which cover the whole global state)."""
-    model.load({**plan.weights, **plan.local})
+def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray], num_samples: int,
+                 cfg: TrainConfig, seed: int, prefix: PrefixView | None = None, device: DeviceSide | None = None, own: State | None = None) -> Update:
+    """Local AdamW over ``batches``, starting from the plan's tensors and the device's own (together the whole global state).
+
+    ``device``: the strategy's device-side hooks (an extra loss term, metrics to report); none by default.
+    ``own``: the tensors the device keeps between rounds (``DeviceSide.kept``), as its runtime stored them."""
+    device, own = device or DeviceSide(), own or {}
+    model.load({**plan.weights, **own})
     params = model.set_trainable(plan.layout)
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
     torch.manual_seed(seed)  # dropout
@@ -86,8 +89,8 @@ def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batch
         step_started = time.perf_counter()
         loss = forward(model, data, rows, prefix)[0].loss
         losses.append(loss.item())
-        if plan.tail_penalty is not None:
-            loss = loss + plan.tail_penalty[0] * tail_norms(model, plan.layout, plan.tail_penalty[1])
+        if (extra := device.extra_loss(model, plan)) is not None:
+            loss = loss + extra
         loss.backward()
         forward_backward_s += time.perf_counter() - step_started
         if cfg.max_grad_norm > 0:
@@ -96,22 +99,12 @@ def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batch
         optimizer.zero_grad(set_to_none=True)
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": time.perf_counter() - started,
                FORWARD_BACKWARD_S: forward_backward_s, "steps": len(losses)}
-    if plan.tail_penalty is not None:
-        with torch.no_grad():
-            metrics[TAIL_NORM] = float(tail_norms(model, plan.layout, plan.tail_penalty[1]))
+    with torch.no_grad():
+        metrics.update(device.report(model, plan))
     trained = model.read(plan.layout)
-    sent = {key: value for key, value in trained.items() if key not in plan.local}
-    kept = {key: value for key, value in trained.items() if key in plan.local}
-    return Update(plan.client, sent, num_samples, metrics, kept)
-
-
-def tail_norms(model: SharedModel, layout: AdapterLayout, gamma: float) -> torch.Tensor:
-    """HetLoRA's regulariser over the device's adapted modules, at the device's rank in each block."""
-    total = torch.zeros(())
-    for a_key, b_key in lora_modules(model.keys(layout)).values():
-        rank = layout.rank_by_block[model.block_of(a_key)]
-        total = total + tail_norm((model.params[a_key], model.params[b_key]), rank, gamma)
-    return total
+    sent = {key: value for key, value in trained.items() if key not in own}
+    kept = {key: value for key, value in trained.items() if key in own}
+    return Update(plan.client, sent, num_samples, metrics, kept, own)
 
 
 class Evaluation(NamedTuple):

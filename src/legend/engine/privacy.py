@@ -18,11 +18,11 @@ number of clients per round, for which the Poisson analysis is the usual approxi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from legend.models.shared import State
-from legend.strategies.base import Update
+from legend.core import State, Update
 
 ORDERS = tuple(range(2, 257))
 
@@ -33,7 +33,7 @@ def clip_update(update: Update, start: State, clip_norm: float) -> Update:
     norm = math.sqrt(sum(float((d**2).sum()) for d in deltas.values()))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     weights = {key: (start[key].double() + scale * d).to(update.weights[key].dtype) for key, d in deltas.items()}
-    return Update(update.client, weights, 1, {**update.metrics, "clip_scale": scale}, update.local)
+    return replace(update, weights=weights, num_samples=1, metrics={**update.metrics, "clip_scale": scale})
 
 
 def add_noise(state: State, updates: list[Update], noise_multiplier: float, clip_norm: float, generator: torch.Generator) -> State:

@@ -2,22 +2,26 @@
 
 The engine hands a runtime the round's jobs (each device's plan as it arrives there, and its seed) and
 gets back, per device, its update or the reason it has none (lost: crashed, disconnected, timed out).
-Every runtime trains with ``local_training``, so a run gives the same result on either.
+Every runtime trains with ``local_training``, so a run gives the same result on either. A runtime also
+owns what each device keeps between rounds (``DeviceSide.kept``, FedSA-LoRA's B): the embedded one
+stores it for its devices (a file per client, named by the checkpoint), a Flower node on the node.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from legend.config import FaultsConfig
+from legend.core import ClientPlan, State, Update
 from legend.data.batching import EncodedSplit
 from legend.engine.attacks import MALICIOUS, flipped_labels, is_attacker, poison
 from legend.engine.client import client_batches, local_step_count, train_client
-from legend.strategies.base import ClientPlan, Update
+from legend.engine.client_store import ClientStore
 
 if TYPE_CHECKING:
     from legend.engine.simulation import Experiment
@@ -41,13 +45,27 @@ class Runtime(Protocol):
     def train(self, exp: Experiment, jobs: list[Job]) -> dict[int, Update | str]:
         """Each job's update, or why it has none."""
 
+    def start(self, folder: Path, initial: State, saved: dict[str, Any] | None) -> None:
+        """Before the first round: the run's folder, the initial value of every tensor a device keeps, and (on resume)
+        what ``state_dict`` returned when the checkpoint was written."""
+
+    def keep(self, updates: list[Update]) -> None:
+        """These updates were aggregated: their kept tensors are their devices' own from now on."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the checkpoint must hold of the devices' own tensors."""
+
+    def checkpointed(self) -> None:
+        """The checkpoint holding ``state_dict()`` is written: what only older checkpoints named may go."""
+
 
 class DeviceCrash(RuntimeError):
     """A simulated crash inside local training (``faults.crash``)."""
 
 
-def local_training(exp: Experiment, job: Job, crash_at_step: int | None = None, data: EncodedSplit | None = None) -> Update:
-    """What a device does with a job: draw its batches from its own data, train from the plan.
+def local_training(exp: Experiment, job: Job, own: State | None = None, crash_at_step: int | None = None,
+                   data: EncodedSplit | None = None) -> Update:
+    """What a device does with a job: draw its batches from its own data, train from the plan and its own tensors.
 
     ``crash_at_step``, ``data``: the simulation's fault injection; training raises DeviceCrash when it reaches that step,
     and reads ``data`` (the same examples, other labels) instead of the training split."""
@@ -55,7 +73,8 @@ def local_training(exp: Experiment, job: Job, crash_at_step: int | None = None, 
     batches = client_batches(exp.train, indices, exp.config.train, job.seed)
     if crash_at_step is not None:
         batches = _crash_at(batches, crash_at_step)
-    return train_client(exp.model, job.plan, data or exp.train, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"))
+    return train_client(exp.model, job.plan, data or exp.train, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"),
+                        exp.strategy.device_side(), own)
 
 
 def _crash_at(batches: list[np.ndarray], step: int) -> Iterator[np.ndarray]:
@@ -69,11 +88,34 @@ class InProcess:
     Simulated faults (``faults``), drawn per (seed, round, client): a device that drops out after
     receiving its plan sends nothing; one whose training crashes (DeviceCrash at a random step) neither;
     an attacker sends a poisoned update (``engine/attacks.py``). Other exceptions are bugs, not device
-    faults, and stop the run."""
+    faults, and stop the run.
 
-    def __init__(self, faults: FaultsConfig):
+    What a device keeps (FedSA-LoRA's B) is stored here once its update is aggregated: a file per client
+    under the run's ``client_state/``, the latest ``engine.client_state_mb`` of them also in memory."""
+
+    def __init__(self, faults: FaultsConfig, client_state_mb: float = 64.0):
         self.faults = faults
+        self.own = ClientStore(client_state_mb)  # client -> the tensors it keeps
+        self.initial: State = {}  # what a device seen for the first time starts them from
         self._flipped: EncodedSplit | None = None  # the training split with flipped labels, made at the first label-flip attack
+
+    def start(self, folder: Path, initial: State, saved: dict[str, Any] | None) -> None:
+        self.initial = initial if saved is None else saved["initial"]
+        if self.initial:  # the strategy's devices keep something: client_state/ holds it
+            self.own.use_folder(folder / "client_state")
+        if saved is not None:
+            self.own.load_state_dict(saved["own"])
+
+    def keep(self, updates: list[Update]) -> None:
+        for update in updates:
+            if update.kept:
+                self.own.put(update.client, update.kept)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial": self.initial, "own": self.own.state_dict()}
+
+    def checkpointed(self) -> None:
+        self.own.collect()
 
     def reachable(self, clients: list[int]) -> list[int]:
         return clients
@@ -90,7 +132,8 @@ class InProcess:
         if attacker and self.faults.attack == "label_flip" and self._flipped is None:
             self._flipped = flipped_labels(exp.train, len(exp.label_names))
         try:
-            update = local_training(exp, job, int(step * steps) if crashes < self.faults.crash else None,
+            own = self.own.get(job.plan.client) or self.initial
+            update = local_training(exp, job, own, int(step * steps) if crashes < self.faults.crash else None,
                                     self._flipped if attacker and self.faults.attack == "label_flip" else None)
         except DeviceCrash as crash:
             return f"crashed in local training: {crash} (faults.crash)"

@@ -6,6 +6,7 @@ in turn on the shared model, reject unsound updates, aggregate, evaluate, checkp
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -13,28 +14,39 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from legend.config import Config
+from legend.core import ClientPlan, State, Update, atomic_write, numel
 from legend.data import EncodedSplit, encode, length_buckets, load_task, partition_indices, subsample
-from legend.devices import Batches, DeviceTime, Fleet, ModelSpec, build_fleet, device_time, synchronous_round, training_flops
-from legend.devices.capacity import BYTES_DOWN, BYTES_UP, COMPUTE_S, DOWNLOAD_S, FLOPS, UPLOAD_S, CapacityEstimator, DeviceView, estimate_round
-from legend.devices.cost import applied_ranks, layout_bytes, require_fits
-from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from legend.devices import Batches, Fleet, ModelSpec, RoundTime, build_fleet, device_time, synchronous_round, training_flops
+from legend.devices.capacity import (
+    BYTES_DOWN,
+    BYTES_UP,
+    COMPUTE_S,
+    DOWNLOAD_S,
+    FLOPS,
+    UPLOAD_S,
+    CapacityEstimator,
+    DeviceView,
+    estimate_round,
+)
+from legend.devices.cost import applied_ranks, layout_numel, require_fits
+from legend.engine.attacks import MALICIOUS
+from legend.engine.checkpoint import CHECKPOINT, device_state, load_checkpoint, save_checkpoint
 from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches, derived_seed, evaluate
 from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
 from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
-from legend.models.shared import SharedModel, State
-from legend.report.metrics import summarize, write_metrics, write_summary
 from legend.errors import LegendError
-from legend.strategies import STRATEGIES, ClientPlan, Strategy, Update, strategy_class
-from legend.wire import WIRE_DTYPES, payload_bytes, through_wire
-
+from legend.models.shared import SharedModel
+from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, summarize
+from legend.strategies import STRATEGIES, Strategy, strategy_class
+from legend.wire import through_wire, wire_bytes
 
 log = logging.getLogger(__name__)
 
@@ -127,28 +139,29 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     ``runtime`` is where the devices train: in this process unless given (Flower passes its own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = experiment or build_experiment(config)
-    exp.strategy.use_folder(out_dir)
-    runtime = runtime or InProcess(config.faults)
+    runtime = runtime or InProcess(config.faults, config.engine.client_state_mb)
     fingerprint = config.model_dump()
     if resume:
         saved = load_checkpoint(out_dir, fingerprint)
         global_state, rows = saved["global_state"], saved["metrics"]
         exp.strategy.load_state_dict(saved["strategy_state"])
         exp.capacity.load_state_dict(saved["capacity"])
+        runtime.start(out_dir, {}, device_state(saved))
     else:
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
+        runtime.start(out_dir, {key: global_state[key] for key in kept_keys(exp, exp.strategy.global_layout())}, None)
         scored = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
-        rows = [_row(0, scored.accuracy, scored.loss, [], [], set(), {}, {}, False, 0, 0.0, 0.0, time.perf_counter() - started, {}, {},
-                     scored.forward_s)]
-        _persist(out_dir, fingerprint, global_state, exp, rows)
+        rows = [RoundRecord(0, accuracy=scored.accuracy, loss=scored.loss, wall_s=round(time.perf_counter() - started, 4),
+                            forward_backward_s=round(scored.forward_s, 4)).row()]
+        _persist(out_dir, fingerprint, global_state, exp, runtime, rows)
     if on_round:
         for row in rows:
             on_round(row)
     for round_number in range(rows[-1]["round"] + 1, config.fl.rounds + 1):
         global_state, row = run_round(exp, runtime, round_number, global_state, rows[-1]["virtual_time_s"])
         rows.append(row)
-        _persist(out_dir, fingerprint, global_state, exp, rows)
+        _persist(out_dir, fingerprint, global_state, exp, runtime, rows)
         if on_round:
             on_round(row)
     summary = summarize(config.strategy.name, rows, config.eval.target_accuracy)
@@ -188,8 +201,8 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     expected = {u.client: _expected(exp, plans[u.client], global_state) for u in arrived}
     rejected = {}
     for update in arrived:
-        sent, start, kept = expected[update.client]
-        if reason := rejection(update, sent, start, config.fl.max_update_norm, kept):
+        want = expected[update.client]
+        if reason := rejection(update, want.sent, want.start, config.fl.max_update_norm, want.kept):
             rejected[update.client] = reason
             log.warning("round %d: update of client %d rejected: %s", round_number, update.client, reason)
     valid = [u for u in arrived if u.client not in rejected]
@@ -197,10 +210,11 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         exp.capacity.observe(update.client, update.metrics)
     privacy = config.privacy
     if privacy.clip_norm > 0:
-        valid = [clip_update(u, expected[u.client][1], privacy.clip_norm) for u in valid]
+        valid = [clip_update(u, expected[u.client].start, privacy.clip_norm) for u in valid]
     skipped = len(valid) < config.fl.min_clients
     if not skipped:
         global_state = exp.strategy.aggregate(round_number, global_state, valid)
+        runtime.keep(valid)
         if privacy.noise_multiplier > 0:
             noise = torch.Generator().manual_seed(derived_seed(config.seed, round_number, 23))
             global_state = add_noise(global_state, valid, privacy.noise_multiplier, privacy.clip_norm, noise)
@@ -209,32 +223,65 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
         accuracy, loss, forward_s = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
         forward_backward_s += forward_s
-    bytes_down = sum(sent_bytes(plans[c], config.fl.wire_dtype) for c in clients)
-    row = _row(round_number, accuracy, loss, valid, times, dropped, rejected, lost, skipped, bytes_down, round_s, clock_s + round_s,
-               time.perf_counter() - started, plans, memory, forward_backward_s)
-    return global_state, row
+    losses = [u.metrics["train_loss"] for u in valid]
+    record = RoundRecord(
+        round=round_number,
+        clients=sorted([t.client for t in times] + list(lost)),
+        accuracy=accuracy,
+        loss=loss,
+        train_loss=float(np.mean(losses)) if losses else None,
+        bytes_up=sum(t.bytes_up for t in times if t.client not in dropped),  # every update that arrived (rejected ones were sent too)
+        bytes_down=sum(sent_bytes(plans[c], config.fl.wire_dtype) for c in clients),  # every device that was sent a plan
+        round_time_s=round(round_s, 4),
+        virtual_time_s=round(clock_s + round_s, 4),
+        dropped=sorted(dropped),
+        devices=[{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block),
+                  "memory_gb": round(memory[t.client] / 1e9, 4)} for t in times],
+        rejected=[{"client": client, "reason": reason} for client, reason in rejected.items()],
+        lost=[{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
+        malicious=sorted(u.client for u, _ in results if u.metrics.get(MALICIOUS)),
+        skipped=skipped,
+        wall_s=round(time.perf_counter() - started, 4),
+        forward_backward_s=round(forward_backward_s, 4),
+    )
+    return global_state, record.row()
+
+
+def kept_keys(exp: Experiment, layout) -> set[str]:
+    """The tensors of this layout that a device keeps as its own (FedSA-LoRA's B): never sent, stored by its runtime."""
+    return exp.strategy.device_side().kept(exp.model.keys(layout))
 
 
 def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Batches) -> int:
-    """The memory the plan needs on its device (bytes). A plan must fit that memory, and carry every global tensor:
-    a device loads its plan and nothing else."""
+    """The memory the plan needs on its device (bytes). A plan must fit that memory, and carry every global tensor
+    the device does not keep itself: a device loads its plan and its own tensors, nothing else."""
     device = exp.fleet.device_of(plan.client)
     needed = require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {plan.client} ({device.kind})")
-    missing = global_state.keys() - plan.weights.keys() - plan.local.keys()
+    missing = global_state.keys() - plan.weights.keys() - kept_keys(exp, plan.layout)
     if missing:
         raise RuntimeError(f"{exp.strategy.name}: the plan of client {plan.client} leaves out global tensors {sorted(missing)[:3]}")
     return needed
 
 
-def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], State,
-                                                                                dict[str, tuple[tuple[int, ...], torch.dtype]]]:
-    """What the plan asks the device to send back (shape and dtype per tensor), the values it started from, and
-    the shape and dtype of the tensors it keeps."""
+Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # tensor -> (shape, dtype)
+
+
+class Expected(NamedTuple):
+    """What a plan asks its device to send back, the values it started those from, and what it keeps."""
+
+    sent: Shapes
+    start: State
+    kept: Shapes
+
+
+def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> Expected:
     received = {**global_state, **plan.weights}
-    shapes = {key: shape for key, shape in exp.model.device_shapes(plan.layout).items() if key not in plan.local}
-    expected = {key: (shape, exp.model.params[key].dtype) for key, shape in shapes.items()}
-    kept = {key: (tuple(tensor.shape), tensor.dtype) for key, tensor in plan.local.items()}
-    return expected, {key: received[key][tuple(slice(0, n) for n in shape)] for key, shape in shapes.items()}, kept
+    shapes = exp.model.device_shapes(plan.layout)
+    kept = kept_keys(exp, plan.layout)
+    sent = {key: shape for key, shape in shapes.items() if key not in kept}
+    return Expected(sent={key: (shape, exp.model.params[key].dtype) for key, shape in sent.items()},
+                    start={key: received[key][tuple(slice(0, n) for n in shape)] for key, shape in sent.items()},
+                    kept={key: (shapes[key], exp.model.params[key].dtype) for key in kept})
 
 
 def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple[dict[int, list[np.ndarray]], DeviceView]:
@@ -242,7 +289,7 @@ def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple
     config = exp.config
     batches = {c: client_batches(exp.train, exp.partitions[c], config.train, derived_seed(config.seed, round_number, c)) for c in clients}
     workload = {c: Batches.of(batch_shapes(exp.train, b)) for c, b in batches.items()}
-    return batches, DeviceView(exp.spec, exp.capacity.estimates(), workload, WIRE_DTYPES[config.fl.wire_dtype].itemsize)
+    return batches, DeviceView(exp.spec, exp.capacity.estimates(), workload, config.fl.wire_dtype)
 
 
 def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
@@ -255,7 +302,7 @@ def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
     for client, plan in plans.items():
         applied = applied_ranks(plan.layout, global_layout)
         down = sent_bytes(plan, wire)
-        up = layout_bytes(exp.model, plan.layout, wire, exclude=plan.local)
+        up = wire_bytes(layout_numel(exp.model, plan.layout, exclude=kept_keys(exp, plan.layout)), wire)
         estimate = estimate_round(view, client, plan.layout, applied, down, up)
         rows.append({"client": client, "device": view.capacity[client].kind, "depth": plan.layout.depth, "rank_by_block": list(plan.layout.rank_by_block),
                      "compute_s": estimate.compute_s, "communication_s": estimate.download_s + estimate.upload_s, "round_s": estimate.total_s,
@@ -265,10 +312,10 @@ def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
 
 def sent_bytes(plan: ClientPlan, wire_dtype: str) -> int:
     """Bytes of the plan on the wire (its compact form where it has one)."""
-    return payload_bytes(plan.weights if plan.wire is None else plan.wire, wire_dtype)
+    return wire_bytes(numel(plan.weights if plan.wire is None else plan.wire), wire_dtype)
 
 
-def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batches, update: Update) -> tuple[Update, DeviceTime]:
+def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batches, update: Update) -> tuple[Update, RoundTime]:
     """The update as the server receives it, with the device's report of its round in its metrics, and its times.
 
     Virtual clock: times from the device's profile and this round's link draw. Measured clock (Flower
@@ -277,13 +324,13 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
     config, client = exp.config, plan.client
     wire = config.fl.wire_dtype
     device = exp.fleet.device_of(client)
-    bytes_down, bytes_up = sent_bytes(plan, wire), payload_bytes(update.weights, wire)
+    bytes_down, bytes_up = sent_bytes(plan, wire), wire_bytes(numel(update.weights), wire)
     flops = training_flops(exp.spec, plan.layout, work, applied_ranks(plan.layout, exp.strategy.global_layout()))
     if config.flower.clock == "measured" and ROUND_TRIP_S in update.metrics:
         compute_s = update.metrics["train_wall_s"]
         transfer_s = max(update.metrics[ROUND_TRIP_S] - compute_s, 0.0)
         share_down = bytes_down / max(bytes_down + bytes_up, 1)
-        times = DeviceTime(client, device.kind, transfer_s * share_down, compute_s, transfer_s * (1 - share_down), bytes_down, bytes_up)
+        times = RoundTime(client, device.kind, transfer_s * share_down, compute_s, transfer_s * (1 - share_down), bytes_down, bytes_up)
     else:
         times = device_time(client, device.kind, flops, device.profile.flops, bytes_down, bytes_up, exp.fleet.link(client, round_number, config.seed))
     report = {FLOPS: flops, COMPUTE_S: times.compute_s, BYTES_DOWN: times.bytes_down, DOWNLOAD_S: times.download_s,
@@ -291,34 +338,17 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
     return replace(update, weights=through_wire(update.weights, wire), metrics={**update.metrics, **report}), times
 
 
-def _row(round_number, accuracy, loss, aggregated, times, dropped, rejected, lost, skipped, bytes_down, round_s, virtual_time_s, wall_s,
-         plans, memory, forward_backward_s) -> dict[str, Any]:
-    """Bytes up count every update that arrived (rejected ones too: they were sent); bytes down every device that was sent a plan."""
-    losses = [u.metrics["train_loss"] for u in aggregated]
-    return {
-        "round": round_number,
-        "clients": sorted([t.client for t in times] + list(lost)),
-        "accuracy": accuracy,
-        "loss": loss,
-        "train_loss": float(np.mean(losses)) if losses else None,
-        "bytes_up": sum(t.bytes_up for t in times if t.client not in dropped),
-        "bytes_down": bytes_down,
-        "round_time_s": round(round_s, 4),
-        "virtual_time_s": round(virtual_time_s, 4),
-        "dropped": sorted(dropped),
-        "devices": [{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block),
-                     "memory_gb": round(memory[t.client] / 1e9, 4)} for t in times],
-        "rejected": [{"client": client, "reason": reason} for client, reason in rejected.items()],
-        "lost": [{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
-        "skipped": skipped,
-        "wall_s": round(wall_s, 4),
-        "forward_backward_s": round(forward_backward_s, 4),
-    }
-
-
-def _persist(out_dir: Path, fingerprint: dict, global_state: State, exp: Experiment, rows: list[dict]) -> None:
+def _persist(out_dir: Path, fingerprint: dict, global_state: State, exp: Experiment, runtime: Runtime, rows: list[dict]) -> None:
     """The checkpoint is the source of truth; metrics.jsonl is rewritten from it."""
     save_checkpoint(out_dir, {"config": fingerprint, "global_state": global_state, "strategy_state": exp.strategy.state_dict(),
-                              "capacity": exp.capacity.state_dict(), "metrics": rows})
-    exp.strategy.checkpointed()
+                              "capacity": exp.capacity.state_dict(), "devices": runtime.state_dict(), "metrics": rows})
+    runtime.checkpointed()
     write_metrics(out_dir, rows)
+
+
+def write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write(out_dir / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write(out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())

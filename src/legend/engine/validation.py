@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from legend.models.shared import State
-from legend.strategies.base import Update
+from legend.core import State, Update
 
 
 def rejection(update: Update, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], start: State, max_norm: float,
-              expected_local: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None) -> str | None:
+              expected_kept: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None) -> str | None:
     """Why the update must not be aggregated, or None when it is sound.
 
     expected: key -> (shape, dtype) of every tensor the plan asks the device to send;
     start: the values the device started from, at those shapes (for the update's norm);
-    expected_local: the same for the tensors the device keeps (FedSA-LoRA's B): the server keeps them
-    for the simulated devices, so one NaN there would spoil every later evaluation.
+    expected_kept: the same for the tensors the device keeps (FedSA-LoRA's B): the embedded runtime stores
+    them for its devices and the server scores with them, so one NaN there would spoil every later evaluation.
     """
-    if reason := _mismatch(update.weights, expected) or _mismatch(update.local, expected_local or {}):
+    if reason := _mismatch(update.weights, expected) or _mismatch(update.kept, expected_kept or {}):
         return reason
     if max_norm > 0:
         sent = update.weights

@@ -4,12 +4,21 @@ the ClientApp trains each job exactly as the embedded engine does (``local_train
 Both read the experiment from the run config (``experiment``: the validated config as JSON), so the
 server and every node build the same model, data split and strategy from the same seed. Flower starts
 a process per message: what only training needs (torch, the model) is imported when a job arrives.
+
+A node keeps its device's own tensors (``DeviceSide.kept``, FedSA-LoRA's B) on the node, in a file
+under its ``state-dir`` node config (default: the system's temporary folder), with the round that
+trained them; a job of a later round of the same experiment starts from them, any other from the
+initial values. Unlike the embedded engine, a node keeps what it trained even when the server drops
+or rejects its update (the server cannot take it back from a real device).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -25,6 +34,7 @@ ERROR_FILE = "error.txt"  # where the ServerApp leaves a user error for `legend 
 server_app = ServerApp()
 client_app = ClientApp()
 _experiments: dict[str, object] = {}  # a node process builds its experiment once
+_initial_kept: dict[str, dict] = {}  # and reads the initial values of what its device keeps before it trains
 
 
 def _experiment(run_config):
@@ -32,9 +42,13 @@ def _experiment(run_config):
     text = str(run_config["experiment"])
     if text not in _experiments:
         quiet_libraries()
-        from legend.engine.simulation import build_experiment
+        from legend.engine.simulation import build_experiment, kept_keys
 
-        _experiments[text] = build_experiment(validate_config(json.loads(text)))
+        exp = build_experiment(validate_config(json.loads(text)))
+        layout = exp.strategy.global_layout()
+        kept = kept_keys(exp, layout)
+        _initial_kept[text] = {key: value for key, value in exp.model.read(layout).items() if key in kept}
+        _experiments[text] = exp
     return _experiments[text]
 
 
@@ -89,7 +103,41 @@ def train(msg: Message, context: Context) -> Message:
     from legend.flower.messages import decode_job, encode_update
 
     job = decode_job(msg.content)
-    own = int(_node(context)["client-id"])
-    if job.plan.client != own:
-        raise LegendError(f"this node is client {own}, the job is for client {job.plan.client}")
-    return Message(encode_update(local_training(_experiment(context.run_config), job)), reply_to=msg)
+    node = _node(context)
+    client = int(node["client-id"])
+    if job.plan.client != client:
+        raise LegendError(f"this node is client {client}, the job is for client {job.plan.client}")
+    exp = _experiment(context.run_config)
+    path = _kept_file(node, str(context.run_config["experiment"]), client)
+    update = local_training(exp, job, _own(path, job.round_number, _initial_kept[str(context.run_config["experiment"])]))
+    if update.kept:
+        _keep(path, job.round_number, update.kept)
+    return Message(encode_update(update), reply_to=msg)
+
+
+def _kept_file(node: dict, experiment: str, client: int) -> Path:
+    """Where this node keeps its device's own tensors for this experiment."""
+    folder = Path(str(node.get("state-dir", Path(tempfile.gettempdir()) / "legend-node-state")))
+    return folder / f"{hashlib.sha256(experiment.encode()).hexdigest()[:16]}-client-{client}.pt"
+
+
+def _own(path: Path, round_number: int, initial: dict) -> dict:
+    """The tensors the device kept from an earlier round of this experiment, else their initial values."""
+    import torch
+
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["round"] < round_number:
+            return saved["kept"]
+    return initial
+
+
+def _keep(path: Path, round_number: int, kept: dict) -> None:
+    import torch
+
+    from legend.core import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"round": round_number, "kept": kept}, buffer)
+    atomic_write(path, buffer.getbuffer())

@@ -24,7 +24,7 @@ from legend.data.tasks import default_data_path
 from legend.devices import build_fleet
 from legend.errors import LegendError
 from legend.flower.apps import ERROR_FILE
-from legend.report.metrics import SUMMARY_FILE
+from legend.records import SUMMARY_FILE
 
 CONNECTION = "legend-local"
 BIN = Path(sys.executable).parent

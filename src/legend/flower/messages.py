@@ -7,10 +7,9 @@ from dataclasses import asdict
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from legend.core import ClientPlan, State, Update
 from legend.engine.runtime import Job
 from legend.lora.layout import AdapterLayout
-from legend.models.shared import State
-from legend.strategies.base import ClientPlan, Update
 
 
 def _arrays(state: State) -> ArrayRecord:
@@ -23,27 +22,25 @@ def _meta(content: RecordDict) -> dict:
 
 def encode_job(job: Job) -> RecordDict:
     plan = job.plan
-    meta = {"round": job.round_number, "seed": job.seed, "client": plan.client, "lr": plan.lr, "layout": asdict(plan.layout),
-            "tail_penalty": plan.tail_penalty}
-    return RecordDict({"weights": _arrays(plan.weights), "local": _arrays(plan.local), "meta": ConfigRecord({"json": json.dumps(meta)})})
+    meta = {"round": job.round_number, "seed": job.seed, "client": plan.client, "lr": plan.lr, "layout": asdict(plan.layout)}
+    return RecordDict({"weights": _arrays(plan.weights), "meta": ConfigRecord({"json": json.dumps(meta)})})
 
 
 def decode_job(content: RecordDict) -> Job:
     meta = _meta(content)
     layout = meta["layout"]
     layout = AdapterLayout(layout["method"], tuple(layout["rank_by_block"]), tuple(layout["train_factors"]), layout["train_head"])
-    penalty = tuple(meta["tail_penalty"]) if meta["tail_penalty"] is not None else None
-    plan = ClientPlan(meta["client"], layout, content["weights"].to_torch_state_dict(), meta["lr"], content["local"].to_torch_state_dict(),
-                      tail_penalty=penalty)
+    plan = ClientPlan(meta["client"], layout, content["weights"].to_torch_state_dict(), meta["lr"])
     return Job(meta["round"], plan, meta["seed"])
 
 
 def encode_update(update: Update) -> RecordDict:
     meta = {"client": update.client, "num_samples": update.num_samples, "metrics": update.metrics}
-    return RecordDict({"weights": _arrays(update.weights), "local": _arrays(update.local), "meta": ConfigRecord({"json": json.dumps(meta)})})
+    return RecordDict({"weights": _arrays(update.weights), "kept": _arrays(update.kept), "kept_start": _arrays(update.kept_start),
+                       "meta": ConfigRecord({"json": json.dumps(meta)})})
 
 
 def decode_update(content: RecordDict) -> Update:
     meta = _meta(content)
     return Update(meta["client"], content["weights"].to_torch_state_dict(), meta["num_samples"], meta["metrics"],
-                  content["local"].to_torch_state_dict())
+                  content["kept"].to_torch_state_dict(), content["kept_start"].to_torch_state_dict())

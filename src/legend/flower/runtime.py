@@ -16,10 +16,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from legend.config import FlowerConfig
+from legend.core import Update
 from legend.engine.runtime import ROUND_TRIP_S, Job
 from legend.errors import LegendError
 from legend.flower.messages import decode_update, encode_job
-from legend.strategies.base import Update
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,18 @@ class FlowerRuntime:
         missing = sorted(set(range(num_clients)) - set(self.node_of))
         if missing:
             log.warning("no SuperNode for clients %s: the run goes on without them", missing)
+
+    def start(self, folder, initial, saved) -> None:
+        """Nothing to restore: each node keeps its device's own tensors (``flower/apps.py``)."""
+
+    def keep(self, updates: list[Update]) -> None:
+        """Nothing to store: a node keeps what its device trained."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def checkpointed(self) -> None:
+        pass
 
     def reachable(self, clients: list[int]) -> list[int]:
         connected = set(self.grid.get_node_ids())

@@ -1,6 +1,6 @@
 """Model resolution (packaged, local folder, hub id), block discovery, and the shared base model."""
 
 from legend.models.resolve import resolve_model
-from legend.models.shared import ModelInfo, SharedModel, State, find_blocks
+from legend.models.shared import SharedModel, find_blocks
 
-__all__ = ["ModelInfo", "SharedModel", "State", "find_blocks", "resolve_model"]
+__all__ = ["SharedModel", "find_blocks", "resolve_model"]

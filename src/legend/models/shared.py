@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from legend.core import ModelInfo, State
 from legend.errors import LegendError
 from legend.lora.bottleneck import inject_bottlenecks
 from legend.lora.init import apply_federa
 from legend.lora.layout import AdapterLayout, base_weight_key, inject_lora
 from legend.models.resolve import resolve_model
-
-State = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What strategies and the cost model need to know about the architecture."""
-
-    model_type: str
-    num_blocks: int
-    hidden_size: int
-    target_modules: tuple[str, ...]
-    blocks_prefix: str = ""  # e.g. "bert.encoder.layer": block i's tensors start with "<prefix>.<i>."
-
-    def block_of(self, key: str) -> int | None:
-        """The block a tensor belongs to (None outside the blocks: embeddings, head)."""
-        if not key.startswith(self.blocks_prefix + "."):
-            return None
-        index = key[len(self.blocks_prefix) + 1 :].split(".", 1)[0]
-        return int(index) if index.isdigit() else None
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

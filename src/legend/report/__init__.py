@@ -1,1 +1,1 @@
-"""Metrics (JSONL) and run summaries."""
+"""Comparisons and their report, built from what finished runs wrote (legend.records reads the files)."""

@@ -11,8 +11,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from legend.records import SUMMARY_FILE, read_metrics, summarize
 from legend.report.compare import read_plan, run_dir
-from legend.report.metrics import SUMMARY_FILE, read_metrics, summarize
 
 PLOTS = {"accuracy_vs_time.png": "accuracy against virtual time", "accuracy_vs_bytes.png": "accuracy against bytes sent (up and down)",
          "legend_layout.png": "LEGEND: each device's LoRA ranks per block (its last round)"}

@@ -1,7 +1,7 @@
 """One file per federated algorithm, all behind the Strategy interface in base.py."""
 
-from legend.strategies import adapter, bitfit, fedavg_full, fedex, fedit, federa, fedsa, ffa, flexlora, flora, hetlora, legend  # noqa: F401  (registers them)
-from legend.strategies.base import ClientPlan, Strategy, Update
+from legend.strategies import adapter, bitfit, fedavg_full, fedex, fedit, federa, fedprox, fedsa, ffa, flexlora, flora, hetlora, legend  # noqa: F401  (registers them)
+from legend.strategies.base import Strategy
 from legend.strategies.registry import STRATEGIES, strategy_class
 
-__all__ = ["STRATEGIES", "ClientPlan", "Strategy", "Update", "strategy_class"]
+__all__ = ["STRATEGIES", "Strategy", "strategy_class"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from legend.models.shared import State
-from legend.strategies.base import Update
+from legend.core import State, Update
 
 
 def sample_weights(updates: list[Update]) -> list[float]:
@@ -101,13 +100,6 @@ def pad_factors(factors: Factors, rank: int) -> Factors:
     a, b = factors
     missing = rank - a.shape[0]
     return torch.nn.functional.pad(a, (0, 0, 0, missing)), torch.nn.functional.pad(b, (0, missing))
-
-
-def tail_norm(factors: Factors, rank: int, gamma: float) -> torch.Tensor:
-    """HetLoRA's regulariser for one module of rank r: ||B[:, floor(gamma r):r]||_F x ||A[floor(gamma r):r, :]||_F."""
-    a, b = factors
-    keep = int(gamma * rank)
-    return torch.linalg.matrix_norm(b[:, keep:rank]) * torch.linalg.matrix_norm(a[keep:rank])
 
 
 def hetlora_factors(factors: list[Factors], rank: int) -> Factors:

@@ -1,61 +1,45 @@
-"""The Strategy interface every algorithm implements, and the plain data that crosses the wire.
+"""The Strategy interface every algorithm implements: its server side, and its device side (``DeviceSide``).
 
 A strategy plans each sampled device's adapter layout and starting tensors (``plan``) and turns what
-comes back into the new global state (``aggregate``). Engines (embedded, Flower) only move plans and
-updates; no strategy knows which engine runs it.
+comes back into the new global state (``aggregate``); on the device, local training calls its hooks
+(an extra loss term, the tensors the device keeps, the metrics it reports). Engines (embedded, Flower)
+only move plans and updates (``legend.core``); no strategy knows which engine runs it.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
+import torch
+
 from legend.config import Config
+from legend.core import ClientPlan, ModelInfo, State, Update
 from legend.devices.capacity import DeviceView
 from legend.lora.layout import AdapterLayout
-from legend.models.shared import ModelInfo, SharedModel, State
+from legend.models.shared import SharedModel
 
+class DeviceSide:
+    """What local training asks of a strategy on the device; the default asks nothing (plain local training).
 
-TAIL_NORM = "tail_norm"  # metric key of HetLoRA's tail norm in an update
-
-
-@dataclass(frozen=True)
-class ClientPlan:
-    """What one device is told: its layout, the tensors it starts from, its learning rate.
-
-    weights: tensors the device loads over the global model; sent, unless ``wire`` says otherwise.
-    local: the device's own tensors (FedSA-LoRA's B), never sent; the device keeps them after training.
-    wire: what is sent instead of ``weights`` when the device rebuilds them from a more compact
-          message (FLoRA's stacked factors, from which it merges its base weights); bytes count this.
-    tail_penalty: HetLoRA's (lambda, gamma): the device adds lambda x its tail norms to the loss and
-          reports them after training under ``TAIL_NORM``.
+    A strategy whose devices do more (an extra loss term, a metric to report) returns its own from
+    ``Strategy.device_side``. The hooks see the shared model with the plan loaded and its layout trainable.
     """
 
-    client: int
-    layout: AdapterLayout
-    weights: State
-    lr: float
-    local: State = field(default_factory=dict)
-    wire: State | None = None
-    tail_penalty: tuple[float, float] | None = None
+    def extra_loss(self, model: SharedModel, plan: ClientPlan) -> torch.Tensor | None:
+        """A term added to each local step's loss (None: none)."""
+        return None
 
+    def report(self, model: SharedModel, plan: ClientPlan) -> dict[str, float]:
+        """Metrics the device adds to its update after training."""
+        return {}
 
-@dataclass(frozen=True)
-class Update:
-    """What one device sends back: the tensors it trained (cut to its layout) and how much data it used.
-
-    local: the trained tensors the plan marked as the device's own; they stay on the device (in the
-           simulation the strategy keeps them for it) and are not sent.
-    """
-
-    client: int
-    weights: State
-    num_samples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    local: State = field(default_factory=dict)
+    def kept(self, keys: Iterable[str]) -> set[str]:
+        """Which of the tensors it trains (``keys``) a device keeps as its own between rounds: never sent, its runtime
+        stores them (a device seen for the first time starts them from the initial global state)."""
+        return set()
 
 
 class Strategy(ABC):
@@ -65,8 +49,6 @@ class Strategy(ABC):
     default_lr: ClassVar[float] = 3e-3  # LoRA's few parameters take a larger step than full fine-tuning
     # Aggregates each coordinate as the weighted mean of the updates that carry it (what client-level DP calibrates its noise to).
     averages_coordinates: ClassVar[bool] = False
-    # Each client keeps a part of its model to itself (FedSA-LoRA's B): a client's model is the global state with its own part loaded.
-    personalised: ClassVar[bool] = False
 
     def __init__(self, config: Config, info: ModelInfo):
         self.config = config
@@ -107,23 +89,13 @@ class Strategy(ABC):
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
         """The new global state; never mutates its arguments."""
 
-    def use_folder(self, folder: Path) -> None:
-        """The run's folder, where a strategy with per-client state keeps it (a file per client)."""
+    def device_side(self) -> DeviceSide:
+        """The hooks local training calls on every device (built from the config, so a Flower node builds the same)."""
+        return DeviceSide()
 
     def state_dict(self) -> dict[str, Any]:
-        """Strategy-private state that must survive a checkpoint (e.g. per-client tensors)."""
+        """Strategy-private state that must survive a checkpoint (e.g. per-client ranks, running sums)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
-
-    def personal_clients(self) -> list[int]:
-        """The clients that hold a part of their own (those that trained, for a personalised strategy)."""
-        return []
-
-    def personal_state(self, client: int) -> State | None:
-        """The tensors ``client`` keeps to itself, or None if it keeps none."""
-        return None
-
-    def checkpointed(self) -> None:
-        """The checkpoint holding ``state_dict()`` is written: what only older checkpoints named may go."""

@@ -9,10 +9,10 @@ not one round's R). Up: A, B and the head.
 
 from __future__ import annotations
 
+from legend.core import State, Update
 from legend.lora.layout import base_weight_key, lora_modules
-from legend.models.shared import SharedModel, State
+from legend.models.shared import SharedModel
 from legend.strategies.aggregate import average_updates, client_factors, fedex_residual, sample_weights
-from legend.strategies.base import Update
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 

@@ -6,11 +6,11 @@ The classification head is trained and averaged the same way.
 
 from __future__ import annotations
 
+from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import DeviceView
 from legend.lora.layout import AdapterLayout
-from legend.models.shared import State
 from legend.strategies.aggregate import average_updates, robust_updates
-from legend.strategies.base import ClientPlan, Strategy, Update
+from legend.strategies.base import Strategy
 from legend.strategies.registry import register
 
 

@@ -12,11 +12,10 @@ sum_k r_k). The head is the sample-weighted mean. Up and down: the device's A, B
 
 from __future__ import annotations
 
+from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import DeviceView, ranks_by_capacity
 from legend.lora.layout import AdapterLayout, cut_to_layout, lora_modules
-from legend.models.shared import State
 from legend.strategies.aggregate import average_updates, client_factors, lora_delta, sample_weights, svd_factors
-from legend.strategies.base import ClientPlan, Update
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import DeviceView
 from legend.errors import LegendError
 from legend.lora.layout import base_weight_key, lora_modules
-from legend.models.shared import SharedModel, State
+from legend.models.shared import SharedModel
 from legend.strategies.aggregate import average_updates, client_factors, sample_weights, stack_factors
-from legend.strategies.base import ClientPlan, Update
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 

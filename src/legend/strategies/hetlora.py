@@ -12,15 +12,51 @@ Up and down: the device's truncated A and B, and the head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import DeviceView, ranks_by_capacity
 from legend.lora.layout import AdapterLayout, cut_to_layout, lora_modules
-from legend.models.shared import State
-from legend.strategies.aggregate import average_updates, client_factors, hetlora_factors
-from legend.strategies.base import TAIL_NORM, ClientPlan, Update
+from legend.models.shared import SharedModel
+from legend.strategies.aggregate import Factors, average_updates, client_factors, hetlora_factors
+from legend.strategies.base import DeviceSide
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
+
+TAIL_NORM = "tail_norm"  # metric key of the device's tail norm in its update
+
+
+def tail_norm(factors: Factors, rank: int, gamma: float) -> torch.Tensor:
+    """HetLoRA's regulariser for one module of rank r: ||B[:, floor(gamma r):r]||_F x ||A[floor(gamma r):r, :]||_F."""
+    a, b = factors
+    keep = int(gamma * rank)
+    return torch.linalg.matrix_norm(b[:, keep:rank]) * torch.linalg.matrix_norm(a[keep:rank])
+
+
+def tail_norms(model: SharedModel, layout: AdapterLayout, gamma: float) -> torch.Tensor:
+    """The regulariser summed over the device's adapted modules, at the device's rank in each block."""
+    total = torch.zeros(())
+    for a_key, b_key in lora_modules(model.keys(layout)).values():
+        rank = layout.rank_by_block[model.block_of(a_key)]
+        total = total + tail_norm((model.params[a_key], model.params[b_key]), rank, gamma)
+    return total
+
+
+@dataclass(frozen=True)
+class HetLoRADevice(DeviceSide):
+    """The device adds lambda x its tail norms to the loss and reports them after training."""
+
+    penalty: float  # lambda
+    gamma: float
+
+    def extra_loss(self, model: SharedModel, plan: ClientPlan) -> torch.Tensor:
+        return self.penalty * tail_norms(model, plan.layout, self.gamma)
+
+    def report(self, model: SharedModel, plan: ClientPlan) -> dict[str, float]:
+        return {TAIL_NORM: float(tail_norms(model, plan.layout, self.gamma))}
 
 
 @register
@@ -37,12 +73,14 @@ class HetLoRA(FedIT):
         new = [c for c in clients if c not in self.ranks]
         if new:  # a device's first rank comes from its capacity; later ones from self-pruning
             self.ranks.update(ranks_by_capacity(devices, new, self.config.lora.smallest_rank, self.config.lora.r))
-        lr, penalty = self.lr(round_number), (self.config.hetlora.penalty, self.config.hetlora.gamma)
-        plans = {}
+        lr, plans = self.lr(round_number), {}
         for c in clients:
             layout = AdapterLayout.uniform_lora(self.info.num_blocks, self.ranks[c])
-            plans[c] = ClientPlan(c, layout, cut_to_layout(global_state, layout, self.info.block_of), lr, tail_penalty=penalty)
+            plans[c] = ClientPlan(c, layout, cut_to_layout(global_state, layout, self.info.block_of), lr)
         return plans
+
+    def device_side(self) -> HetLoRADevice:
+        return HetLoRADevice(self.config.hetlora.penalty, self.config.hetlora.gamma)
 
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
         factors = {}

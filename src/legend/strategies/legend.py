@@ -17,13 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from legend.devices.capacity import Capacity, DeviceView, Estimate, estimate_round, lora_bytes
+from legend.core import ClientPlan, State, Update
+from legend.devices.capacity import Capacity, DeviceView, estimate_round, lora_numel
+from legend.devices.clock import RoundTime
 from legend.devices.cost import applied_ranks
 from legend.lora.layout import AdapterLayout, cut_to_layout
-from legend.models.shared import State
 from legend.strategies.aggregate import masked_average, robust_updates, sample_weights
-from legend.strategies.base import ClientPlan, Strategy, Update
+from legend.strategies.base import Strategy
 from legend.strategies.registry import register
+from legend.wire import wire_bytes
 
 
 def rank_distribution(num_blocks: int, depth: int, r_min: int, r_max: int, shape: str) -> tuple[int, ...]:
@@ -51,14 +53,14 @@ class Assignment:
     depth: int
     cap: int
     layout: AdapterLayout
-    estimate: Estimate
+    estimate: RoundTime
 
 
-def estimate_layout(view: DeviceView, client: int, layout: AdapterLayout, global_layout: AdapterLayout) -> Estimate:
+def estimate_layout(view: DeviceView, client: int, layout: AdapterLayout, global_layout: AdapterLayout) -> RoundTime:
     """Down: every global adapter the device applies (its region at its own ranks) and the head; up: its region and the head."""
     applied = applied_ranks(layout, global_layout)
-    down = lora_bytes(view.spec, applied, view.wire_itemsize)
-    up = lora_bytes(view.spec, layout.rank_by_block, view.wire_itemsize)
+    down = wire_bytes(lora_numel(view.spec, applied), view.wire_dtype)
+    up = wire_bytes(lora_numel(view.spec, layout.rank_by_block), view.wire_dtype)
     return estimate_round(view, client, layout, applied, down, up)
 
 
@@ -107,7 +109,7 @@ class Legend(Strategy):
         cfg = self.config.legend
         if (round_number - 1) % cfg.replan_every == 0 or not self.snapshot:
             self.snapshot = dict(devices.capacity)
-        view = DeviceView(devices.spec, self.snapshot, devices.workload, devices.wire_itemsize)
+        view = DeviceView(devices.spec, self.snapshot, devices.workload, devices.wire_dtype)
         assignments = configure(view, clients, self.global_ranks, cfg.slack, cfg.rank_cap)
         lr = self.lr(round_number)
         # the whole global state goes down (the device applies every global adapter), its region cut to its ranks

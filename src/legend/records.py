@@ -1,27 +1,53 @@
-"""Per-round metrics (metrics.jsonl) and the run summary (summary.json)."""
+"""What a run folder holds, as plain data: one record per round (metrics.jsonl) and the run's summary (summary.json).
+
+A leaf: the round loop writes these files (``engine/simulation.py``), reports and benchmarks read them.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-from legend.engine.checkpoint import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-def write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write(out_dir / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows).encode())
+@dataclass(frozen=True)
+class RoundRecord:
+    """One line of metrics.jsonl: round 0 is the evaluation before training.
+
+    Bytes up count every update that arrived (rejected ones too: they were sent); bytes down every
+    device that was sent a plan. ``devices``: each participant's times and bytes (``RoundTime.as_row``)
+    with its ranks and memory; ``wall_s`` and ``forward_backward_s`` are this machine's seconds.
+    """
+
+    round: int
+    clients: list[int] = field(default_factory=list)
+    accuracy: float | None = None
+    loss: float | None = None
+    train_loss: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    round_time_s: float = 0.0
+    virtual_time_s: float = 0.0
+    dropped: list[int] = field(default_factory=list)
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    lost: list[dict[str, Any]] = field(default_factory=list)
+    malicious: list[int] = field(default_factory=list)  # devices that sent a poisoned update (simulated: faults.malicious)
+    skipped: bool = False
+    wall_s: float = 0.0
+    forward_backward_s: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        """The record as its JSON line (and as the checkpoint keeps it)."""
+        return asdict(self)
 
 
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines() if line]
-
-
-def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write(out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
 
 
 def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float) -> dict[str, Any]:
@@ -43,6 +69,7 @@ def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float)
         "dropped_updates": sum(len(r["dropped"]) for r in rounds),
         "rejected_updates": sum(len(r.get("rejected", [])) for r in rounds),
         "lost_updates": sum(len(r.get("lost", [])) for r in rounds),
+        "malicious_updates": sum(len(r.get("malicious", [])) for r in rounds),
         "skipped_rounds": sum(bool(r.get("skipped")) for r in rounds),
         "wall_s": round(sum(r["wall_s"] for r in rows), 3),
         "target_accuracy": target_accuracy,

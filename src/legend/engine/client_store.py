@@ -1,4 +1,6 @@
-"""Each client's own tensors between rounds (FedSA-LoRA's B): a file each, the most recent also in memory.
+"""Each simulated device's own tensors between rounds (FedSA-LoRA's B): a file each, the most recent also in memory.
+
+The embedded runtime keeps them for its devices (``engine/runtime.py``); a Flower node keeps its own.
 
 A simulated fleet of 1,000 clients should cost about what 10 do, so a client's tensors are written to
 a file of their own in the run's folder (``client_state/``) when they arrive, and memory keeps only the
@@ -17,9 +19,8 @@ from typing import Any
 
 import torch
 
-from legend.engine.checkpoint import atomic_write
+from legend.core import State, atomic_write
 from legend.errors import LegendError
-from legend.models.shared import State
 
 
 def state_bytes(state: State) -> int:
