@@ -107,3 +107,18 @@ def test_a_checkpoint_predating_a_config_key_resumes_when_that_key_is_at_its_def
     changed = Config.model_validate({"legend": {"scaling": "rank"}}).model_dump()
     with pytest.raises(LegendError, match=r"different config \(legend.scaling\)"):
         load_checkpoint(tmp_path, changed)
+
+
+def test_a_validation_split_is_scored_beside_the_test_split_and_judges_the_target(tmp_path):
+    summary = run_tiny(tmp_path / "held", **{"data.val_size": 100, "eval.target_accuracy": 0.0, "eval.every": 1, "fl.rounds": 3})
+    rows = [json.loads(line) for line in (tmp_path / "held" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_accuracy"] is not None and r["accuracy"] is not None for r in rows)
+    assert summary["target_split"] == "validation" and summary["final_val_accuracy"] == rows[-1]["val_accuracy"]
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]  # the test split, reported separately
+    assert summary["round_to_target"] == 1
+    plain = run_tiny(tmp_path / "plain", **{"eval.target_accuracy": 0.0, "fl.rounds": 1})
+    assert plain["target_split"] == "test" and plain["final_val_accuracy"] is None
+    from legend.records import summarize
+
+    for target in sorted({r["val_accuracy"] for r in rows[1:]}):  # each reached first where validation (not test) first reaches it
+        assert summarize("fedit", rows, target)["round_to_target"] == next(r["round"] for r in rows[1:] if r["val_accuracy"] >= target)

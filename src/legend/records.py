@@ -25,8 +25,10 @@ class RoundRecord:
 
     round: int
     clients: list[int] = field(default_factory=list)
-    accuracy: float | None = None
+    accuracy: float | None = None  # on the test split
     loss: float | None = None
+    val_accuracy: float | None = None  # on the validation split (data.val_size), where there is one
+    val_loss: float | None = None
     train_loss: float | None = None
     bytes_up: int = 0
     bytes_down: int = 0
@@ -51,9 +53,12 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float) -> dict[str, Any]:
-    """Row 0 is the evaluation before training; later rows are rounds."""
+    """Row 0 is the evaluation before training; later rows are rounds. With a validation split, the target is
+    judged on validation accuracy (``target_split``); ``*_accuracy`` are on the test split either way."""
     evaluated = [r for r in rows if r["accuracy"] is not None]
-    reached = next((r for r in evaluated if r["round"] > 0 and r["accuracy"] >= target_accuracy), None)
+    validated = [r["val_accuracy"] for r in evaluated if r.get("val_accuracy") is not None]
+    judged = "val_accuracy" if validated else "accuracy"
+    reached = next((r for r in evaluated if r["round"] > 0 and r[judged] >= target_accuracy), None)
     rounds = [r for r in rows if r["round"] > 0]
     return {
         "strategy": strategy,
@@ -72,7 +77,10 @@ def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float)
         "malicious_updates": sum(len(r.get("malicious", [])) for r in rounds),
         "skipped_rounds": sum(bool(r.get("skipped")) for r in rounds),
         "wall_s": round(sum(r["wall_s"] for r in rows), 3),
+        "final_val_accuracy": validated[-1] if validated else None,
+        "best_val_accuracy": max(validated) if validated else None,
         "target_accuracy": target_accuracy,
+        "target_split": "validation" if validated else "test",
         "round_to_target": reached["round"] if reached else None,
         "time_to_target_s": reached["virtual_time_s"] if reached else None,
         "bytes_to_target": sum(r["bytes_up"] + r["bytes_down"] for r in rounds if r["round"] <= reached["round"]) if reached else None,

@@ -108,8 +108,8 @@ def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batch
 
 
 class Evaluation(NamedTuple):
-    accuracy: float
-    loss: float  # mean cross-entropy
+    accuracy: float | None
+    loss: float | None  # mean cross-entropy
     forward_s: float  # seconds in the forward passes
 
 

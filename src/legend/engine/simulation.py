@@ -37,7 +37,7 @@ from legend.devices.capacity import (
 from legend.devices.cost import applied_ranks, layout_numel, require_fits
 from legend.engine.attacks import MALICIOUS
 from legend.engine.checkpoint import CHECKPOINT, device_state, load_checkpoint, save_checkpoint
-from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches, derived_seed, evaluate
+from legend.engine.client import FORWARD_BACKWARD_S, Evaluation, batch_shapes, client_batches, derived_seed, evaluate
 from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
 from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
@@ -67,13 +67,15 @@ class Experiment:
     spec: ModelSpec
     capacity: CapacityEstimator
     prefix: PrefixCache | None = None
+    validation: EncodedSplit | None = None  # held out of the training data (data.val_size)
+    validation_buckets: list[np.ndarray] | None = None
 
     def prefix_view(self, split: str) -> PrefixView | None:
-        """The frozen-prefix cache for batches of "train" or "test" (None where it is off, or may not serve training)."""
+        """The frozen-prefix cache for batches of "train", "test" or "validation" (None where it is off, or may not serve training)."""
         if self.prefix is None or (split == "train" and not self.prefix.trains):
             return None
-        data = self.train if split == "train" else self.test
-        return self.prefix.view(split, data, fixed_batches=split == "test")  # evaluation reads the same buckets every time
+        data = {"train": self.train, "test": self.test, "validation": self.validation}[split]
+        return self.prefix.view(split, data, fixed_batches=split != "train")  # evaluation reads the same buckets every time
 
 
 def build_model(config: Config, num_labels: int) -> tuple[SharedModel, Strategy]:
@@ -102,6 +104,7 @@ def build_experiment(config: Config) -> Experiment:
     train_table, test_table = task.train, task.test
     model, strategy = build_model(config, len(task.label_names))
     test = encode(test_table, model.tokenizer, config.data.max_length)
+    validation = None if task.validation is None else encode(task.validation, model.tokenizer, config.data.max_length)
     train = encode(train_table, model.tokenizer, config.data.max_length)
     boundary = model.frozen_prefix(list(strategy.initial_state(model)))
     engine = config.engine
@@ -122,6 +125,8 @@ def build_experiment(config: Config) -> Experiment:
         spec=ModelSpec.of(model),
         capacity=CapacityEstimator(fleet, config.devices.estimate_noise, config.devices.estimate_ema, config.seed),
         prefix=prefix,
+        validation=validation,
+        validation_buckets=None if validation is None else length_buckets(validation, config.eval.batch_size),
     )
 
 
@@ -151,9 +156,9 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         started = time.perf_counter()
         global_state = exp.strategy.initial_state(exp.model)
         runtime.start(out_dir, {key: global_state[key] for key in kept_keys(exp, exp.strategy.global_layout())}, None)
-        scored = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
-        rows = [RoundRecord(0, accuracy=scored.accuracy, loss=scored.loss, wall_s=round(time.perf_counter() - started, 4),
-                            forward_backward_s=round(scored.forward_s, 4)).row()]
+        scored, held_out = evaluate_global(exp, global_state)
+        rows = [RoundRecord(0, accuracy=scored.accuracy, loss=scored.loss, val_accuracy=held_out.accuracy, val_loss=held_out.loss,
+                            wall_s=round(time.perf_counter() - started, 4), forward_backward_s=round(scored.forward_s + held_out.forward_s, 4)).row()]
         _persist(out_dir, fingerprint, global_state, exp, runtime, rows)
     if on_round:
         for row in rows:
@@ -218,17 +223,20 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         if privacy.noise_multiplier > 0:
             noise = torch.Generator().manual_seed(derived_seed(config.seed, round_number, 23))
             global_state = add_noise(global_state, valid, privacy.noise_multiplier, privacy.clip_norm, noise)
-    accuracy = loss = None
+    accuracy = loss = val_accuracy = val_loss = None
     forward_backward_s = sum(u.metrics.get(FORWARD_BACKWARD_S, 0.0) for u, _ in results)
     if round_number % config.eval.every == 0 or round_number == config.fl.rounds:
-        accuracy, loss, forward_s = evaluate(exp.model, global_state, exp.test, exp.test_buckets, exp.prefix_view("test"))
-        forward_backward_s += forward_s
+        scored, held_out = evaluate_global(exp, global_state)
+        accuracy, loss, val_accuracy, val_loss = scored.accuracy, scored.loss, held_out.accuracy, held_out.loss
+        forward_backward_s += scored.forward_s + held_out.forward_s
     losses = [u.metrics["train_loss"] for u in valid]
     record = RoundRecord(
         round=round_number,
         clients=sorted([t.client for t in times] + list(lost)),
         accuracy=accuracy,
         loss=loss,
+        val_accuracy=val_accuracy,
+        val_loss=val_loss,
         train_loss=float(np.mean(losses)) if losses else None,
         bytes_up=sum(t.bytes_up for t in times if t.client not in dropped),  # every update that arrived (rejected ones were sent too)
         bytes_down=sum(sent_bytes(plans[c], config.fl.wire_dtype) for c in clients),  # every device that was sent a plan
@@ -245,6 +253,14 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         forward_backward_s=round(forward_backward_s, 4),
     )
     return global_state, record.row()
+
+
+def evaluate_global(exp: Experiment, state: State) -> tuple[Evaluation, Evaluation]:
+    """The global model scored on the test split and on the validation split (all None without data.val_size)."""
+    test = evaluate(exp.model, state, exp.test, exp.test_buckets, exp.prefix_view("test"))
+    if exp.validation is None:
+        return test, Evaluation(None, None, 0.0)
+    return test, evaluate(exp.model, state, exp.validation, exp.validation_buckets, exp.prefix_view("validation"))
 
 
 def kept_keys(exp: Experiment, layout) -> set[str]:

@@ -117,8 +117,9 @@ def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float,
     if unfinished:
         lines += [f"Not finished yet: {', '.join(unfinished)}.", ""]
     lines += [f"## Results (target accuracy {target:g})", "", *_table(finished, target), "",
-              "Accuracy: mean ± standard deviation over seeds. Time and bytes to target: the first evaluation at or above the target, "
-              "on the virtual clock of the devices, averaged over the seeds (shown only when every seed reached it).", "",
+              "Accuracy: mean ± standard deviation over seeds, on the test split. Time and bytes to target: the first evaluation at or above "
+              f"the target on the {_target_split(finished)}, on the virtual clock of the devices, averaged over the seeds (shown only when every "
+              "seed reached it).", "",
               "## Relative to each other", "", "Row against column: the row's speedup in virtual time to target (the column's time over the row's), and the bytes it "
               "sent to reach the target, against the column's.", "",
               *_relative(finished), ""]
@@ -136,6 +137,13 @@ def _html(markdown: str) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}")
     return f"<!doctype html>\n<html><head><meta charset='utf-8'><title>legend report</title><style>{style}</style></head><body>\n{body}</body></html>\n"
+
+
+def _target_split(finished: list[Runs]) -> str:
+    splits = {x.get("target_split", "test") for r in finished for x in r.summaries}
+    if splits == {"validation"}:
+        return "validation split held out of the training data (data.val_size)"
+    return "test split" if splits <= {"test"} else "validation split where the run held one out, else the test split"
 
 
 def _plot_curves(out: Path, finished: list[Runs], target: float) -> None:
