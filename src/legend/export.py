@@ -116,6 +116,9 @@ def _client_tensors(folder: Path, name: str, personalised: bool, saved: dict[str
         raise LegendError(f"--client: {name} trains one global model, which every client shares: export without --client")
     own = device_state(saved)["own"]  # the embedded runtime's store: tensors in memory, or a file per client under client_state/
     clients = sorted({*own["memory"], *own["files"]})
+    if not clients:
+        raise LegendError(f"{name}: {folder} holds no client's own tensors (a Flower deployment leaves them on the nodes, in each "
+                          "node's state-dir): export a run of the embedded engine, or one whose clients trained")
     if client is None:
         raise LegendError(f"{name} keeps a part of the model on each client and has no global model: pass --client N, one of {_listed(clients)}")
     if client in own["memory"]:
