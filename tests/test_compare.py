@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tests.conftest import ROOT, tiny_overrides
 from typer.testing import CliRunner
 
@@ -51,3 +52,29 @@ def test_compare_from_the_command_line_names_a_bad_strategy_before_running(tmp_p
     result = subprocess.run([sys.executable, "-m", "legend", "compare", str(QUICKSTART), "--strategies", "legend,fedfoo", "--out", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "strategy.name 'fedfoo' is unknown" in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_tune_picks_each_strategys_best_on_validation_and_compare_applies_it(tmp_path):
+    from legend.report.tune import parse_grid, read_tuned, tune
+
+    overrides = tiny_overrides(**{"data.val_size": 100, "fl.rounds": 1})
+    config = load_config(QUICKSTART, overrides)
+    grid = parse_grid(["train.lr=1e-4,1e-2"])
+    result = tune(config, tmp_path / "tune", ["fedit", "legend"], grid, [0], "legend tune (test)")
+    for name, entry in result["strategies"].items():
+        scores = [json.loads((tmp_path / "tune" / "runs" / name / f"setting{i}-seed0" / "summary.json").read_text())["final_val_accuracy"]
+                  for i in range(2)]
+        assert [t["score"] for t in entry["tried"]] == scores
+        assert entry["settings"] == {"train.lr": ["1e-4", "1e-2"][scores.index(max(scores))]}
+    again = tune(config, tmp_path / "tune", ["fedit", "legend"], grid, [0], "legend tune (test)")  # finished runs are only re-read
+    assert again == result
+    tuned = read_tuned(tmp_path / "tune" / "tuned.json")
+    report = compare(config, tmp_path / "compare", ["fedit", "legend"], [0], "legend compare --tuned (test)", tuned=tuned)
+    for name in ("fedit", "legend"):  # each strategy ran with its own chosen learning rate
+        saved = torch.load(tmp_path / "compare" / "runs" / f"{name}-seed0" / "checkpoint.pt", weights_only=True)["config"]
+        assert saved["train"]["lr"] == float(tuned[name]["train.lr"])
+    assert "Tuned per strategy on the validation split" in report.read_text()
+    with pytest.raises(LegendError, match="set data.val_size"):
+        tune(load_config(QUICKSTART, tiny_overrides()), tmp_path / "novalidation", ["fedit"], grid, [0], "x")
+    with pytest.raises(LegendError, match="--tuned has no settings for hetlora"):
+        compare(config, tmp_path / "other", ["hetlora"], [0], "x", tuned=tuned)

@@ -82,25 +82,69 @@ def compare(
     out: Path = typer.Option(Path("runs/compare"), "--out", help="folder for the runs (OUT/runs/), report.md, report.html and the plots"),
     strategies: str = typer.Option("legend,fedit,hetlora,flexlora,ffa,federa", "--strategies", help="comma-separated strategies to compare"),
     seeds: str = typer.Option("", "--seeds", help="comma-separated seeds (default: the config's seed)"),
+    tuned: Path = typer.Option(None, "--tuned", help="OUT/tuned.json of `legend tune`: each strategy runs with the settings chosen for it"),
     debug: bool = DEBUG,
 ):
     """Run several strategies on one task, fleet and split (each run resumable), then write the report."""
     from legend.config import load_config
     from legend.report.compare import compare as run_comparison
+    from legend.report.tune import read_tuned
 
     cfg = load_config(config, overrides or [])
     quiet_libraries()
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()] or [cfg.seed]
-    except ValueError:
-        raise LegendError(f"--seeds '{seeds}' is not a comma-separated list of integers: write it like --seeds 0,1,2") from None
+    names, seed_list = _names(strategies), _seeds(seeds, cfg.seed)
     command = " ".join(["legend", "compare", str(config), *(overrides or []), "--out", str(out), "--strategies", ",".join(names),
-                        *(["--seeds", seeds] if seeds else [])])
+                        *(["--seeds", seeds] if seeds else []), *(["--tuned", str(tuned)] if tuned else [])])
     report = run_comparison(cfg, out, names, seed_list, command,
                             on_run=lambda name, seed: console.print(f"[bold]{name}[/bold] seed {seed} -> {out / 'runs' / f'{name}-seed{seed}'}"),
-                            on_round=lambda row: row["accuracy"] is None or console.print(f"  round {row['round']:>4}  accuracy {row['accuracy']:.4f}"))
+                            on_round=lambda row: row["accuracy"] is None or console.print(f"  round {row['round']:>4}  accuracy {row['accuracy']:.4f}"),
+                            tuned=read_tuned(tuned) if tuned else None)
     console.print(f"report: {report} (and {report.with_suffix('.html')})")
+
+
+def _names(strategies: str) -> list[str]:
+    return [s.strip() for s in strategies.split(",") if s.strip()]
+
+
+def _seeds(seeds: str, default: int) -> list[int]:
+    try:
+        return [int(s) for s in seeds.split(",") if s.strip()] or [default]
+    except ValueError:
+        raise LegendError(f"--seeds '{seeds}' is not a comma-separated list of integers: write it like --seeds 0,1,2") from None
+
+
+@app.command()
+@user_errors
+def tune(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    out: Path = typer.Option(Path("runs/tune"), "--out", help="folder for the runs (OUT/runs/) and OUT/tuned.json"),
+    strategies: str = typer.Option("legend,fedit,hetlora,flexlora,federa", "--strategies", help="comma-separated strategies to tune"),
+    grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,...: values to try (repeat for more keys; every combination is run)",
+                                   show_default=False),
+    seeds: str = typer.Option("", "--seeds", help="comma-separated seeds, each setting's score is their mean (default: the config's seed)"),
+    debug: bool = DEBUG,
+):
+    """Give every strategy the same grid of settings and pick each one's best on the validation split (data.val_size)."""
+    from legend.config import load_config
+    from legend.report.tune import TUNED, parse_grid
+    from legend.report.tune import tune as run_tuning
+
+    cfg = load_config(config, overrides or [])
+    quiet_libraries()
+    names, seed_list = _names(strategies), _seeds(seeds, cfg.seed)
+    command = " ".join(["legend", "tune", str(config), *(overrides or []), "--out", str(out), "--strategies", ",".join(names),
+                        *(f"--grid {item}" for item in grid), *(["--seeds", seeds] if seeds else [])])
+    result = run_tuning(cfg, out, names, parse_grid(grid), seed_list, command,
+                        on_run=lambda name, setting, seed: console.print(f"[bold]{name}[/bold] {setting} seed {seed}"))
+    table = Table(title=f"chosen on {result['selected_on']}")
+    for column in ("strategy", "settings", "validation accuracy", "tried"):
+        table.add_column(column, justify="left" if column in ("strategy", "settings") else "right")
+    for name, entry in result["strategies"].items():
+        tried = ", ".join(f"{t['score']:.4f}" for t in entry["tried"])
+        table.add_row(name, " ".join(f"{k}={v}" for k, v in entry["settings"].items()), f"{entry['score']:.4f}", tried)
+    console.print(table)
+    console.print(f"settings per strategy: {out / TUNED} (legend compare ... --tuned {out / TUNED})")
 
 
 @app.command()

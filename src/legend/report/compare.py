@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from legend.config import Config, validate_config
+from legend.config import Config, override_config
 from legend.errors import LegendError
 
 DEFAULT_STRATEGIES = ("legend", "fedit", "hetlora", "flexlora", "ffa", "federa")
@@ -25,18 +25,25 @@ def run_dir(out: Path, strategy: str, seed: int) -> Path:
 
 
 def compare(config: Config, out: Path, strategies: list[str], seeds: list[int], command: str,
-            on_run: Callable[[str, int], None] = lambda strategy, seed: None, on_round: Callable[[dict], None] | None = None) -> Path:
-    """Run every (seed, strategy) not yet finished, then write the report; returns OUT/report.md."""
+            on_run: Callable[[str, int], None] = lambda strategy, seed: None, on_round: Callable[[dict], None] | None = None,
+            tuned: dict[str, dict[str, str]] | None = None) -> Path:
+    """Run every (seed, strategy) not yet finished, then write the report; returns OUT/report.md.
+
+    ``tuned``: per strategy, the settings `legend tune` chose, applied over the config for that strategy's runs."""
     from legend.engine.simulation import run_resumable
     from legend.report.document import write_report
     from legend.strategies import strategy_class
 
     for name in strategies:
         strategy_class(name)  # an unknown name fails before hours of runs
+        if tuned is not None and name not in tuned:
+            raise LegendError(f"--tuned has no settings for {name} (it has {', '.join(tuned)}): tune {name} too, or leave it out of --strategies")
     out.mkdir(parents=True, exist_ok=True)
     plan = {"config": config.model_dump(mode="json"), "strategies": strategies, "seeds": seeds}
+    if tuned is not None:
+        plan["tuned"] = {name: tuned[name] for name in strategies}
     saved = _read_plan(out)
-    if saved and {k: saved[k] for k in plan} != plan:
+    if saved and ({k: saved.get(k) for k in plan} != plan or ("tuned" in saved) != ("tuned" in plan)):
         raise LegendError(f"{out} holds a comparison with another config, strategies or seeds: use a new --out, or the same arguments to resume it")
     started = saved["started"] if saved else datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), Python {platform.python_version()}"
@@ -44,9 +51,8 @@ def compare(config: Config, out: Path, strategies: list[str], seeds: list[int], 
     for seed in seeds:
         for name in strategies:
             on_run(name, seed)
-            raw = {**config.model_dump(mode="json"), "seed": seed}
-            raw["strategy"] = {**raw["strategy"], "name": name}
-            run_resumable(validate_config(raw), run_dir(out, name, seed), on_round)
+            own = [f"{key}={value}" for key, value in (tuned or {}).get(name, {}).items()]
+            run_resumable(override_config(config, [*own, f"strategy.name={name}", f"seed={seed}"]), run_dir(out, name, seed), on_round)
     return write_report(out)
 
 

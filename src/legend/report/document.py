@@ -114,6 +114,9 @@ def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float,
              + (f" (alpha {config['data']['alpha']})" if config["data"]["partition"] == "dirichlet" else "")
              + f", {config['fl']['clients_per_round']} clients per round, seeds {', '.join(map(str, plan['seeds']))}.", "",
              f"Command: `{plan['command']}`", "", f"Started {plan['started']} on {plan.get('machine', 'an unrecorded machine')}.", ""]
+    if "tuned" in plan:
+        lines += ["Tuned per strategy on the validation split (`legend tune`, the same grid for each): "
+                  + "; ".join(f"{name}: {', '.join(f'`{k}={v}`' for k, v in setting.items())}" for name, setting in plan["tuned"].items()) + ".", ""]
     if unfinished:
         lines += [f"Not finished yet: {', '.join(unfinished)}.", ""]
     lines += [f"## Results (target accuracy {target:g})", "", *_table(finished, target), "",

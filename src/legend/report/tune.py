@@ -1,0 +1,91 @@
+"""`legend tune`: the same grid of settings for every strategy, each chosen on the validation split.
+
+A comparison is only fair if every method got the same tuning budget and none was tuned on the data
+it is scored on. Every strategy runs every point of the grid (a plain grid: deterministic, resumable
+run by run, and small enough on these settings that a sampler such as Optuna's would save little) on
+every seed, each run resumable in OUT/runs/<strategy>/<setting>-seed<k>. A setting's score is its
+final validation accuracy (``data.val_size``), averaged over the seeds; the test split is never read
+to choose. OUT/tuned.json holds each strategy's best setting, which ``legend compare --tuned`` applies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from legend.config import Config, override_config
+from legend.errors import LegendError
+
+TUNED = "tuned.json"
+PLAN = "tune.json"
+SCORE = "final_val_accuracy"
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``key=v1,v2`` items -> {key: ["v1", "v2"]} (values stay text: the config parses them as overrides do)."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise LegendError(f"--grid '{item}' is not key=v1,v2,...: write it like --grid train.lr=1e-3,3e-3")
+        grid[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    return grid
+
+
+def settings(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every point of the grid, in the order the values were given."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def overrides(setting: dict[str, Any]) -> list[str]:
+    return [f"{key}={value}" for key, value in setting.items()]
+
+
+def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[str]], seeds: list[int], command: str,
+         on_run: Callable[[str, dict, int], None] = lambda strategy, setting, seed: None) -> dict[str, Any]:
+    """Run every (strategy, setting, seed) not yet finished; write and return OUT/tuned.json's content."""
+    from legend.engine.simulation import run_resumable
+    from legend.strategies import strategy_class
+
+    if config.data.val_size <= 0:
+        raise LegendError("legend tune chooses settings on a validation split: set data.val_size, e.g. data.val_size=2000")
+    if not grid:
+        raise LegendError("legend tune needs a grid: give --grid key=v1,v2 (for example --grid train.lr=1e-3,3e-3)")
+    points = settings(grid)
+    for name in strategies:
+        strategy_class(name)  # a bad name or setting fails before hours of runs
+    for point in points:
+        override_config(config, overrides(point))
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"config": config.model_dump(mode="json"), "strategies": strategies, "grid": grid, "seeds": seeds}
+    saved = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
+    if saved and {k: saved[k] for k in plan} != plan:
+        raise LegendError(f"{out} holds a tuning run with another config, strategies, grid or seeds: use a new --out, or the same arguments to resume it")
+    (out / PLAN).write_text(json.dumps({**plan, "command": command}, indent=1) + "\n")
+    chosen = {}
+    for name in strategies:
+        tried = []
+        for index, point in enumerate(points):
+            scores = []
+            for seed in seeds:
+                on_run(name, point, seed)
+                run = override_config(config, [*overrides(point), f"strategy.name={name}", f"seed={seed}"])
+                scores.append(run_resumable(run, out / "runs" / name / f"setting{index}-seed{seed}")[SCORE])
+            tried.append({"settings": point, "score": sum(scores) / len(scores), "per_seed": scores})
+        best = max(tried, key=lambda t: t["score"])  # the first of equals: grid order
+        chosen[name] = {"settings": best["settings"], "score": best["score"], "tried": tried}
+    result = {"selected_on": f"{SCORE}, mean over seeds {seeds}", "grid": grid, "strategies": chosen}
+    (out / TUNED).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def read_tuned(path: Path) -> dict[str, dict[str, str]]:
+    """Per strategy, the settings ``legend tune`` chose (the ``--tuned`` file of ``legend compare``)."""
+    try:
+        tuned = json.loads(path.read_text())["strategies"]
+        return {name: dict(entry["settings"]) for name, entry in tuned.items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LegendError(f"--tuned {path} is not a {TUNED} of `legend tune` ({type(exc).__name__}): give OUT/{TUNED} of a finished tuning run") from None
