@@ -81,10 +81,10 @@ def _from_export(path: Path, purpose: str) -> Classifier:
 
 
 @torch.no_grad()
-def logits(classifier: Classifier, split: EncodedSplit) -> np.ndarray:
-    """(N, classes) float32 logits, computed over length-sorted batches of ``eval.batch_size`` (the engine's evaluation batches)."""
+def logits(classifier: Classifier, split: EncodedSplit, batch_size: int) -> np.ndarray:
+    """(N, classes) float32 logits, computed over length-sorted batches (the engine's evaluation batches)."""
     out = np.empty((len(split), len(classifier.label_names)), dtype=np.float32)
-    for rows in length_buckets(split, classifier.config.eval.batch_size):
+    for rows in length_buckets(split, batch_size):
         batch = split.batch(rows)
         batch.pop("labels")
         out[rows] = classifier.module(**batch).logits.float().numpy()
@@ -106,7 +106,7 @@ def predict(classifier: Classifier, inputs: list[tuple[str, ...]]) -> list[dict[
             expected = "two texts (a sentence pair: separate them with a tab)" if pair else "one text"
             raise LegendError(f"predict: this model classifies {expected}, and got {len(item)}: {item[0][:40]!r}...")
     split = encode_texts(classifier, [item[0] for item in inputs], [item[1] for item in inputs] if pair else None)
-    probabilities = torch.from_numpy(logits(classifier, split)).softmax(-1).numpy()
+    probabilities = torch.from_numpy(logits(classifier, split, classifier.config.eval.batch_size)).softmax(-1).numpy()
     return [{"input": list(item) if pair else item[0], "label": classifier.label_names[int(p.argmax())],
              "probabilities": {name: float(q) for name, q in zip(classifier.label_names, p, strict=True)}}
             for item, p in zip(inputs, probabilities, strict=True)]
@@ -142,13 +142,12 @@ def evaluate(classifier: Classifier, overrides: list[str]) -> dict[str, Any]:
     if foreign:
         raise LegendError(f"evaluate: '{foreign[0]}' is not a data.* or eval.* key: the model is fixed, only what it is scored on can change")
     config = override_config(classifier.config, overrides)
-    classifier.config = config
     task = subsample(load_task(config.data), config.data, config.seed)
     if task.label_names != classifier.label_names:
         raise LegendError(f"evaluate: the data's labels {list(task.label_names)} are not the model's {list(classifier.label_names)}: "
                           "set data.labels to the model's labels in its class order")
     split = encode(task.test, classifier.tokenizer, config.data.max_length)
-    predicted = logits(classifier, split).argmax(-1)
+    predicted = logits(classifier, split, config.eval.batch_size).argmax(-1)
     return {"split": config.data.test_split, "examples": len(split), **scores(split.labels, predicted, len(task.label_names)),
             "labels": list(task.label_names)}
 

@@ -129,17 +129,18 @@ class InProcess:
             return "dropped out after receiving its plan (faults.dropout)"
         steps = local_step_count(len(exp.partitions[job.plan.client]), exp.config.train)
         attacker = is_attacker(self.faults, job.seed)
-        if attacker and self.faults.attack == "label_flip" and self._flipped is None:
+        flips = attacker and self.faults.attack == "label_flip"
+        if flips and self._flipped is None:
             self._flipped = flipped_labels(exp.train, len(exp.label_names))
         try:
             own = self.own.get(job.plan.client) or self.initial
             update = local_training(exp, job, own, int(step * steps) if crashes < self.faults.crash else None,
-                                    self._flipped if attacker and self.faults.attack == "label_flip" else None)
+                                    self._flipped if flips else None)
         except DeviceCrash as crash:
             return f"crashed in local training: {crash} (faults.crash)"
         if not attacker:
             return update
         sent = update.weights
-        if self.faults.attack != "label_flip":
+        if not flips:
             sent = poison(sent, {key: job.plan.weights[key][tuple(slice(0, n) for n in value.shape)] for key, value in sent.items()}, self.faults)
         return replace(update, weights=sent, metrics={**update.metrics, MALICIOUS: 1.0})
