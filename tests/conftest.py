@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,27 @@ def quiet_libraries():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    """SmolLM2-135M cut to its first 3 blocks (real pre-trained weights, its tokenizer and chat template): a decoder
+    small enough for unit tests of the causal-LM path."""
+    from legend.models.resolve import resolve_model
+
+    source = Path(resolve_model("smollm2-135m"))
+    folder = tmp_path_factory.mktemp("tiny-decoder")
+    for file in source.iterdir():
+        if file.name != "config.json":
+            (folder / file.name).symlink_to(file)
+    config = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    return folder
+
+
+def tiny_instruct_overrides(decoder: Path, **extra) -> list[str]:
+    """The tiny run as instructions on the tiny decoder (SST-2 answered "negative" / "positive")."""
+    return tiny_overrides(**{"model.name": f'"{decoder}"', "data.format": '"instruct"', "data.train_size": 200, "data.test_size": 32, **extra})
 
 
 def tiny_overrides(**extra) -> list[str]:

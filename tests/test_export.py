@@ -19,10 +19,11 @@ from legend.cli import app
 from legend.config import load_config
 from legend.data import encode, load_task, subsample
 from legend.engine.checkpoint import read_checkpoint
-from legend.engine.client import forward
+from legend.engine.client import forward_passes
 from legend.engine.simulation import run_experiment
 from legend.export import export, load_trained
 from legend.inference import scores
+from legend.data.batching import model_inputs
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 TOLERANCE = 1e-4
@@ -84,9 +85,10 @@ def legend_logits(run, client):
     config = trained.config
     test = subsample(load_task(config.data), config.data, config.seed).test
     split = encode(test, trained.model.tokenizer, config.data.max_length)
-    with torch.no_grad():
-        out, _ = forward(trained.model, split, np.arange(len(split)))
-    return out.logits.numpy(), split.labels, list(test["text"])
+    rows = np.arange(len(split))
+    with torch.no_grad(), forward_passes(trained.model, rows):
+        logits = trained.model.module(**model_inputs(split.batch(rows))).logits
+    return logits.numpy(), split.labels, list(test["text"])
 
 
 @pytest.mark.parametrize("strategy", list(CASES))

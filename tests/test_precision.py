@@ -6,7 +6,7 @@ import torch
 
 from legend.config import load_config
 from legend.engine.checkpoint import CHECKPOINT
-from legend.engine.client import forward
+from legend.engine.client import forward_passes
 from legend.engine.simulation import build_experiment, run_experiment
 from tests.conftest import ROOT, tiny_overrides
 
@@ -14,13 +14,19 @@ QUICKSTART = ROOT / "configs" / "quickstart.toml"
 ONE_ROUND = {"strategy.name": "legend", "fl.rounds": 1, "train.local_steps": 10}
 
 
+def forward(exp, rows):
+    """The classifier's output (logits and loss) on these training rows, as local training computes it."""
+    with forward_passes(exp.model, rows):
+        return exp.model.module(**exp.train.batch(rows))
+
+
 def test_bfloat16_runs_the_matrix_multiplies_in_bfloat16_and_keeps_the_loss_and_parameters_float32():
     exp = build_experiment(load_config(QUICKSTART, tiny_overrides(**{"engine.precision": "bfloat16"})))
-    out, _ = forward(exp.model, exp.train, np.arange(4))
+    out = forward(exp, np.arange(4))
     assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in exp.model.params.values())
     plain = build_experiment(load_config(QUICKSTART, tiny_overrides()))
-    assert forward(plain.model, plain.train, np.arange(4))[0].logits.dtype == torch.float32
+    assert forward(plain, np.arange(4)).logits.dtype == torch.float32
 
 
 def test_a_bfloat16_round_ends_near_the_float32_adapter(tmp_path):

@@ -15,7 +15,8 @@ FORBIDDEN = {
     "devices": {"engine", "flower", "report", "strategies"},
     "lora": {"engine", "flower", "report", "strategies", "devices"},
     "models": {"engine", "flower", "report", "strategies", "devices"},
-    "data": {"engine", "flower", "report", "strategies", "devices"},
+    "data": {"engine", "flower", "report", "strategies", "devices", "models", "objectives"},
+    "objectives": {"engine", "flower", "report", "strategies", "devices", "models", "lora"},
 }
 LEAVES = {"core", "records", "errors"}  # import no other room of legend
 

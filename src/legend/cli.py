@@ -296,32 +296,34 @@ def export_model(
 @user_errors
 def predict(
     model_dir: Path = typer.Argument(..., help="an export (`legend export`) or a run folder", show_default=False),
-    texts: list[str] = typer.Argument(None, help="texts to classify (a sentence pair: the two texts joined by a tab)", show_default=False),
-    file: Path = typer.Option(None, "--file", help="classify every row of a .tsv/.csv (with a header) or .jsonl file, by the model's text columns"),
+    texts: list[str] = typer.Argument(None, help="texts to classify or instructions to answer (a sentence pair: the two texts joined by a tab)",
+                                      show_default=False),
+    file: Path = typer.Option(None, "--file", help="every row of a .tsv/.csv (with a header) or .jsonl file, by the model's text columns"),
     as_jsonl: bool = typer.Option(False, "--jsonl", help="print one JSON object per input instead of a table"),
     client: int = CLIENT,
     debug: bool = DEBUG,
 ):
-    """Classify texts with a fine-tuned model: the label and every class's probability."""
+    """Classify texts with a fine-tuned model (the label and every class's probability), or answer them (an instruction model)."""
     quiet_libraries()
-    from legend.inference import load_classifier, read_inputs
+    from legend.inference import load_fine_tuned, read_inputs
     from legend.inference import predict as classify
 
-    classifier = load_classifier(model_dir, "predict", client)
-    inputs = [tuple(text.split("\t")) for text in texts or []] + (read_inputs(file, classifier.text_columns) if file else [])
+    model = load_fine_tuned(model_dir, "predict", client)
+    inputs = [tuple(text.split("\t")) for text in texts or []] + (read_inputs(file, model.text_columns) if file else [])
     if not inputs:
-        raise LegendError("predict: nothing to classify: give texts after the folder, or --file F")
-    results = classify(classifier, inputs)
+        raise LegendError("predict: no input: give texts after the folder, or --file F")
+    results = classify(model, inputs)
     if as_jsonl:
         for result in results:
             print(json.dumps(result))
         return
-    table = Table(title=f"{len(results)} predictions ({classifier.source} {model_dir})")
-    for column in ("input", "label", *classifier.label_names):
-        table.add_column(column, justify="left" if column in ("input", "label") else "right")
+    table = Table(title=f"{len(results)} predictions ({model.source} {model_dir})")
+    for column in ("input", *(["answer"] if model.instruct else []), *(["label", *model.label_names] if model.label_names else [])):
+        table.add_column(column, justify="left" if column in ("input", "answer", "label") else "right")
     for result in results:
         shown = " | ".join(result["input"]) if isinstance(result["input"], list) else result["input"]
-        table.add_row(shown[:80], result["label"], *(f"{p:.4f}" for p in result["probabilities"].values()))
+        table.add_row(shown[:80], *([result["answer"]] if "answer" in result else []),
+                      *([result["label"], *(f"{p:.4f}" for p in result["probabilities"].values())] if "label" in result else []))
     console.print(table)
 
 
@@ -334,15 +336,23 @@ def evaluate_model(
     client: int = CLIENT,
     debug: bool = DEBUG,
 ):
-    """Score a fine-tuned model on its task's test split (or your own data): accuracy, macro-F1, confusion matrix."""
+    """Score a fine-tuned model on its task's test split (or your own data): accuracy, macro-F1, confusion matrix (instruction
+    models: also response loss and perplexity)."""
     quiet_libraries()
-    from legend.inference import evaluate, load_classifier
+    from legend.inference import evaluate, load_fine_tuned
 
-    result = evaluate(load_classifier(model_dir, "evaluate", client), overrides or [])
+    result = evaluate(load_fine_tuned(model_dir, "evaluate", client), overrides or [])
     if as_json:
         print(json.dumps(result))
         return
-    console.print(f"{result['examples']} examples of split '{result['split']}': accuracy {result['accuracy']}  macro-F1 {result['macro_f1']:.4f}")
+    line = f"{result['examples']} examples of split '{result['split']}': accuracy {result['accuracy']}"
+    if "macro_f1" in result:
+        line += f"  macro-F1 {result['macro_f1']:.4f}"
+    if "perplexity" in result:
+        line += f"  response loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}"
+    console.print(line)
+    if "labels" not in result:
+        return
     console.print("confusion matrix (rows: true label, columns: predicted label)")
     table = Table()
     table.add_column("")

@@ -25,7 +25,17 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    task: str = Field("sst2", description="'sst2', 'agnews', 'qnli', or 'custom' (then set text_columns and label_column)")
+    task: str = Field("sst2", description="'sst2', 'agnews', 'qnli', 'custom' (then set text_columns and label_column), or 'instructions' (open instruction/response data in data.path; data.format='instruct')")
+    format: Literal["classification", "instruct"] = Field(
+        "classification", description="what the model learns: 'classification' (a classifier head on the labels) or 'instruct' (a causal LM trained on prompt/response pairs, loss on the response only)")
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="instruct: how a conversation becomes text: the tokenizer's 'chat' template, the 'plain' one (turns as paragraphs, then 'Answer:'), or 'auto' (chat where the tokenizer has one)")
+    prompt: str = Field("", description="instruct, label tasks: the user's turn, with {text} (and {text_pair}) in it; default per task")
+    label_words: list[str] = Field(default_factory=list, description="instruct, label tasks: the answer for each class in class order (their first tokens must differ); default per task")
+    instruction_column: str = Field("instruction", description="instructions: column of the instruction (Alpaca's name)")
+    input_column: str = Field("input", description="instructions: optional column of the instruction's input, appended to it after a blank line")
+    output_column: str = Field("output", description="instructions: column of the reference response")
+    messages_column: str = Field("messages", description="instructions: chat-style column of {role, content} lists, used instead of the three above where present (the last assistant turn is the response)")
     path: str = Field("", description="folder with train and test files (.tsv or .csv); default ../shared/data/<task>")
     hub_id: str = Field("", description="a Hugging Face hub dataset id to use instead of path (needs network)")
     hub_config: str = Field("", description="configuration name of the hub dataset, e.g. 'sst2' for 'nyu-mll/glue'")
@@ -34,7 +44,7 @@ class DataConfig(Section):
     text_columns: list[str] = Field(default_factory=list, description="one column, or two for sentence pairs; default from the task")
     label_column: str = Field("label", description="column holding the class label")
     labels: list[str] = Field(default_factory=list, description="label values in class order; default from the task, else sorted")
-    max_length: int = Field(64, gt=0, description="truncate each example to this many tokens (batches are padded dynamically)")
+    max_length: int = Field(64, gt=0, description="truncate each example to this many tokens, prompt and response together (batches are padded dynamically)")
     train_size: int = Field(0, ge=0, description="use a seeded random subset of this many training examples (0 = all)")
     test_size: int = Field(0, ge=0, description="evaluate on the first this many test examples (0 = all)")
     val_size: int = Field(0, ge=0, description="hold out this many training examples (stratified by label, seeded) as a validation split, before partitioning: targets and tuning are then judged on it (0 = none)")
@@ -115,6 +125,7 @@ class EvalConfig(Section):
     every: int = Field(1, gt=0, description="evaluate the global model every this many rounds (and after the last)")
     batch_size: int = Field(128, gt=0, description="evaluation batch size")
     target_accuracy: float = Field(0.8, ge=0, le=1, description="accuracy that defines time_to_target_s and bytes_to_target")
+    max_new_tokens: int = Field(32, gt=0, description="instructions: tokens generated (greedy) per test prompt, scored by normalised exact match against the reference")
 
 
 class DeviceProfile(Section):

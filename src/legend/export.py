@@ -8,7 +8,8 @@ run built it (same config, same seed), loads that state, and writes it in the ec
   ``alpha_pattern``; the trained classification head travels as ``modules_to_save``. FeDeRA's adapters
   (``lora.init = "federa"``) were trained over W_res = W - s B0 A0, so they are exported relative to the
   original W, as PEFT converts PiSSA adapters: dW = s B'A' - s B0 A0 = s [B', -B0] [A'; A0], rank 2r
-  at alpha 2 alpha (the same scaling).
+  at alpha 2 alpha (the same scaling). A causal LM trained on instructions (data.format = "instruct")
+  exports as an adapter for AutoModelForCausalLM (task type CAUSAL_LM), with no head of its own.
 - merged (``--merge``): every adapter folded into its weight (W + s B A), a plain transformers model.
 
 Full fine-tuning and BitFit train no adapter, and FedEx-LoRA and FLoRA fold updates into W: those
@@ -37,6 +38,7 @@ from legend.errors import LegendError
 from legend.lora.layout import lora_config
 from legend.models.resolve import resolve_model
 from legend.models.shared import SharedModel
+from legend.objectives import Objective
 from legend.records import METRICS_FILE
 from legend.strategies import Strategy
 
@@ -51,6 +53,7 @@ class TrainedModel:
     folder: Path
     config: Config
     model: SharedModel
+    objective: Objective
     strategy: Strategy
     state: State  # what was loaded over the freshly built model
     initial: State  # every LoRA factor as the run initialised it (FeDeRA's A0 and B0)
@@ -58,6 +61,10 @@ class TrainedModel:
     rounds: int  # the last finished round
     final_accuracy: float | None  # of the last evaluation (the global model's, also for a client's export)
     client: int | None
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.objective.causal_lm
 
     @property
     def base_model(self) -> str:
@@ -97,7 +104,7 @@ def load_trained(folder: Path, client: int | None = None, purpose: str = "export
     saved = read_checkpoint(folder, purpose)
     config = Config.model_validate(saved["config"])
     labels = task_labels(config.data)
-    model, strategy = build_model(config, len(labels))
+    model, objective, strategy = build_model(config, labels)
     initial = {key: param.detach().clone() for key, param in model.params.items() if ".lora_" in key}
     state = saved["global_state"]
     kept = strategy.device_side().kept(model.keys(strategy.global_layout()))
@@ -107,7 +114,7 @@ def load_trained(folder: Path, client: int | None = None, purpose: str = "export
     model.module.eval()
     rows = saved["metrics"]
     evaluated = [row["accuracy"] for row in rows if row["accuracy"] is not None]
-    return TrainedModel(folder, config, model, strategy, state, initial, labels, rows[-1]["round"], evaluated[-1] if evaluated else None, client)
+    return TrainedModel(folder, config, model, objective, strategy, state, initial, labels, rows[-1]["round"], evaluated[-1] if evaluated else None, client)
 
 
 def _client_tensors(folder: Path, name: str, personalised: bool, saved: dict[str, Any], client: int | None) -> State:
@@ -168,9 +175,11 @@ def _require_adapter(trained: TrainedModel) -> None:
 
 
 def _hf_config(trained: TrainedModel):
-    """The pre-trained model's own config (its dropout rates, not the run's) with the task's labels."""
+    """The pre-trained model's own config (its dropout rates, not the run's) with the task's labels (a causal LM: as it is)."""
     from transformers import AutoConfig
 
+    if trained.causal_lm:
+        return AutoConfig.from_pretrained(trained.base_model)
     labels = trained.label_names
     config = AutoConfig.from_pretrained(trained.base_model, num_labels=len(labels), id2label=dict(enumerate(labels)),
                                         label2id={name: i for i, name in enumerate(labels)})
@@ -179,9 +188,10 @@ def _hf_config(trained: TrainedModel):
 
 
 def _fresh_base(trained: TrainedModel):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(trained.base_model, config=_hf_config(trained), dtype=torch.float32)
+    auto = AutoModelForCausalLM if trained.causal_lm else AutoModelForSequenceClassification
+    return auto.from_pretrained(trained.base_model, config=_hf_config(trained), dtype=torch.float32)
 
 
 def _lora_layers(module: torch.nn.Module) -> dict[str, LoraLayer]:
@@ -202,8 +212,8 @@ def peft_model(trained: TrainedModel):
             a0, b0 = trained.initial[f"{name}.lora_A.{ADAPTER}.weight"], trained.initial[f"{name}.lora_B.{ADAPTER}.weight"]
             a, b, rank, alpha = torch.cat([a, a0]), torch.cat([b, -b0], dim=1), 2 * rank, 2 * alpha
         factors[name], ranks[name], alphas[name] = (a, b), rank, alpha
-    heads = sorted({key.rsplit(".", 1)[0] for key in trained.model.params if trained.model.is_head(key)})
-    config = lora_config(ranks, alphas, trained.config.lora.dropout, modules_to_save=list(heads), task_type="SEQ_CLS")
+    heads = [] if trained.causal_lm else sorted({key.rsplit(".", 1)[0] for key in trained.model.params if trained.model.is_head(key)})
+    config = lora_config(ranks, alphas, trained.config.lora.dropout, modules_to_save=list(heads), task_type="CAUSAL_LM" if trained.causal_lm else "SEQ_CLS")
     model = get_peft_model(_fresh_base(trained), config)
     model.peft_config[ADAPTER].modules_to_save = heads  # PEFT added its own guesses for SEQ_CLS ("classifier", "score") to the list
     inner = model.base_model.model
@@ -245,20 +255,13 @@ def model_card(trained: TrainedModel, merge: bool) -> str:
     whose = f"client {trained.client}'s personalised model (its own B, the shared A and head)" if trained.client is not None else "the global model"
     accuracy = "not evaluated" if trained.final_accuracy is None else f"{trained.final_accuracy:.4f}"
     id2label = {i: name for i, name in enumerate(labels)}
-    load = ("""from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
-
-model = AutoModelForSequenceClassification.from_pretrained("PATH")
-tokenizer = AutoTokenizer.from_pretrained("PATH")
-classify = pipeline("text-classification", model=model, tokenizer=tokenizer)""" if merge else
-            f"""from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-base = AutoModelForSequenceClassification.from_pretrained(
-    "{base}", num_labels={len(labels)}, id2label={id2label!r}, label2id={ {v: k for k, v in id2label.items()}!r},
-    pad_token_id={trained.model.tokenizer.pad_token_id})
-model = PeftModel.from_pretrained(base, "PATH").eval()
-tokenizer = AutoTokenizer.from_pretrained("PATH")""")
-    front = ["---", f"base_model: {base}", f"library_name: {'transformers' if merge else 'peft'}", "pipeline_tag: text-classification",
+    if trained.causal_lm:
+        form = form.replace("(with the trained classification head)", "for the causal LM")
+        load = _causal_load_snippet(base, merge)
+    else:
+        load = _classifier_load_snippet(base, merge, id2label, trained.model.tokenizer.pad_token_id)
+    pipeline = "text-generation" if trained.causal_lm else "text-classification"
+    front = ["---", f"base_model: {base}", f"library_name: {'transformers' if merge else 'peft'}", f"pipeline_tag: {pipeline}",
              "tags:", *(f"- {tag}" for tag in dict.fromkeys(["legend", "federated-learning", config.strategy.name, *([] if merge else ["lora"])])), "---"]
     return "\n".join(front) + f"""
 
@@ -271,7 +274,7 @@ This is {form}: {whose}, after {rounds} of federated fine-tuning with legend {le
 | base model | `{base}` (`model.name = "{config.model.name}"`) |
 | strategy | `{config.strategy.name}` (LoRA init `{trained.strategy.lora_init}`) |
 | task | `{config.data.task}`, text columns {list(task_text_columns(config.data))}, at most {config.data.max_length} tokens |
-| labels | {", ".join(f"{i} = `{name}`" for i, name in enumerate(labels))} |
+| labels | {_labels_row(trained)} |
 | rounds | {trained.rounds} of {config.fl.rounds} |
 | clients | {config.fl.num_clients}, {config.fl.clients_per_round} per round ({config.data.partition} split{f", alpha {config.data.alpha}" if config.data.partition == "dirichlet" else ""}) |
 | final accuracy | {accuracy} (the global model's last evaluation in the run, on its test split) |
@@ -282,7 +285,7 @@ This is {form}: {whose}, after {rounds} of federated fine-tuning with legend {le
 {load.replace("PATH", "this-folder")}
 ```
 
-Or with legend: `legend predict this-folder "a sentence"` and `legend evaluate this-folder`.
+Or with legend: `legend predict this-folder "{'an instruction' if trained.causal_lm and not labels else 'a sentence'}"` and `legend evaluate this-folder`.
 
 ## The exact config
 
@@ -290,3 +293,41 @@ Or with legend: `legend predict this-folder "a sentence"` and `legend evaluate t
 {json.dumps(config.model_dump(), indent=2)}
 ```
 """
+
+
+def _labels_row(trained: TrainedModel) -> str:
+    labels = trained.label_names
+    if not labels:
+        return "none: open instructions, scored by exact match of greedy answers"
+    named = ", ".join(f"{i} = `{name}`" for i, name in enumerate(labels))
+    if trained.causal_lm:
+        return f"{named}, answered by the words {', '.join(f'`{w}`' for w in trained.objective.label_words)} after the prompt `{trained.objective.prompt!r}`"
+    return named
+
+
+def _classifier_load_snippet(base: str, merge: bool, id2label: dict[int, str], pad_token_id: int) -> str:
+    if merge:
+        return """from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+model = AutoModelForSequenceClassification.from_pretrained("PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+classify = pipeline("text-classification", model=model, tokenizer=tokenizer)"""
+    return f"""from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+base = AutoModelForSequenceClassification.from_pretrained(
+    "{base}", num_labels={len(id2label)}, id2label={id2label!r}, label2id={ {v: k for k, v in id2label.items()}!r},
+    pad_token_id={pad_token_id})
+model = PeftModel.from_pretrained(base, "PATH").eval()
+tokenizer = AutoTokenizer.from_pretrained("PATH")"""
+
+
+def _causal_load_snippet(base: str, merge: bool) -> str:
+    model = ('model = AutoModelForCausalLM.from_pretrained("PATH")' if merge else
+             f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "PATH").eval()')
+    return f"""{'' if merge else 'from peft import PeftModel' + chr(10)}from transformers import AutoModelForCausalLM, AutoTokenizer
+
+{model}
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "..."}}], add_generation_prompt=True, return_tensors="pt")
+answer = model.generate(prompt, max_new_tokens=32, do_sample=False)"""

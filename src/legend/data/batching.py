@@ -9,7 +9,14 @@ import datasets
 import numpy as np
 import torch
 
-from legend.data.tasks import column
+from legend.data.table import column
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The part of a batch the model's forward takes (targets, classes and the like stay out)."""
+    return {key: value for key, value in batch.items() if key in MODEL_INPUTS}
 
 
 @dataclass(frozen=True)
@@ -30,24 +37,26 @@ class EncodedSplit:
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Right-padded tensors for these rows: input_ids, attention_mask, [token_type_ids], labels."""
-        rows = [self.input_ids[i] for i in indices]
-        width = max(len(r) for r in rows)
-        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # (B, T)
-        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-        for j, row in enumerate(rows):
-            input_ids[j, : len(row)] = row
-            attention_mask[j, : len(row)] = 1
-        batch = {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask),
-            "labels": torch.from_numpy(self.labels[np.asarray(indices)]),
-        }
+        input_ids, attention_mask = padded([self.input_ids[i] for i in indices], self.pad_token_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.from_numpy(self.labels[np.asarray(indices)])}
         if self.token_type_ids is not None:
-            token_types = np.zeros((len(rows), width), dtype=np.int64)
-            for j, i in enumerate(indices):
-                token_types[j, : len(self.token_type_ids[i])] = self.token_type_ids[i]
-            batch["token_type_ids"] = torch.from_numpy(token_types)
+            batch["token_type_ids"] = padded([self.token_type_ids[i] for i in indices], 0)[0]
         return batch
+
+    def outputs(self, indices) -> int:
+        """Positions the output layer projects: one per sequence (the classifier reads its first or last token)."""
+        return len(indices)
+
+
+def padded(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids right-padded with ``pad_id`` to the longest row, and the (B, T) mask of real tokens."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for j, row in enumerate(rows):
+        ids[j, : len(row)] = row
+        mask[j, : len(row)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def encode(table: datasets.Dataset, tokenizer, max_length: int) -> EncodedSplit:

@@ -7,7 +7,7 @@ import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from legend.config import DataConfig
-from legend.data.tasks import column
+from legend.data.table import column
 from legend.errors import LegendError
 
 
@@ -24,6 +24,8 @@ def partition_indices(train: datasets.Dataset, num_clients: int, cfg: DataConfig
             f"data: {len(train)} training rows cannot give {num_clients} clients {cfg.min_partition_size} each; "
             "lower data.min_partition_size or fl.num_clients, or use more data"
         )
+    if cfg.partition == "dirichlet" and "label" not in train.column_names:
+        raise LegendError("data.partition 'dirichlet' skews the labels over clients, and open instruction data has none: use data.partition='iid'")
     table = train.add_column("row", list(range(len(train))))
     if cfg.partition == "iid":
         # IidPartitioner cuts contiguous shards, so shuffle first with our seed.

@@ -10,6 +10,8 @@ import datasets
 import numpy as np
 
 from legend.config import DataConfig
+from legend.data.instructions import conversations
+from legend.data.table import column
 from legend.errors import LegendError
 
 
@@ -17,20 +19,26 @@ from legend.errors import LegendError
 class TaskSpec:
     text_columns: tuple[str, ...]
     labels: tuple[str, ...]
+    prompt: str  # the task as an instruction (data.format = "instruct"), with {text} and {text_pair}
+    label_words: tuple[str, ...]  # the answer to it for each class
     label_column: str = "label"
 
 
 TASKS = {
-    "sst2": TaskSpec(("sentence",), ("0", "1")),
-    "agnews": TaskSpec(("text",), ("World", "Sports", "Business", "Sci/Tech")),
-    "qnli": TaskSpec(("question", "sentence"), ("entailment", "not_entailment")),
+    "sst2": TaskSpec(("sentence",), ("0", "1"), "Review: {text}\nIs this review positive or negative?", ("negative", "positive")),
+    "agnews": TaskSpec(("text",), ("World", "Sports", "Business", "Sci/Tech"),
+                       "Article: {text}\nIs this article about world, sports, business or technology?", ("world", "sports", "business", "technology")),
+    "qnli": TaskSpec(("question", "sentence"), ("entailment", "not_entailment"),
+                     "Question: {text}\nSentence: {text_pair}\nDoes the sentence answer the question, yes or no?", ("yes", "no")),
 }
+INSTRUCTIONS = "instructions"  # data.task of open instruction/response data (data/instructions.py)
 
 
 @dataclass(frozen=True)
 class TaskData:
-    """Train and test splits with columns ``text``, optional ``text_pair``, and integer ``label``; with
-    ``data.val_size``, a validation split held out of the training data (what tuning and targets are chosen on)."""
+    """Train and test splits with columns ``text``, optional ``text_pair``, and integer ``label`` (open instruction
+    data: ``prompt`` and ``response`` instead, and no labels); with ``data.val_size``, a validation split held out of
+    the training data (what tuning and targets are chosen on)."""
 
     train: datasets.Dataset
     test: datasets.Dataset
@@ -49,7 +57,8 @@ def subsample(task: TaskData, cfg: DataConfig, seed: int) -> TaskData:
     if cfg.val_size:
         if cfg.val_size >= len(train):
             raise LegendError(f"data.val_size ({cfg.val_size}) leaves no training data ({len(train)} examples): hold out fewer")
-        held_out = stratified_sample(np.asarray(column(train, "label")), cfg.val_size, seed)
+        labels = column(train, "label") if task.label_names else [0] * len(train)  # open instructions: one class
+        held_out = stratified_sample(np.asarray(labels), cfg.val_size, seed)
         validation = train.select(held_out)
         train = train.select(np.setdiff1d(np.arange(len(train)), held_out))
     if cfg.train_size and cfg.train_size < len(train):
@@ -70,29 +79,27 @@ def stratified_sample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def column(table: datasets.Dataset, name: str) -> list:
-    """A whole column as a list, read as one batch: iterating ``table[name]`` formats row by row, ~100x slower."""
-    return table.select_columns([name])[:][name]
-
-
 def default_data_path(task: str) -> Path:
     return Path("..") / "shared" / "data" / task
 
 
 def load_task(cfg: DataConfig) -> TaskData:
+    if cfg.task == INSTRUCTIONS:
+        raw = _load_hub(cfg) if cfg.hub_id else _load_folder(cfg)
+        return TaskData(conversations(raw[cfg.train_split], cfg.train_split, cfg), conversations(raw[cfg.test_split], cfg.test_split, cfg), ())
     spec = TASKS.get(cfg.task)
     if spec is None and cfg.task != "custom":
-        raise LegendError(f"data.task '{cfg.task}' is unknown: use one of {', '.join(TASKS)} or 'custom'")
+        raise LegendError(f"data.task '{cfg.task}' is unknown: use one of {', '.join(TASKS)}, 'custom' or '{INSTRUCTIONS}'")
     text_columns = task_text_columns(cfg)
     if not 1 <= len(text_columns) <= 2:
         raise LegendError("data.text_columns must name one column, or two for sentence pairs (e.g. [\"question\", \"sentence\"])")
     label_column = cfg.label_column
     raw = _load_hub(cfg) if cfg.hub_id else _load_folder(cfg)
     for split, table in raw.items():
-        for column in (*text_columns, label_column):
-            if column not in table.column_names:
+        for name in (*text_columns, label_column):
+            if name not in table.column_names:
                 raise LegendError(
-                    f"data: column '{column}' not in the {split} split (columns: {', '.join(table.column_names)}); "
+                    f"data: column '{name}' not in the {split} split (columns: {', '.join(table.column_names)}); "
                     "set data.text_columns / data.label_column"
                 )
     train, test = raw[cfg.train_split], raw[cfg.test_split]
@@ -105,7 +112,9 @@ def load_task(cfg: DataConfig) -> TaskData:
 
 
 def task_labels(cfg: DataConfig) -> tuple[str, ...]:
-    """The class names in class order, read from the data only for a custom task that does not list them."""
+    """The class names in class order, read from the data only for a custom task that does not list them (none for open instructions)."""
+    if cfg.task == INSTRUCTIONS:
+        return ()
     spec = TASKS.get(cfg.task)
     return tuple(cfg.labels) or (spec.labels if spec else load_task(cfg).label_names)
 
@@ -122,9 +131,15 @@ def _load_folder(cfg: DataConfig) -> dict[str, datasets.Dataset]:
         raise LegendError(f"data.path {folder} is not a folder: set data.path to a folder holding train.tsv and test.tsv")
     splits = {}
     for split in (cfg.train_split, cfg.test_split):
-        file = next((folder / f"{split}{ext}" for ext in (".tsv", ".csv") if (folder / f"{split}{ext}").is_file()), None)
+        file = next((folder / f"{split}{ext}" for ext in (".tsv", ".csv", ".jsonl", ".json") if (folder / f"{split}{ext}").is_file()), None)
         if file is None:
-            raise LegendError(f"data: no {split}.tsv or {split}.csv in {folder}: add it or set data.{'train' if split == cfg.train_split else 'test'}_split")
+            raise LegendError(f"data: no {split}.tsv, .csv or .jsonl in {folder}: add it or set data.{'train' if split == cfg.train_split else 'test'}_split")
+        if file.suffix in (".jsonl", ".json"):
+            try:
+                splits[split] = datasets.load_dataset("json", data_files=str(file), split="train")
+            except Exception as exc:  # datasets wraps the parser's many error types
+                raise LegendError(f"data: {file} could not be read as JSON Lines ({type(exc).__name__}): write one JSON object per line") from None
+            continue
         splits[split] = datasets.load_dataset(
             "csv",
             data_files=str(file),

@@ -5,8 +5,10 @@ attention's length term (Q K^T and A V) costs 4 x width per token pair; a LoRA a
 layer with in + out features costs 2 r (in + out). Backward runs only from the output down to the lowest
 block the device trains: below it nothing needs a gradient, so autograd never goes there. Within that
 region, frozen weights cost one backward matmul (the input gradient), trained ones two (input and weight
-gradients). The layers outside the blocks (pooler, classifier) act once per sequence. Embedding look-ups,
-norms and activations are not counted: calibration folds them into the device's sustained FLOP/s.
+gradients). The layers outside the blocks act once per output position: a classifier (and pooler) once per
+sequence, trained; a causal LM's vocabulary projection once per response token (only those reach the loss),
+frozen, so it costs its forward and its input gradient. Embedding look-ups, norms and activations are not
+counted: calibration folds them into the device's sustained FLOP/s.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class ModelSpec:
     attention_width: int  # heads x head_dim of the queries
     block_linear_params: int  # sum of in x out over the base linear layers of one block
     lora_features: int  # sum of in + out over the LoRA target layers of one block
-    outside_linear_params: int  # linear layers outside the blocks (pooler, classifier), applied per sequence
+    outside_linear_params: int  # linear layers outside the blocks (pooler and classifier, or the LM head), applied per output position
+    output_features: int  # width of the output: classes, or the vocabulary
+    frozen_output: bool  # the output layer never trains (a causal LM's LM head)
     total_params: int  # the pre-trained model and its head, without adapters
     head_params: int
     bias_params: int  # biases of the backbone (BitFit)
@@ -52,6 +56,7 @@ class ModelSpec:
             if isinstance(m, nn.Linear) and "lora_" not in name and not name.startswith(model.blocks_prefix + ".")
         ]
         heads = config.num_attention_heads
+        output = model.module.get_output_embeddings() if model.blocks_only else None
         return cls(
             num_blocks=model.info.num_blocks,
             hidden=config.hidden_size,
@@ -61,6 +66,8 @@ class ModelSpec:
             block_linear_params=sum(m.in_features * m.out_features for _, m in linears),
             lora_features=sum(m.in_features + m.out_features for name, m in linears if name.removesuffix(".base_layer").split(".")[-1] in targets),
             outside_linear_params=sum(m.in_features * m.out_features for m in outside),
+            output_features=output.out_features if output is not None else config.num_labels,
+            frozen_output=model.blocks_only,
             total_params=sum(p.numel() for k, p in model.params.items() if ".lora_" not in k and BOTTLENECK not in k),
             head_params=sum(p.numel() for k, p in model.params.items() if model.is_head(k)),
             bias_params=sum(p.numel() for k, p in model.params.items() if k.endswith(".bias") and not model.is_head(k) and ".lora_" not in k),
@@ -69,21 +76,25 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Batches:
-    """What a device trains on in one round, as padded batch shapes (B sequences of T tokens each)."""
+    """What a device trains on in one round, as padded batch shapes (B sequences of T tokens each, O output positions)."""
 
     sequences: int  # sum of B
     tokens: int  # sum of B x T
     token_pairs: int  # sum of B x T^2 (attention)
     peak_tokens: int  # largest B x T (activation memory)
     peak_token_pairs: int  # largest B x T^2
+    outputs: int = 0  # sum of O: positions the output layer projects
+    peak_outputs: int = 0  # largest O
 
     @classmethod
-    def of(cls, shapes: Sequence[tuple[int, int]]) -> Batches:
-        b = np.array([s[0] for s in shapes], dtype=np.int64)
-        t = np.array([s[1] for s in shapes], dtype=np.int64)
+    def of(cls, shapes: Sequence[tuple[int, ...]]) -> Batches:
+        """From (B, T) or (B, T, O) per batch; O defaults to B (a classifier reads one position per sequence)."""
         if len(shapes) == 0:
             return cls(0, 0, 0, 0, 0)
-        return cls(int(b.sum()), int((b * t).sum()), int((b * t * t).sum()), int((b * t).max()), int((b * t * t).max()))
+        b = np.array([s[0] for s in shapes], dtype=np.int64)
+        t = np.array([s[1] for s in shapes], dtype=np.int64)
+        o = np.array([s[2] if len(s) > 2 else s[0] for s in shapes], dtype=np.int64)
+        return cls(int(b.sum()), int((b * t).sum()), int((b * t * t).sum()), int((b * t).max()), int((b * t * t).max()), int(o.sum()), int(o.max()))
 
     @classmethod
     def uniform(cls, steps: int, batch_size: int, length: int) -> Batches:
@@ -128,7 +139,8 @@ def training_flops(spec: ModelSpec, layout: AdapterLayout, batches: Batches, app
         block_backward_flops(spec, batches, adapter_params(spec, layout.method, ranks[i]), full)
         for i in range(lowest_trained_block(spec, layout), spec.num_blocks)
     )
-    return flops + 3 * 2 * batches.sequences * spec.outside_linear_params  # the head always trains or passes the gradient down
+    passes = 2 if spec.frozen_output else 3  # forward and input gradient (the head passes the gradient down), and a trained head's weight gradient
+    return flops + passes * 2 * batches.outputs * spec.outside_linear_params
 
 
 def trainable_params(spec: ModelSpec, layout: AdapterLayout) -> int:
@@ -142,15 +154,17 @@ def trainable_params(spec: ModelSpec, layout: AdapterLayout) -> int:
 
 
 def training_memory_bytes(spec: ModelSpec, layout: AdapterLayout, batches: Batches) -> int:
-    """Weights + activations kept for backward in the trained blocks + gradients and AdamW state.
+    """Weights + activations kept for backward in the trained blocks + the output logits and their gradient + gradients
+    and AdamW state.
 
     Activations per token and trained block: 8 h + 2 ffn floats plus heads x T for the attention
     probabilities (Korthikanti et al. 2022, arXiv 2205.05198, without dropout masks).
     """
     depth = spec.num_blocks - lowest_trained_block(spec, layout)
     per_block = FLOAT_BYTES * (batches.peak_tokens * (8 * spec.hidden + 2 * spec.ffn) + batches.peak_token_pairs * spec.heads)
+    logits = FLOAT_BYTES * 2 * batches.peak_outputs * spec.output_features
     weights = FLOAT_BYTES * spec.total_params
-    return weights + depth * per_block + ADAMW_BYTES_PER_PARAM * trainable_params(spec, layout)
+    return weights + depth * per_block + logits + ADAMW_BYTES_PER_PARAM * trainable_params(spec, layout)
 
 
 def layout_numel(model: SharedModel, layout: AdapterLayout, exclude=()) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -15,8 +16,8 @@ from legend.core import ClientPlan, State, Update
 from legend.data.batching import EncodedSplit
 from legend.engine.prefix_cache import PrefixView
 from legend.models.shared import SharedModel
+from legend.objectives import Objective
 from legend.strategies.base import DeviceSide
-
 
 FORWARD_BACKWARD_S = "forward_backward_s"  # metric: seconds of local training spent in forward and backward passes (the rest is overhead)
 
@@ -56,24 +57,25 @@ def client_batches(data: EncodedSplit, indices: np.ndarray, cfg: TrainConfig, se
     return training_batches(data, indices, local_step_count(len(indices), cfg), cfg, np.random.default_rng(seed))
 
 
-def batch_shapes(data: EncodedSplit, batches: list[np.ndarray]) -> list[tuple[int, int]]:
-    """(sequences, padded length) of each batch: what the device's compute and memory depend on."""
-    return [(len(rows), int(data.lengths[rows].max())) for rows in batches]
+def batch_shapes(data: EncodedSplit, batches: list[np.ndarray]) -> list[tuple[int, int, int]]:
+    """(sequences, padded length, positions the output layer projects) of each batch: what the device's compute and memory depend on."""
+    return [(len(rows), int(data.lengths[rows].max()), data.outputs(rows)) for rows in batches]
 
 
-def forward(model: SharedModel, data: EncodedSplit, rows: np.ndarray, prefix: PrefixView | None = None):
-    """The model's output on these rows (with ``labels``: its loss too), from the frozen-prefix cache when given one."""
-    batch = data.batch(rows)
-    if prefix is None:
-        with model.autocast():
-            return model.module(**batch), batch
-    with model.starting_at(prefix.boundary, prefix.hidden(rows)), model.autocast():
-        return model.module(**batch), batch
+@contextlib.contextmanager
+def forward_passes(model: SharedModel, rows: np.ndarray, prefix: PrefixView | None = None) -> Iterator[None]:
+    """Inside: the model's forward passes on these rows run at its compute dtype, from the frozen-prefix cache when given one."""
+    with contextlib.ExitStack() as stack:
+        if prefix is not None:
+            stack.enter_context(model.starting_at(prefix.boundary, prefix.hidden(rows)))
+        stack.enter_context(model.autocast())
+        yield
 
 
-def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray], num_samples: int,
+def train_client(model: SharedModel, objective: Objective, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray], num_samples: int,
                  cfg: TrainConfig, seed: int, prefix: PrefixView | None = None, device: DeviceSide | None = None, own: State | None = None) -> Update:
-    """Local AdamW over ``batches``, starting from the plan's tensors and the device's own (together the whole global state).
+    """Local AdamW on the objective's loss over ``batches``, starting from the plan's tensors and the device's own (together the
+    whole global state).
 
     ``device``: the strategy's device-side hooks (an extra loss term, metrics to report); none by default.
     ``own``: the tensors the device keeps between rounds (``DeviceSide.kept``), as its runtime stored them."""
@@ -87,7 +89,8 @@ def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batch
     started = time.perf_counter()
     for rows in batches:
         step_started = time.perf_counter()
-        loss = forward(model, data, rows, prefix)[0].loss
+        with forward_passes(model, rows, prefix):
+            loss = objective.loss(model.module, data.batch(rows))
         losses.append(loss.item())
         if (extra := device.extra_loss(model, plan)) is not None:
             loss = loss + extra
@@ -109,19 +112,25 @@ def train_client(model: SharedModel, plan: ClientPlan, data: EncodedSplit, batch
 
 class Evaluation(NamedTuple):
     accuracy: float | None
-    loss: float | None  # mean cross-entropy
-    forward_s: float  # seconds in the forward passes
+    loss: float | None  # mean cross-entropy: per sequence (classification) or per response token (instruct)
+    forward_s: float  # seconds in the forward passes (and generation)
 
 
 @torch.no_grad()
-def evaluate(model: SharedModel, state: State, data: EncodedSplit, buckets: list[np.ndarray], prefix: PrefixView | None = None) -> Evaluation:
-    """The model with ``state`` loaded, scored over ``data``."""
+def evaluate(model: SharedModel, objective: Objective, state: State, data: EncodedSplit, buckets: list[np.ndarray],
+             prefix: PrefixView | None = None) -> Evaluation:
+    """The model with ``state`` loaded, scored by the objective over ``data``."""
     model.load(state)
     model.module.eval()
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum, loss_count = 0, 0.0, 0
     started = time.perf_counter()
     for rows in buckets:
-        out, batch = forward(model, data, rows, prefix)
-        loss_sum += out.loss.item() * len(rows)
-        correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
-    return Evaluation(correct / len(data), loss_sum / len(data), time.perf_counter() - started)
+        with forward_passes(model, rows, prefix):
+            scored = objective.score(model.module, data.batch(rows))
+        if scored.correct is None:
+            with model.autocast():
+                scored = scored._replace(correct=objective.exact_matches(model.module, data, rows))
+        correct += scored.correct
+        loss_sum += scored.loss_sum
+        loss_count += scored.loss_count
+    return Evaluation(correct / len(data), loss_sum / max(loss_count, 1), time.perf_counter() - started)

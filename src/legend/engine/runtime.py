@@ -73,7 +73,7 @@ def local_training(exp: Experiment, job: Job, own: State | None = None, crash_at
     batches = client_batches(exp.train, indices, exp.config.train, job.seed)
     if crash_at_step is not None:
         batches = _crash_at(batches, crash_at_step)
-    return train_client(exp.model, job.plan, data or exp.train, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"),
+    return train_client(exp.model, exp.objective, job.plan, data or exp.train, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"),
                         exp.strategy.device_side(), own)
 
 

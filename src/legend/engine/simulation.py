@@ -21,7 +21,7 @@ import torch
 
 from legend.config import Config
 from legend.core import ClientPlan, State, Update, atomic_write, numel
-from legend.data import EncodedSplit, encode, length_buckets, load_task, partition_indices, subsample
+from legend.data import EncodedSplit, length_buckets, load_task, partition_indices, subsample
 from legend.devices import Batches, Fleet, ModelSpec, RoundTime, build_fleet, device_time, synchronous_round, training_flops
 from legend.devices.capacity import (
     BYTES_DOWN,
@@ -44,6 +44,7 @@ from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
 from legend.engine.validation import rejection
 from legend.errors import LegendError
 from legend.models.shared import SharedModel
+from legend.objectives import Objective, objective_for
 from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, summarize
 from legend.strategies import STRATEGIES, Strategy, strategy_class
 from legend.wire import through_wire, wire_bytes
@@ -57,6 +58,7 @@ class Experiment:
 
     config: Config
     model: SharedModel
+    objective: Objective
     strategy: Strategy
     train: EncodedSplit
     test: EncodedSplit
@@ -78,14 +80,17 @@ class Experiment:
         return self.prefix.view(split, data, fixed_batches=split != "train")  # evaluation reads the same buckets every time
 
 
-def build_model(config: Config, num_labels: int) -> tuple[SharedModel, Strategy]:
-    """The shared model with the strategy's global layout injected and initialised from the seed, and the strategy:
-    what every run (and every export of one) starts from."""
-    model = SharedModel.build(config.model.name, num_labels, tuple(config.lora.target_modules), config.seed, config.model.dropout,
-                              getattr(torch, config.engine.precision))
+def build_model(config: Config, label_names: tuple[str, ...]) -> tuple[SharedModel, Objective, Strategy]:
+    """The shared model with the strategy's global layout injected and initialised from the seed, the objective of
+    data.format, and the strategy: what every run (and every export of one) starts from."""
+    model = SharedModel.build(config.model.name, len(label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout,
+                              getattr(torch, config.engine.precision), causal_lm=config.data.format == "instruct")
+    objective = objective_for(config, label_names, model.tokenizer)
     strategy = strategy_class(config.strategy.name)(config, model.info)
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
-    return model, strategy
+    if not model.keys(strategy.global_layout()):
+        raise LegendError(f"{strategy.name} trains no tensor of this {model.info.model_type} model (bitfit: it has no biases): use a LoRA strategy")
+    return model, objective, strategy
 
 
 def build_experiment(config: Config) -> Experiment:
@@ -97,15 +102,17 @@ def build_experiment(config: Config) -> Experiment:
     if config.fl.aggregator != "mean" and not strategy_cls.averages_coordinates:
         raise LegendError(f"fl.aggregator '{config.fl.aggregator}' combines coordinates, and {config.strategy.name} does not aggregate by "
                           f"coordinate means: use one of {supported}, or fl.aggregator='mean'")
+    if config.data.format == "instruct" and config.faults.malicious > 0 and config.faults.attack == "label_flip":
+        raise LegendError("faults.attack 'label_flip' flips class ids, and data.format='instruct' trains on answer text: use faults.attack='sign_flip' or 'scale'")
     if config.fl.aggregator != "mean" and config.privacy.clip_norm > 0:
         raise LegendError("privacy: client-level DP calibrates its noise to the weighted mean: use fl.aggregator='mean' with privacy.clip_norm")
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
     task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test
-    model, strategy = build_model(config, len(task.label_names))
-    test = encode(test_table, model.tokenizer, config.data.max_length)
-    validation = None if task.validation is None else encode(task.validation, model.tokenizer, config.data.max_length)
-    train = encode(train_table, model.tokenizer, config.data.max_length)
+    model, objective, strategy = build_model(config, task.label_names)
+    test = objective.encode(test_table, config.data.max_length)
+    validation = None if task.validation is None else objective.encode(task.validation, config.data.max_length)
+    train = objective.encode(train_table, config.data.max_length)
     boundary = model.frozen_prefix(list(strategy.initial_state(model)))
     engine = config.engine
     prefix = None
@@ -115,6 +122,7 @@ def build_experiment(config: Config) -> Experiment:
     return Experiment(
         config=config,
         model=model,
+        objective=objective,
         strategy=strategy,
         train=train,
         test=test,
@@ -257,10 +265,10 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
 
 def evaluate_global(exp: Experiment, state: State) -> tuple[Evaluation, Evaluation]:
     """The global model scored on the test split and on the validation split (all None without data.val_size)."""
-    test = evaluate(exp.model, state, exp.test, exp.test_buckets, exp.prefix_view("test"))
+    test = evaluate(exp.model, exp.objective, state, exp.test, exp.test_buckets, exp.prefix_view("test"))
     if exp.validation is None:
         return test, Evaluation(None, None, 0.0)
-    return test, evaluate(exp.model, state, exp.validation, exp.validation_buckets, exp.prefix_view("validation"))
+    return test, evaluate(exp.model, exp.objective, state, exp.validation, exp.validation_buckets, exp.prefix_view("validation"))
 
 
 def kept_keys(exp: Experiment, layout) -> set[str]:

@@ -10,6 +10,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 
 from legend.core import ModelInfo, State
+from legend.data.batching import model_inputs
 from legend.errors import LegendError
 from legend.lora.bottleneck import inject_bottlenecks
 from legend.lora.init import apply_federa
@@ -41,14 +42,17 @@ class _PrefixDone(Exception):
 
 
 class SharedModel:
-    """A sequence classifier with the global adapter layout injected once.
+    """A sequence classifier or causal LM with the global adapter layout injected once.
 
     ``load`` swaps a client's (or the global) tensors in; ``read`` takes them out; nothing is copied
     per client but those tensors.
     """
 
-    def __init__(self, module: nn.Module, tokenizer, info: ModelInfo, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, module: nn.Module, tokenizer, info: ModelInfo, compute_dtype: torch.dtype = torch.float32, blocks_only: bool = False):
+        """``blocks_only``: nothing outside the blocks ever trains (a causal LM's embeddings, final norm and LM head,
+        whatever the layout says: full fine-tuning then trains the blocks)."""
         self.module = module
+        self.blocks_only = blocks_only
         self.tokenizer = tokenizer
         self.info = info
         self.blocks_prefix = info.blocks_prefix
@@ -71,28 +75,34 @@ class SharedModel:
 
     @classmethod
     def build(cls, name: str, num_labels: int, target_modules: tuple[str, ...] = (), seed: int = 0, dropout: float | None = None,
-              compute_dtype: torch.dtype = torch.float32) -> SharedModel:
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+              compute_dtype: torch.dtype = torch.float32, causal_lm: bool = False) -> SharedModel:
+        """A sequence classifier with a new head of ``num_labels`` classes (drawn from the seed), or with ``causal_lm`` the
+        model with its own LM head."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         source = resolve_model(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+            config = AutoConfig.from_pretrained(source, **({} if causal_lm else {"num_labels": num_labels}))
             if dropout is not None:  # every "*dropout*" rate of the architecture, whatever its name
                 for key, value in config.to_dict().items():
                     if "dropout" in key and isinstance(value, float):
                         setattr(config, key, dropout)
             torch.manual_seed(seed)  # the new classification head is drawn from the seed
-            module = AutoModelForSequenceClassification.from_pretrained(source, config=config, dtype=torch.float32)
+            auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+            module = auto.from_pretrained(source, config=config, dtype=torch.float32)
         except OSError as exc:
             raise LegendError(f"model.name '{name}' could not be loaded ({str(exc).splitlines()[0]}): use minilm-l6, smollm2-135m or a local directory") from None
+        except ValueError as exc:  # transformers: no causal-LM (or classifier) class for this architecture
+            raise LegendError(f"model.name '{name}' cannot be loaded as {auto.__name__} ({str(exc).splitlines()[0][:160]}): "
+                              f"{'use a decoder (Llama, Qwen, Mistral family) for data.format=instruct' if causal_lm else 'use data.format=instruct for a decoder without a classifier'}") from None
         if tokenizer.pad_token_id is None:  # decoder models: pad with EOS, and tell the head where padding starts
             tokenizer.pad_token = tokenizer.eos_token
         module.config.pad_token_id = tokenizer.pad_token_id
         prefix, blocks = find_blocks(module)
         targets = tuple(target_modules) or default_target_modules(module.config.model_type)
         info = ModelInfo(module.config.model_type, len(blocks), module.config.hidden_size, targets, prefix)
-        return cls(module, tokenizer, info, compute_dtype)
+        return cls(module, tokenizer, info, compute_dtype, blocks_only=causal_lm)
 
     def add_adapters(self, layout: AdapterLayout, lora_alpha: float | Sequence[float], lora_dropout: float, seed: int = 0,
                      lora_init: str = "default") -> None:
@@ -128,7 +138,7 @@ class SharedModel:
 
     def keys(self, layout: AdapterLayout) -> list[str]:
         """Tensors this layout trains, in a fixed order."""
-        return [k for k in self.params if layout.trains(k, self._block[k], self._is_head[k])]
+        return [k for k in self.params if layout.trains(k, self._block[k], self._is_head[k]) and not (self.blocks_only and self._block[k] is None)]
 
     def device_shapes(self, layout: AdapterLayout) -> dict[str, tuple[int, ...]]:
         """Shape on the device of every tensor this layout trains (LoRA factors cut to its ranks)."""
@@ -180,7 +190,7 @@ class SharedModel:
         self.module.eval()
         try:
             with self.autocast():
-                self.module(**{k: v for k, v in batch.items() if k != "labels"})
+                self.module(**model_inputs(batch))
         except _PrefixDone:
             pass
         finally:

@@ -23,7 +23,7 @@ def weighted_average(tensors: list[torch.Tensor], weights: list[float]) -> torch
 def average_updates(updates: list[Update], keys=None) -> State:
     """FedAvg: every tensor (or those of ``keys``) is the sample-weighted mean of the clients' tensors of that name."""
     weights = sample_weights(updates)
-    return {key: weighted_average([u.weights[key] for u in updates], weights) for key in (keys or updates[0].weights)}
+    return {key: weighted_average([u.weights[key] for u in updates], weights) for key in (updates[0].weights if keys is None else keys)}
 
 
 def masked_average(current: torch.Tensor, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
