@@ -195,3 +195,20 @@ def test_a_causal_lm_run_exports_an_adapter_that_transformers_and_peft_load_alon
     assert predicted.exit_code == 0, predicted.output
     answer = json.loads(predicted.stdout.strip().splitlines()[-1])
     assert answer["label"] in ("0", "1") and isinstance(answer["answer"], str) and set(answer["probabilities"]) == {"0", "1"}
+
+
+def test_the_cost_model_counts_a_decoder_block_and_the_lm_head_per_response_token(tiny_decoder):
+    """Gated MLP (gate, up, down) and grouped-query attention (k, v narrower than q) from the model's own layers; the
+    frozen LM head costs its forward and input gradient once per response token, not per position or sequence."""
+    from legend.devices.cost import Batches, ModelSpec, training_flops
+
+    exp = build_experiment(instruct_config(tiny_decoder, **{"strategy.name": "legend"}))
+    spec, config = ModelSpec.of(exp.model), exp.model.module.config
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    assert spec.block_linear_params == 2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size
+    assert spec.frozen_output and spec.output_features == config.vocab_size and spec.outside_linear_params == h * config.vocab_size
+    layout = exp.strategy.global_layout()
+    one, three = (training_flops(spec, layout, Batches.of([(8, 40, 8 * answer)])) for answer in (1, 3))
+    assert three - one == pytest.approx(2 * 2 * (8 * 2) * h * config.vocab_size)
+    rows = np.arange(8)
+    assert Batches.of([(8, 40, exp.train.outputs(rows))]).outputs == int((exp.train.lengths[rows] - exp.train.prompt_lengths[rows]).sum())

@@ -218,6 +218,7 @@ def calibrate(
     model: str = typer.Option("minilm-l6", "--model", help="model to time (a name as in model.name)"),
     rank: int = typer.Option(8, "--rank", help="LoRA rank of the adapters"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = all cores)"),
+    instruct: bool = typer.Option(False, "--instruct", help="time a decoder as a causal LM trained on instruction responses (data.format=instruct)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
     save: bool = typer.Option(True, "--save/--no-save", help="store the measured rate as the 'host' device profile"),
     debug: bool = DEBUG,
@@ -227,7 +228,7 @@ def calibrate(
     from legend.devices.calibrate import calibrate as run_calibration
     from legend.devices.profiles import host_profile_from, save_host_profile
 
-    result = run_calibration(model, rank, threads)
+    result = run_calibration(model, rank, threads, instruct)
     if save:
         result["host_profile"] = save_host_profile(host_profile_from(result))
     if as_json:

@@ -6,6 +6,7 @@ A leaf: the round loop writes these files (``engine/simulation.py``), reports an
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float)
         "initial_loss": rows[0]["loss"],
         "final_accuracy": evaluated[-1]["accuracy"],
         "final_loss": evaluated[-1]["loss"],
+        "final_perplexity": math.exp(evaluated[-1]["loss"]) if evaluated[-1]["loss"] is not None else None,  # of the answer tokens (instruct)
         "best_accuracy": max(r["accuracy"] for r in evaluated),
         "rounds": len(rounds),
         "bytes_up": sum(r["bytes_up"] for r in rounds),

@@ -5,6 +5,9 @@ backward of every block, timed with module hooks, at several batch shapes). The 
 several depths of trainable blocks (and full fine-tuning) are then predicted from that one number and
 the cost model's FLOP counts, and compared with their measured times: that tests the model's structure
 (backward only down to the lowest trained block; the embeddings, head and optimizer left out).
+
+A decoder is timed as it trains on instructions (``causal_lm``): the loss covers the last
+``ANSWER_TOKENS`` positions of each sequence, so the LM head projects only those (data.format = "instruct").
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
+from legend.config import Config
+from legend.data.instructions import IGNORE
 from legend.devices.cost import Batches, ModelSpec, adapter_params, block_backward_flops, block_forward_flops, training_flops
 from legend.lora.layout import AdapterLayout
 from legend.models.shared import SharedModel
+from legend.objectives import Objective, objective_for
 
 BLOCK_SHAPES = ((8, 64), (16, 64), (32, 32), (32, 64), (32, 128))  # (sequences, tokens) per batch
 STEP_SHAPE = (32, 64)
 REPEATS = 3
 STEP_REPEATS = 7
+ANSWER_TOKENS = 4  # response tokens per sequence when a causal LM is timed
 
 
 @dataclass(frozen=True)
@@ -68,15 +75,26 @@ class BlockTimer:
 
 
 def _batch(model: SharedModel, sequences: int, tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random ordinary tokens (no specials); class labels, or (a causal LM) the last ANSWER_TOKENS tokens as the response."""
     gen = torch.Generator().manual_seed(seed)
     vocab = model.module.config.vocab_size
-    ids = torch.randint(vocab // 4, vocab - 1, (sequences, tokens), generator=gen)  # ordinary tokens, no specials
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (sequences,), generator=gen)}
+    ids = torch.randint(vocab // 4, vocab - 1, (sequences, tokens), generator=gen)
+    if model.blocks_only:
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, -ANSWER_TOKENS:] = ids[:, -ANSWER_TOKENS:]
+    else:
+        labels = torch.randint(0, 2, (sequences,), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _train_step(model: SharedModel, params, optimizer, batch) -> float:
+def _shape(model: SharedModel, sequences: int, tokens: int) -> Batches:
+    """One batch as the cost model sees it: a causal LM's head projects only the response positions."""
+    return Batches.of([(sequences, tokens, sequences * ANSWER_TOKENS if model.blocks_only else sequences)])
+
+
+def _train_step(model: SharedModel, objective: Objective, params, optimizer, batch) -> float:
     """One local step as the engine runs it; returns the time backward ended."""
-    loss = model.module(**batch).loss
+    loss = objective.loss(model.module, batch)
     loss.backward()
     backward_end = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -85,7 +103,7 @@ def _train_step(model: SharedModel, params, optimizer, batch) -> float:
     return backward_end
 
 
-def measure_blocks(model: SharedModel, spec: ModelSpec, rank: int) -> list[Timing]:
+def measure_blocks(model: SharedModel, objective: Objective, spec: ModelSpec, rank: int) -> list[Timing]:
     """Median seconds per block forward and backward (LoRA of ``rank`` on every block), per batch shape."""
     layout = AdapterLayout.uniform_lora(spec.num_blocks, rank)
     params = model.set_trainable(layout)
@@ -96,10 +114,10 @@ def measure_blocks(model: SharedModel, spec: ModelSpec, rank: int) -> list[Timin
     try:
         for sequences, tokens in BLOCK_SHAPES:
             batch = _batch(model, sequences, tokens, seed=sequences * tokens)
-            shape = Batches.uniform(1, sequences, tokens)
+            shape = _shape(model, sequences, tokens)
             forward, backward = [], []
             for repeat in range(REPEATS + 1):
-                end = _train_step(model, params, optimizer, batch)
+                end = _train_step(model, objective, params, optimizer, batch)
                 if repeat:  # the first is a warm-up
                     forward += timer.forward_s()
                     backward += timer.backward_s(end)
@@ -121,7 +139,7 @@ def step_layouts(spec: ModelSpec, rank: int) -> dict[str, AdapterLayout]:
     }
 
 
-def measure_steps(model: SharedModel, spec: ModelSpec, rank: int) -> list[Timing]:
+def measure_steps(model: SharedModel, objective: Objective, spec: ModelSpec, rank: int) -> list[Timing]:
     """Median seconds of a whole local step (forward, backward, clipping, AdamW) per layout.
 
     The layouts take turns, step by step, so that a slow spell of a shared machine hits them all alike.
@@ -136,11 +154,11 @@ def measure_steps(model: SharedModel, spec: ModelSpec, rank: int) -> list[Timing
         for name, layout in layouts.items():
             params = model.set_trainable(layout)
             started = time.perf_counter()
-            _train_step(model, params, optimizers[name], batch)
+            _train_step(model, objective, params, optimizers[name], batch)
             if repeat:  # the first round is a warm-up
                 seconds[name].append(time.perf_counter() - started)
     model.load(initial)
-    shape = Batches.uniform(1, sequences, tokens)
+    shape = _shape(model, sequences, tokens)
     applied = (rank,) * spec.num_blocks  # the shared model applies every block's adapter in the forward pass
     return [
         Timing(f"step {name} {sequences}x{tokens}", statistics.median(seconds[name]),
@@ -149,17 +167,20 @@ def measure_steps(model: SharedModel, spec: ModelSpec, rank: int) -> list[Timing
     ]
 
 
-def calibrate(model_name: str = "minilm-l6", rank: int = 8, threads: int = 0) -> dict:
-    """Block timings, the fitted sustained FLOP/s, and whole-step predictions against measurements."""
+def calibrate(model_name: str = "minilm-l6", rank: int = 8, threads: int = 0, causal_lm: bool = False) -> dict:
+    """Block timings, the fitted sustained FLOP/s, and whole-step predictions against measurements (``causal_lm``: the
+    model as a causal LM trained on instruction responses)."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    model = SharedModel.build(model_name, num_labels=2)
+    model = SharedModel.build(model_name, num_labels=2, causal_lm=causal_lm)
+    config = Config(data={"format": "instruct" if causal_lm else "classification", "task": "instructions" if causal_lm else "sst2"})
+    objective = objective_for(config, () if causal_lm else ("0", "1"), model.tokenizer)
     spec_layout = AdapterLayout.uniform_lora(model.info.num_blocks, rank)
     model.add_adapters(spec_layout, lora_alpha=2.0 * rank, lora_dropout=0.0)
     model.module.train()
     spec = ModelSpec.of(model)
-    blocks = measure_blocks(model, spec, rank)
+    blocks = measure_blocks(model, objective, spec, rank)
     flops_per_s = sum(t.flops for t in blocks) / sum(t.measured_s for t in blocks)
-    steps = measure_steps(model, spec, rank)
+    steps = measure_steps(model, objective, spec, rank)
 
     def rows(timings):
         return [{"name": t.name, "measured_s": t.measured_s, "predicted_s": t.predicted_s(flops_per_s), "ratio": t.predicted_s(flops_per_s) / t.measured_s,
@@ -168,6 +189,7 @@ def calibrate(model_name: str = "minilm-l6", rank: int = 8, threads: int = 0) ->
     lora_steps = [t for t in steps if "lora" in t.name]
     return {
         "model": model_name,
+        "objective": "instruct" if causal_lm else "classification",
         "threads": torch.get_num_threads(),
         "flops_per_s": flops_per_s,
         "blocks": rows(blocks),
