@@ -201,15 +201,19 @@ def devices(config: Path = typer.Argument(None, help="experiment config (TOML); 
     fleet = build_fleet(cfg.devices, cfg.fl.num_clients, cfg.seed)
     fleet_name = cfg.devices.fleet if isinstance(cfg.devices.fleet, str) else "custom"
     table = Table(title=f"fleet {fleet_name}: {len(fleet.devices)} devices, {cfg.fl.num_clients} clients bound to them")
-    for column in ("class", "devices", "clients", "sustained GFLOP/s", "peak GFLOP/s", "memory GB", "uplink Mbit/s", "downlink Mbit/s", "available"):
+    for column in ("class", "devices", "clients", "sustained GFLOP/s", "peak GFLOP/s", "memory GB", "uplink Mbit/s", "downlink Mbit/s", "available",
+                   "storage GB", "storage MB/s"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for kind in dict.fromkeys(d.kind for d in fleet.devices):
         p = next(d.profile for d in fleet.devices if d.kind == kind)
         spread = lambda median: f"{median:g} ({median * math.exp(-p.bandwidth_sigma):.1f}-{median * math.exp(p.bandwidth_sigma):.1f})"  # noqa: E731
         table.add_row(kind, str(sum(d.kind == kind for d in fleet.devices)), str(sum(fleet.device_of(c).kind == kind for c in range(cfg.fl.num_clients))),
-                      f"{p.flops / 1e9:.0f}", f"{p.peak_flops / 1e9:.0f}", f"{p.memory_gb:g}", spread(p.uplink_mbps), spread(p.downlink_mbps), f"{p.availability:g}")
+                      f"{p.flops / 1e9:.0f}", f"{p.peak_flops / 1e9:.0f}", f"{p.memory_gb:g}", spread(p.uplink_mbps), spread(p.downlink_mbps), f"{p.availability:g}",
+                      f"{p.storage_gb:g}", f"{p.storage_mb_s:g}")
     console.print(table)
-    console.print("bandwidth: median (one sigma either side) of the per-round log-normal draw; sustained = peak x efficiency", style="dim")
+    console.print("bandwidth: median (one sigma either side) of the per-round log-normal draw; sustained = peak x efficiency; storage: what a device "
+                  f"may fill with kept activations, and its read rate (devices.activation_cache = {str(cfg.devices.activation_cache).lower()}, default false)",
+                  style="dim")
 
 
 @app.command()

@@ -38,7 +38,7 @@ class KeptActivations:
         held_edge, stored, used = self.held.get(client, (edge, set(), 0))
         if held_edge != edge:  # the global region moved: what it holds is stale
             stored, used = set(), 0
-        computed, read = [], 0
+        computed, read, room = [], 0, round(storage_gb * 1e9)
         for batch in batches:
             missing = [int(i) for i in batch if int(i) not in stored]
             read += self.state_bytes(batch) - self.state_bytes(missing)
@@ -46,7 +46,7 @@ class KeptActivations:
                 computed.append((len(missing), int(self.lengths[missing].max())))
             for row in missing:
                 size = self.state_bytes([row])
-                if used + size <= storage_gb * 1e9:
+                if used + size <= room:
                     stored.add(row)
                     used += size
         self.held[client] = (edge, stored, used)
