@@ -124,3 +124,25 @@ def test_a_node_keeps_its_activations_on_disk_for_its_next_process(tmp_path):
     small.prefix.keep_on_disk(tmp_path / "small.prefix", limit_bytes=int(first.train.lengths[:3].sum()) * 384 * 2)
     small.prefix.hidden("train", small.train, rows, fixed_batches=False)
     assert len(small.prefix.spilled) == 3 and (tmp_path / "small.prefix").stat().st_size <= small.prefix.spill_limit
+
+
+def test_a_flower_node_with_the_cache_trains_from_the_states_it_keeps(tmp_path):
+    """The ClientApp's path: a job trained on a node keeps its examples' states in the node's file, and the next job's
+    training reads them there (the engine's own rule would not: each example comes back less than 4 times)."""
+    pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
+    from legend.engine.runtime import Job, local_training
+    from legend.engine.simulation import derived_seed
+    from legend.flower.apps import _keep_activations
+
+    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "devices.activation_cache": "true"}))
+    exp = build_experiment(config)
+    assert not exp.prefix.trains
+    _keep_activations(exp, {"storage-gb": "1"}, tmp_path / "node.prefix", 0)
+    _, view = device_view(exp, 1, [0])
+    plan = exp.strategy.plan(1, [0], exp.strategy.initial_state(exp.model), view)[0]
+    local_training(exp, Job(1, plan, derived_seed(config.seed, 1, 0)))
+    exp.prefix.save()
+    assert exp.prefix.trains and exp.prefix.spill_limit == 10**9 and exp.prefix.misses > 0 and exp.prefix.spilled
+    again = build_experiment(config)  # the node's next process
+    _keep_activations(again, {}, tmp_path / "node.prefix", 0)
+    assert again.prefix.spilled.keys() == exp.prefix.spilled.keys()
