@@ -107,6 +107,11 @@ def test_a_top_blocks_that_cannot_apply_is_one_clear_error(overrides, message):
         build_model(load_config(QUICKSTART, tiny_overrides(**overrides)), 2)
 
 
+def test_a_device_cannot_keep_what_dropout_changes_on_every_pass():
+    with pytest.raises(LegendError, match="set model.dropout=0 or devices.activation_cache=false"):
+        build_experiment(load_config(QUICKSTART, tiny_overrides(**{"devices.activation_cache": "true", "model.dropout": 0.1})))
+
+
 def test_a_node_keeps_its_activations_on_disk_for_its_next_process(tmp_path):
     """A Flower node starts a process per message: the states it stored are found (not recomputed) by the next, bit for bit,
     and never more than its storage holds."""

@@ -111,6 +111,9 @@ def build_experiment(config: Config) -> Experiment:
                           f"coordinate means: use one of {supported}, or fl.aggregator='mean'")
     if config.fl.aggregator != "mean" and config.privacy.clip_norm > 0:
         raise LegendError("privacy: client-level DP calibrates its noise to the weighted mean: use fl.aggregator='mean' with privacy.clip_norm")
+    if config.devices.activation_cache and config.model.dropout != 0.0:
+        raise LegendError("devices.activation_cache: with dropout in the model the frozen blocks' output differs on every pass, so a device "
+                          "cannot keep it: set model.dropout=0 or devices.activation_cache=false")
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
     task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test
