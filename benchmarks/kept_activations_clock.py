@@ -3,7 +3,7 @@
 The clock does not depend on what the model learns: each round's clients, batches and bytes follow from the seed and
 the plans, and a planner's capacity estimates from the virtual clock's own reports. So a runtime whose devices send
 back the tensors they were sent, untrained, gives every round's virtual time and bytes of the real run (``--check
-RUN_DIR`` compares them with a real run's metrics.jsonl, round by round). Accuracy, and so time to target, needs the
+FOLDER=RUN_DIR`` compares OUT/FOLDER with a real run's metrics.jsonl, round by round). Accuracy, and so time to target, needs the
 real run. Evaluation is cut to 8 test sentences at the end. Prints one Markdown table:
 
     python benchmarks/kept_activations_clock.py configs/paper-sst2.toml model.name=smollm2-135m engine.threads=1 \\
