@@ -201,15 +201,19 @@ def devices(config: Path = typer.Argument(None, help="experiment config (TOML); 
     fleet = build_fleet(cfg.devices, cfg.fl.num_clients, cfg.seed)
     fleet_name = cfg.devices.fleet if isinstance(cfg.devices.fleet, str) else "custom"
     table = Table(title=f"fleet {fleet_name}: {len(fleet.devices)} devices, {cfg.fl.num_clients} clients bound to them")
-    for column in ("class", "devices", "clients", "sustained GFLOP/s", "peak GFLOP/s", "memory GB", "uplink Mbit/s", "downlink Mbit/s", "available"):
+    for column in ("class", "devices", "clients", "sustained GFLOP/s", "peak GFLOP/s", "memory GB", "uplink Mbit/s", "downlink Mbit/s", "available",
+                   "storage GB", "storage MB/s"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for kind in dict.fromkeys(d.kind for d in fleet.devices):
         p = next(d.profile for d in fleet.devices if d.kind == kind)
         spread = lambda median: f"{median:g} ({median * math.exp(-p.bandwidth_sigma):.1f}-{median * math.exp(p.bandwidth_sigma):.1f})"  # noqa: E731
         table.add_row(kind, str(sum(d.kind == kind for d in fleet.devices)), str(sum(fleet.device_of(c).kind == kind for c in range(cfg.fl.num_clients))),
-                      f"{p.flops / 1e9:.0f}", f"{p.peak_flops / 1e9:.0f}", f"{p.memory_gb:g}", spread(p.uplink_mbps), spread(p.downlink_mbps), f"{p.availability:g}")
+                      f"{p.flops / 1e9:.0f}", f"{p.peak_flops / 1e9:.0f}", f"{p.memory_gb:g}", spread(p.uplink_mbps), spread(p.downlink_mbps), f"{p.availability:g}",
+                      f"{p.storage_gb:g}", f"{p.storage_mb_s:g}")
     console.print(table)
-    console.print("bandwidth: median (one sigma either side) of the per-round log-normal draw; sustained = peak x efficiency", style="dim")
+    console.print("bandwidth: median (one sigma either side) of the per-round log-normal draw; sustained = peak x efficiency; storage: what a device "
+                  f"may fill with kept activations, and its read rate (devices.activation_cache = {str(cfg.devices.activation_cache).lower()}, default false)",
+                  style="dim")
 
 
 @app.command()
@@ -263,13 +267,22 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
     if as_json:
         print(json.dumps({"strategy": cfg.strategy.name, "clients": rows, "round_time": spread}))
         return
-    table = Table(title=f"{cfg.strategy.name}: round-1 plan of all {len(rows)} clients (estimates from the capacity model)")
-    for column in ("client", "device", "depth", "ranks per block", "compute s", "comm s", "round s", "memory GB", "MB down", "MB up"):
-        table.add_column(column, justify="left" if column in ("device", "ranks per block") else "right")
+    kept = cfg.devices.activation_cache
+    table = Table(title=f"{cfg.strategy.name}: round-1 plan of all {len(rows)} clients (estimates from the capacity model); "
+                        f"devices.activation_cache = {str(kept).lower()} (default false)")
+    columns = ["client", "device", "depth", "ranks per block", "compute s", "comm s", "round s", "memory GB", "MB down", "MB up"]
+    for column in columns + (["kept blocks", "storage MB", "later compute s"] if kept else []):
+        table.add_column(column, justify="left" if column in ("device", "ranks per block", "kept blocks") else "right")
     for r in sorted(rows, key=lambda r: (r["round_s"], r["client"])):
-        table.add_row(str(r["client"]), r["device"], str(r["depth"]), " ".join(map(str, r["rank_by_block"])), f"{r['compute_s']:.2f}",
-                      f"{r['communication_s']:.2f}", f"{r['round_s']:.2f}", f"{r['memory_gb']:.2f}", f"{r['bytes_down'] / 1e6:.2f}", f"{r['bytes_up'] / 1e6:.2f}")
+        cells = [str(r["client"]), r["device"], str(r["depth"]), " ".join(map(str, r["rank_by_block"])), f"{r['compute_s']:.2f}",
+                 f"{r['communication_s']:.2f}", f"{r['round_s']:.2f}", f"{r['memory_gb']:.2f}", f"{r['bytes_down'] / 1e6:.2f}", f"{r['bytes_up'] / 1e6:.2f}"]
+        if kept:
+            cells += [f"0-{r['kept_blocks'] - 1}" if r["kept_blocks"] else "none", f"{r['storage_mb']:.1f}", f"{r.get('later_compute_s', r['compute_s']):.2f}"]
+        table.add_row(*cells)
     console.print(table)
+    if kept:
+        console.print("kept blocks: the blocks below the global LoRA region whose output the device keeps (float16) in its storage; later compute s: "
+                      "a round once its examples are stored (they are read at the profile's storage_mb_s instead of computed)", style="dim")
     console.print(f"estimated round time over the clients: min {spread['min_s']:.2f} s, median {spread['median_s']:.2f} s, max {spread['max_s']:.2f} s")
 
 

@@ -61,6 +61,7 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(default_factory=list, description="linear layers inside each block to adapt; default per architecture (PEFT's table)")
     init: Literal["default", "federa"] = Field(
         "default", description="LoRA initialisation: 'default' (PEFT's: A random, B = 0) or 'federa' (A, B from the SVD of W, residual kept frozen)")
+    top_blocks: int = Field(0, ge=0, description="LoRA on the top this many blocks only, for every LoRA strategy (0 = every block); LEGEND: its global depth unless legend.max_depth is set")
 
     @property
     def smallest_rank(self) -> int:
@@ -138,6 +139,8 @@ class DeviceProfile(Section):
     downlink_mbps: float = Field(..., gt=0, description="median downlink bandwidth, Mbit/s")
     bandwidth_sigma: float = Field(0.5, ge=0, description="per-round fluctuation: bandwidth = median * exp(N(0, sigma^2)), drawn per device and round")
     availability: float = Field(1.0, gt=0, le=1, description="probability that the device can take part in a given round")
+    storage_gb: float = Field(0.0, ge=0, description="storage the device may fill with kept activations (devices.activation_cache), GB (0 = none)")
+    storage_mb_s: float = Field(250.0, gt=0, description="sequential read bandwidth of that storage, MB/s")
     source: str = Field("", description="where the figures come from")
 
     @property
@@ -157,6 +160,9 @@ class DevicesConfig(Section):
     deadline_s: float = Field(0.0, ge=0, description="round deadline in virtual seconds: devices slower than this are dropped from the round (0 = wait for all)")
     estimate_noise: float = Field(0.1, ge=0, description="capacity estimation: the server's prior is each profile figure times exp(N(0, noise^2)), per client")
     estimate_ema: float = Field(0.5, gt=0, le=1, description="capacity estimation: weight of a device's newest report in the moving average that replaces the prior")
+    activation_cache: bool = Field(
+        False, description="each device keeps its examples' hidden states at the lower edge of the global LoRA region (float16, within its profile's storage_gb) "
+                           "and is charged the frozen blocks' forward once per example, then a read at storage_mb_s (docs/devices.md)")
 
 
 class EngineConfig(Section):

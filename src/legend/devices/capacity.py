@@ -123,14 +123,14 @@ def estimate_round(view: DeviceView, client: int, layout: AdapterLayout, applied
     )
 
 
-def ranks_by_capacity(view: DeviceView, clients: list[int], r_min: int, r_max: int) -> dict[int, int]:
+def ranks_by_capacity(view: DeviceView, clients: list[int], r_min: int, r_max: int, top: int = 0) -> dict[int, int]:
     """HetLoRA's and FlexLoRA's per-device rank: in proportion to the device's estimated speed on the full job.
 
-    t_k = estimated round time of LoRA at r_max on every block; r_k = floor(r_max x min_j t_j / t_k),
+    t_k = estimated round time of LoRA at r_max on every block (the top ``top``: lora.top_blocks); r_k = floor(r_max x min_j t_j / t_k),
     clipped to [r_min, r_max], over this round's sampled devices: the fastest gets r_max, one three
     times slower a third of it.
     """
-    layout = AdapterLayout.uniform_lora(view.spec.num_blocks, r_max)
+    layout = AdapterLayout.uniform_lora(view.spec.num_blocks, r_max, top)
     size = wire_bytes(lora_numel(view.spec, layout.rank_by_block), view.wire_dtype)
     times = {c: estimate_round(view, c, layout, layout.rank_by_block, size, size).total_s for c in clients}
     fastest = min(times.values())

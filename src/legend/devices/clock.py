@@ -24,6 +24,7 @@ class RoundTime:
     bytes_down: int
     bytes_up: int
     memory_bytes: int = 0  # estimates only
+    read_s: float = 0.0  # of compute_s: reading kept activations from storage (devices.activation_cache)
 
     @property
     def total_s(self) -> float:
@@ -31,12 +32,15 @@ class RoundTime:
 
     def as_row(self, dropped: bool) -> dict:
         return {"client": self.client, "device": self.device, "download_s": round(self.download_s, 4), "compute_s": round(self.compute_s, 4),
-                "upload_s": round(self.upload_s, 4), "total_s": round(self.total_s, 4), "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+                "read_s": round(self.read_s, 4), "upload_s": round(self.upload_s, 4), "total_s": round(self.total_s, 4), "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
                 "dropped": dropped}
 
 
-def device_time(client: int, device: str, flops: float, device_flops: float, bytes_down: int, bytes_up: int, link: Link) -> RoundTime:
-    return RoundTime(client, device, float(bytes_down / link.downlink), float(flops / device_flops), float(bytes_up / link.uplink), bytes_down, bytes_up)
+def device_time(client: int, device: str, flops: float, device_flops: float, bytes_down: int, bytes_up: int, link: Link,
+                read_s: float = 0.0) -> RoundTime:
+    """Transfers at the link's rates; compute = FLOPs at the sustained rate, plus ``read_s`` reading kept activations."""
+    return RoundTime(client, device, float(bytes_down / link.downlink), float(flops / device_flops) + read_s, float(bytes_up / link.uplink),
+                     bytes_down, bytes_up, read_s=read_s)
 
 
 def synchronous_round(times: list[RoundTime], deadline_s: float = 0.0) -> tuple[float, set[int]]:

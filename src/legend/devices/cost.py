@@ -125,16 +125,30 @@ def lowest_trained_block(spec: ModelSpec, layout: AdapterLayout) -> int:
     return 0 if layout.method in ("full", "bitfit") else spec.num_blocks - layout.depth
 
 
-def training_flops(spec: ModelSpec, layout: AdapterLayout, batches: Batches, applied_ranks: Sequence[int] | None = None) -> float:
+@dataclass(frozen=True)
+class KeptPrefix:
+    """A round's work below the global LoRA region on a device that keeps its activations there (``devices/activations.py``)."""
+
+    edge: int  # the lowest block of the global LoRA region: the blocks below it run only on ``computed``
+    computed: Batches  # the rows not in storage (first seen, or no room left), run through the blocks below the edge
+    read_bytes: int  # the stored states of the other rows, read from storage
+    stored_bytes: int  # what the device's storage holds after the round
+
+
+def training_flops(spec: ModelSpec, layout: AdapterLayout, batches: Batches, applied_ranks: Sequence[int] | None = None,
+                   kept: KeptPrefix | None = None) -> float:
     """Forward through every block (with the adapters applied, trained or frozen), backward down to the lowest trained block.
 
     applied_ranks: the ranks of the adapters in the forward pass (default: the layout's own); a LEGEND
     device also applies the frozen global adapters below its own region.
+    kept: on a device that keeps its activations, the blocks below ``kept.edge`` run only on the rows it has not stored.
     """
     ranks = layout.rank_by_block or (0,) * spec.num_blocks
     applied = applied_ranks or ranks
     full = layout.method == "full"
-    flops = sum(block_forward_flops(spec, batches, adapter_params(spec, layout.method, applied[i])) for i in range(spec.num_blocks))
+    edge = kept.edge if kept else 0
+    flops = sum(block_forward_flops(spec, kept.computed if i < edge else batches, adapter_params(spec, layout.method, applied[i]))
+                for i in range(spec.num_blocks))
     flops += sum(
         block_backward_flops(spec, batches, adapter_params(spec, layout.method, ranks[i]), full)
         for i in range(lowest_trained_block(spec, layout), spec.num_blocks)
@@ -180,9 +194,15 @@ def applied_ranks(layout: AdapterLayout, global_layout: AdapterLayout) -> tuple[
     return tuple(own or glob for own, glob in zip(layout.rank_by_block, global_layout.rank_by_block, strict=True))
 
 
-def require_fits(spec: ModelSpec, layout: AdapterLayout, batches: Batches, memory_gb: float, who: str) -> int:
-    """The memory (bytes) a plan needs; a plan that would not fit the device is refused, saying what it needs and how to shrink it."""
-    needed = training_memory_bytes(spec, layout, batches)
+def kept_memory_bytes(spec: ModelSpec, batches: Batches) -> int:
+    """Memory for reading kept activations: the largest batch's states at float16 as read, and at float32 as the edge block's input."""
+    return batches.peak_tokens * spec.hidden * (2 + FLOAT_BYTES)
+
+
+def require_fits(spec: ModelSpec, layout: AdapterLayout, batches: Batches, memory_gb: float, who: str, extra: int = 0) -> int:
+    """The memory (bytes) a plan needs (with ``extra`` bytes beyond training's); a plan that would not fit the device is refused,
+    saying what it needs and how to shrink it."""
+    needed = training_memory_bytes(spec, layout, batches) + extra
     if needed > memory_gb * 1e9:
         raise LegendError(
             f"{who} cannot train this plan: it needs {needed / 1e9:.2f} GB of memory and the device has {memory_gb:.2f} GB; "

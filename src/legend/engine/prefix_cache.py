@@ -12,21 +12,26 @@ the same numbers), and differs from an uncached run only by the rounding of the 
 Computing an example alone costs about three times its share of a batched pass, so training reads the
 cache only when examples come back often enough to repay it (``training_reuse``). Least recently used
 examples leave memory past ``engine.cache_mb``; they go to a file in ``engine.cache_spill_dir`` when
-one is set, else they are recomputed when next needed.
+one is set, else they are recomputed when next needed. A Flower node whose device keeps its activations
+(``devices.activation_cache``) keeps them in a file of its own instead (``keep_on_disk``), which the next
+process of the node finds again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from legend.config import Config
+from legend.core import atomic_write
 from legend.data.batching import EncodedSplit
 from legend.models.shared import SharedModel
 
@@ -52,6 +57,8 @@ class PrefixCache:
         self.bytes = 0
         self.spill = tempfile.TemporaryFile(dir=spill_dir) if spill_dir else None  # deleted when closed
         self.spilled: dict[Key, tuple[int, int]] = {}  # key -> (offset, tokens) in the spill file
+        self.spill_bytes, self.spill_limit = 0, None  # bytes in the spill file, and its bound (kept on disk: the device's storage)
+        self.index: Path | None = None  # kept on disk: where the spill file's index is saved
         self.frozen = model.prefix_parameters(boundary)
         self.versions = self._versions()
         self.hits = self.misses = 0
@@ -81,10 +88,39 @@ class PrefixCache:
             out[j, : len(entry)] = entry
         return out
 
+    def keep_on_disk(self, path: Path, limit_bytes: int) -> None:
+        """Write every training example's states to ``path`` as well (at most ``limit_bytes``), and read those an earlier
+        process left there: a device that keeps its activations, on a Flower node that starts a process per message."""
+        if self.spill:
+            self.spill.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.spill = open(path, "a+b")  # noqa: SIM115 (open for the cache's life)
+        self.index, self.spill_limit = path.with_suffix(".json"), limit_bytes
+        saved = json.loads(self.index.read_text()) if self.index.is_file() else {}
+        size, width = os.fstat(self.spill.fileno()).st_size, self.model.info.hidden_size * self.dtype.itemsize
+        if saved.get("header") == self._header():  # entries past the file's end were indexed but never flushed: dropped
+            self.spilled = {(split, i): (offset, tokens) for split, i, offset, tokens in saved["entries"] if offset + tokens * width <= size}
+        else:
+            self.spill.truncate(0)
+            self.spilled = {}
+        self.spill_bytes = sum(tokens * width for _, tokens in self.spilled.values())
+
+    def save(self) -> None:
+        """Kept on disk: flush the states and write their index, so that the node's next process finds them."""
+        if self.index is None:
+            return
+        self.spill.flush()
+        os.fsync(self.spill.fileno())
+        entries = [[split, i, offset, tokens] for (split, i), (offset, tokens) in self.spilled.items()]
+        atomic_write(self.index, json.dumps({"header": self._header(), "entries": entries}).encode())
+
+    def _header(self) -> dict:
+        return {"boundary": self.boundary, "dtype": str(self.dtype), "hidden": self.model.info.hidden_size}
+
     def clear(self) -> None:
         self.entries.clear()
         self.spilled.clear()
-        self.bytes = 0
+        self.bytes = self.spill_bytes = 0
         if self.spill:
             self.spill.truncate(0)
         self.versions = self._versions()
@@ -109,6 +145,8 @@ class PrefixCache:
         return entry
 
     def _store(self, key: Key, entry: torch.Tensor) -> None:
+        if self.index is not None and key[0] == "train":  # kept on disk: written through
+            self._write_spilled(key, entry)
         size = entry.nbytes + ENTRY_OVERHEAD
         if size > self.limit:
             return
@@ -120,11 +158,12 @@ class PrefixCache:
         self.bytes += size
 
     def _write_spilled(self, key: Key, entry: torch.Tensor) -> None:
-        if self.spill is None or key in self.spilled:
+        if self.spill is None or key in self.spilled or (self.spill_limit is not None and self.spill_bytes + entry.nbytes > self.spill_limit):
             return
         offset = self.spill.seek(0, os.SEEK_END)
         self.spill.write(entry.view(torch.uint8).numpy().tobytes())
         self.spilled[key] = (offset, entry.shape[0])
+        self.spill_bytes += entry.nbytes
 
     def _read_spilled(self, key: Key) -> torch.Tensor | None:
         if key not in self.spilled:

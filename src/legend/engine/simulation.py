@@ -23,6 +23,7 @@ from legend.config import Config
 from legend.core import ClientPlan, State, Update, atomic_write, numel
 from legend.data import EncodedSplit, length_buckets, load_task, partition_indices, subsample
 from legend.devices import Batches, Fleet, ModelSpec, RoundTime, build_fleet, device_time, synchronous_round, training_flops
+from legend.devices.activations import KeptActivations
 from legend.devices.capacity import (
     BYTES_DOWN,
     BYTES_UP,
@@ -34,7 +35,7 @@ from legend.devices.capacity import (
     DeviceView,
     estimate_round,
 )
-from legend.devices.cost import applied_ranks, layout_numel, require_fits
+from legend.devices.cost import applied_ranks, kept_memory_bytes, layout_numel, lowest_trained_block, require_fits
 from legend.engine.attacks import MALICIOUS
 from legend.engine.checkpoint import CHECKPOINT, device_state, load_checkpoint, save_checkpoint
 from legend.engine.client import FORWARD_BACKWARD_S, Evaluation, batch_shapes, client_batches, derived_seed, evaluate
@@ -71,6 +72,7 @@ class Experiment:
     prefix: PrefixCache | None = None
     validation: EncodedSplit | None = None  # held out of the training data (data.val_size)
     validation_buckets: list[np.ndarray] | None = None
+    kept: KeptActivations | None = None  # what each device keeps of its activations (devices.activation_cache)
 
     def prefix_view(self, split: str) -> PrefixView | None:
         """The frozen-prefix cache for batches of "train", "test" or "validation" (None where it is off, or may not serve training)."""
@@ -87,10 +89,20 @@ def build_model(config: Config, label_names: tuple[str, ...]) -> tuple[SharedMod
                               getattr(torch, config.engine.precision), causal_lm=config.data.format == "instruct")
     objective = objective_for(config, label_names, model.tokenizer)
     strategy = strategy_class(config.strategy.name)(config, model.info)
+    _check_top_blocks(config, strategy, model.info.num_blocks)
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
     if not model.keys(strategy.global_layout()):
         raise LegendError(f"{strategy.name} trains no tensor of this {model.info.model_type} model (bitfit: it has no biases): use a LoRA strategy")
     return model, objective, strategy
+
+
+def _check_top_blocks(config: Config, strategy: Strategy, num_blocks: int) -> None:
+    top = config.lora.top_blocks
+    if top > num_blocks:
+        raise LegendError(f"lora.top_blocks ({top}) exceeds the model's {num_blocks} blocks: use at most {num_blocks} (0 = every block)")
+    method = strategy.global_layout().method
+    if top and method != "lora":
+        raise LegendError(f"lora.top_blocks restricts LoRA layouts and {strategy.name} trains {method}: leave lora.top_blocks at 0")
 
 
 def build_experiment(config: Config) -> Experiment:
@@ -106,6 +118,9 @@ def build_experiment(config: Config) -> Experiment:
         raise LegendError("faults.attack 'label_flip' flips class ids, and data.format='instruct' trains on answer text: use faults.attack='sign_flip' or 'scale'")
     if config.fl.aggregator != "mean" and config.privacy.clip_norm > 0:
         raise LegendError("privacy: client-level DP calibrates its noise to the weighted mean: use fl.aggregator='mean' with privacy.clip_norm")
+    if config.devices.activation_cache and config.model.dropout != 0.0:
+        raise LegendError("devices.activation_cache: with dropout in the model the frozen blocks' output differs on every pass, so a device "
+                          "cannot keep it: set model.dropout=0 or devices.activation_cache=false")
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
     task = subsample(load_task(config.data), config.data, config.seed)
     train_table, test_table = task.train, task.test
@@ -135,6 +150,7 @@ def build_experiment(config: Config) -> Experiment:
         prefix=prefix,
         validation=validation,
         validation_buckets=None if validation is None else length_buckets(validation, config.eval.batch_size),
+        kept=KeptActivations(model.info.hidden_size, train.lengths) if config.devices.activation_cache else None,
     )
 
 
@@ -159,6 +175,8 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         global_state, rows = saved["global_state"], saved["metrics"]
         exp.strategy.load_state_dict(saved["strategy_state"])
         exp.capacity.load_state_dict(saved["capacity"])
+        if exp.kept is not None:
+            exp.kept.load_state_dict(saved["kept"])
         runtime.start(out_dir, {}, device_state(saved))
     else:
         started = time.perf_counter()
@@ -198,7 +216,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     config, started = exp.config, time.perf_counter()
     available = runtime.reachable(exp.fleet.available(round_number, config.seed))
     clients = sample_clients(config.seed, round_number, available, config.fl.clients_per_round)
-    _, view = device_view(exp, round_number, clients)
+    batches, view = device_view(exp, round_number, clients)
     plans = exp.strategy.plan(round_number, clients, global_state, view) if clients else {}
     memory = {c: _check_plan(exp, plans[c], global_state, view.workload[c]) for c in clients}
     jobs = [Job(round_number, replace(plans[c], weights=through_wire(plans[c].weights, config.fl.wire_dtype)), derived_seed(config.seed, round_number, c))
@@ -207,7 +225,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     lost = {c: outcome for c, outcome in returned.items() if isinstance(outcome, str)}
     for client, reason in lost.items():
         log.warning("round %d: client %d lost: %s", round_number, client, reason)
-    results = [_received(exp, round_number, plans[c], view.workload[c], outcome) for c, outcome in returned.items() if c not in lost]
+    results = [_received(exp, round_number, plans[c], view.workload[c], batches[c], outcome) for c, outcome in returned.items() if c not in lost]
     times = [t for _, t in results]
     round_s, dropped = synchronous_round(times, config.devices.deadline_s)
     arrived = [u for u, _ in results if u.client not in dropped]
@@ -252,7 +270,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         virtual_time_s=round(clock_s + round_s, 4),
         dropped=sorted(dropped),
         devices=[{**t.as_row(t.client in dropped), "rank_by_block": list(plans[t.client].layout.rank_by_block),
-                  "memory_gb": round(memory[t.client] / 1e9, 4)} for t in times],
+                  "memory_gb": round(memory[t.client] / 1e9, 4), **_storage(exp, t.client)} for t in times],
         rejected=[{"client": client, "reason": reason} for client, reason in rejected.items()],
         lost=[{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
         malicious=sorted(u.client for u, _ in results if u.metrics.get(MALICIOUS)),
@@ -261,6 +279,14 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         forward_backward_s=round(forward_backward_s, 4),
     )
     return global_state, record.row()
+
+
+def _storage(exp: Experiment, client: int) -> dict[str, Any]:
+    """What a device that keeps its activations holds: how many blocks they skip, and their storage (MB)."""
+    if exp.kept is None:
+        return {}
+    edge, _, used = exp.kept.held.get(client, (0, set(), 0))
+    return {"kept_blocks": edge, "storage_mb": round(used / 1e6, 4)}
 
 
 def evaluate_global(exp: Experiment, state: State) -> tuple[Evaluation, Evaluation]:
@@ -280,7 +306,8 @@ def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Ba
     """The memory the plan needs on its device (bytes). A plan must fit that memory, and carry every global tensor
     the device does not keep itself: a device loads its plan and its own tensors, nothing else."""
     device = exp.fleet.device_of(plan.client)
-    needed = require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {plan.client} ({device.kind})")
+    extra = kept_memory_bytes(exp.spec, work) if keeps_activations(exp, plan.client) else 0
+    needed = require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {plan.client} ({device.kind})", extra)
     missing = global_state.keys() - plan.weights.keys() - kept_keys(exp, plan.layout)
     if missing:
         raise RuntimeError(f"{exp.strategy.name}: the plan of client {plan.client} leaves out global tensors {sorted(missing)[:3]}")
@@ -308,6 +335,16 @@ def _expected(exp: Experiment, plan: ClientPlan, global_state: State) -> Expecte
                     kept={key: (shapes[key], exp.model.params[key].dtype) for key in kept})
 
 
+def activation_edge(exp: Experiment) -> int:
+    """The lowest block of the global LoRA region: a device that keeps its activations keeps those entering it."""
+    return lowest_trained_block(exp.spec, exp.strategy.global_layout())
+
+
+def keeps_activations(exp: Experiment, client: int) -> bool:
+    """Whether the client's device keeps activations: the cache is on, there are blocks below the edge, and it has storage for them."""
+    return exp.kept is not None and activation_edge(exp) > 0 and exp.fleet.device_of(client).profile.storage_gb > 0
+
+
 def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple[dict[int, list[np.ndarray]], DeviceView]:
     """Each client's batches this round (drawn from (seed, round, client), whatever its plan) and what the strategy may know."""
     config = exp.config
@@ -319,7 +356,7 @@ def device_view(exp: Experiment, round_number: int, clients: list[int]) -> tuple
 def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
     """The strategy's round-1 plans for every client as if all were sampled, each with its estimated cost (``legend plan``)."""
     clients = list(range(exp.config.fl.num_clients))
-    _, view = device_view(exp, 1, clients)
+    batches, view = device_view(exp, 1, clients)
     plans = exp.strategy.plan(1, clients, exp.strategy.initial_state(exp.model), view)
     global_layout, wire = exp.strategy.global_layout(), exp.config.fl.wire_dtype
     rows = []
@@ -328,10 +365,27 @@ def preview_plans(exp: Experiment) -> list[dict[str, Any]]:
         down = sent_bytes(plan, wire)
         up = wire_bytes(layout_numel(exp.model, plan.layout, exclude=kept_keys(exp, plan.layout)), wire)
         estimate = estimate_round(view, client, plan.layout, applied, down, up)
-        rows.append({"client": client, "device": view.capacity[client].kind, "depth": plan.layout.depth, "rank_by_block": list(plan.layout.rank_by_block),
-                     "compute_s": estimate.compute_s, "communication_s": estimate.download_s + estimate.upload_s, "round_s": estimate.total_s,
-                     "memory_gb": estimate.memory_bytes / 1e9, "bytes_down": down, "bytes_up": up})
+        row = {"client": client, "device": view.capacity[client].kind, "depth": plan.layout.depth, "rank_by_block": list(plan.layout.rank_by_block),
+               "compute_s": estimate.compute_s, "communication_s": estimate.download_s + estimate.upload_s, "round_s": estimate.total_s,
+               "memory_gb": estimate.memory_bytes / 1e9, "bytes_down": down, "bytes_up": up, "kept_blocks": 0, "storage_mb": 0.0}
+        if keeps_activations(exp, client):
+            row.update(_kept_preview(exp, client, plan, view, batches[client], applied, estimate))
+        rows.append(row)
     return rows
+
+
+def _kept_preview(exp: Experiment, client: int, plan: ClientPlan, view: DeviceView, batches: list[np.ndarray], applied, estimate: RoundTime) -> dict:
+    """A device that keeps its activations, once it has stored its examples (in their partition order, while room is left): the
+    blocks it skips, its storage, the memory of reading them, and its compute time in such a later round."""
+    edge, profile = activation_edge(exp), exp.fleet.device_of(client).profile
+    ledger = KeptActivations(exp.kept.hidden, exp.kept.lengths)
+    ledger.round(client, [exp.partitions[client]], edge, profile.storage_gb)
+    later = ledger.round(client, batches, edge, profile.storage_gb)
+    flops = training_flops(exp.spec, plan.layout, view.workload[client], applied, later)
+    read_s = later.read_bytes / (profile.storage_mb_s * 1e6)
+    return {"kept_blocks": edge, "storage_mb": later.stored_bytes / 1e6,
+            "memory_gb": (estimate.memory_bytes + kept_memory_bytes(exp.spec, view.workload[client])) / 1e9,
+            "later_compute_s": flops / view.capacity[client].flops_per_s + read_s}
 
 
 def sent_bytes(plan: ClientPlan, wire_dtype: str) -> int:
@@ -339,25 +393,29 @@ def sent_bytes(plan: ClientPlan, wire_dtype: str) -> int:
     return wire_bytes(numel(plan.weights if plan.wire is None else plan.wire), wire_dtype)
 
 
-def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batches, update: Update) -> tuple[Update, RoundTime]:
+def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batches, batches: list[np.ndarray], update: Update) -> tuple[Update, RoundTime]:
     """The update as the server receives it, with the device's report of its round in its metrics, and its times.
 
     Virtual clock: times from the device's profile and this round's link draw. Measured clock (Flower
     nodes with flower.clock = "measured"): the node's own compute time, and the rest of the round
-    trip the server saw, split between download and upload by their bytes."""
+    trip the server saw, split between download and upload by their bytes. A device that keeps its activations
+    (devices.activation_cache) runs the blocks below the global LoRA region only on the rows it has not stored, and reads the rest."""
     config, client = exp.config, plan.client
     wire = config.fl.wire_dtype
     device = exp.fleet.device_of(client)
     bytes_down, bytes_up = sent_bytes(plan, wire), wire_bytes(numel(update.weights), wire)
-    flops = training_flops(exp.spec, plan.layout, work, applied_ranks(plan.layout, exp.strategy.global_layout()))
+    kept = exp.kept.round(client, batches, activation_edge(exp), device.profile.storage_gb) if keeps_activations(exp, client) else None
+    flops = training_flops(exp.spec, plan.layout, work, applied_ranks(plan.layout, exp.strategy.global_layout()), kept)
     if config.flower.clock == "measured" and ROUND_TRIP_S in update.metrics:
         compute_s = update.metrics["train_wall_s"]
         transfer_s = max(update.metrics[ROUND_TRIP_S] - compute_s, 0.0)
         share_down = bytes_down / max(bytes_down + bytes_up, 1)
         times = RoundTime(client, device.kind, transfer_s * share_down, compute_s, transfer_s * (1 - share_down), bytes_down, bytes_up)
     else:
-        times = device_time(client, device.kind, flops, device.profile.flops, bytes_down, bytes_up, exp.fleet.link(client, round_number, config.seed))
-    report = {FLOPS: flops, COMPUTE_S: times.compute_s, BYTES_DOWN: times.bytes_down, DOWNLOAD_S: times.download_s,
+        compute_s = flops / device.profile.flops  # the FLOPs alone: the capacity estimate is a FLOP rate, whatever the device reads
+        read_s = kept.read_bytes / (device.profile.storage_mb_s * 1e6) if kept else 0.0
+        times = device_time(client, device.kind, flops, device.profile.flops, bytes_down, bytes_up, exp.fleet.link(client, round_number, config.seed), read_s)
+    report = {FLOPS: flops, COMPUTE_S: compute_s, BYTES_DOWN: times.bytes_down, DOWNLOAD_S: times.download_s,
               BYTES_UP: times.bytes_up, UPLOAD_S: times.upload_s}
     return replace(update, weights=through_wire(update.weights, wire), metrics={**update.metrics, **report}), times
 
@@ -365,7 +423,8 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
 def _persist(out_dir: Path, fingerprint: dict, global_state: State, exp: Experiment, runtime: Runtime, rows: list[dict]) -> None:
     """The checkpoint is the source of truth; metrics.jsonl is rewritten from it."""
     save_checkpoint(out_dir, {"config": fingerprint, "global_state": global_state, "strategy_state": exp.strategy.state_dict(),
-                              "capacity": exp.capacity.state_dict(), "devices": runtime.state_dict(), "metrics": rows})
+                              "capacity": exp.capacity.state_dict(), "devices": runtime.state_dict(), "metrics": rows,
+                              "kept": exp.kept.state_dict() if exp.kept is not None else {}})
     runtime.checkpointed()
     write_metrics(out_dir, rows)
 

@@ -10,6 +10,10 @@ under its ``state-dir`` node config (default: the system's temporary folder), wi
 trained them; a job of a later round of the same experiment starts from them, any other from the
 initial values. Unlike the embedded engine, a node keeps what it trained even when the server drops
 or rejects its update (the server cannot take it back from a real device).
+
+With ``devices.activation_cache`` a node also keeps its examples' frozen-prefix states (float16) in a file
+beside them, within its device's ``storage_gb`` (or its ``storage-gb`` node config), and trains from them:
+its measured round times show what keeping them saves.
 """
 
 from __future__ import annotations
@@ -109,10 +113,23 @@ def train(msg: Message, context: Context) -> Message:
         raise LegendError(f"this node is client {client}, the job is for client {job.plan.client}")
     exp = _experiment(context.run_config)
     path = _kept_file(node, str(context.run_config["experiment"]), client)
+    _keep_activations(exp, node, path.with_suffix(".prefix"), client)
     update = local_training(exp, job, _own(path, job.round_number, _initial_kept[str(context.run_config["experiment"])]))
     if update.kept:
         _keep(path, job.round_number, update.kept)
+    if exp.prefix is not None:
+        exp.prefix.save()
     return Message(encode_update(update), reply_to=msg)
+
+
+def _keep_activations(exp, node: dict, path: Path, client: int) -> None:
+    """devices.activation_cache: the node keeps its frozen-prefix states in ``path`` (bounded by its storage) and trains from
+    them (without dropout in the blocks they skip), whatever the engine's reuse rule (``prefix_cache.training_reuse``) says."""
+    if not exp.config.devices.activation_cache or exp.prefix is None or exp.prefix.index is not None:
+        return
+    storage_gb = float(node.get("storage-gb", exp.fleet.device_of(client).profile.storage_gb))
+    exp.prefix.keep_on_disk(path, int(storage_gb * 1e9))
+    exp.prefix.trains = exp.config.model.dropout == 0.0
 
 
 def _kept_file(node: dict, experiment: str, client: int) -> Path:

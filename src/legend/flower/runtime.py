@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.2
 # Node-config keys a SuperNode may set to state its own figures (device profile fields), instead of its class's.
-ADVERTISED = {"memory-gb": "memory_gb", "uplink-mbps": "uplink_mbps", "downlink-mbps": "downlink_mbps"}
+ADVERTISED = {"memory-gb": "memory_gb", "uplink-mbps": "uplink_mbps", "downlink-mbps": "downlink_mbps", "storage-gb": "storage_gb"}
 
 
 class FlowerRuntime:

@@ -49,8 +49,10 @@ class AdapterLayout:
     train_head: bool = True
 
     @classmethod
-    def uniform_lora(cls, num_blocks: int, rank: int, **kwargs) -> AdapterLayout:
-        return cls("lora", (rank,) * num_blocks, **kwargs)
+    def uniform_lora(cls, num_blocks: int, rank: int, top: int = 0, **kwargs) -> AdapterLayout:
+        """Rank ``rank`` on the top ``top`` blocks (0: every block), none below (``lora.top_blocks``)."""
+        below = num_blocks - top if 0 < top < num_blocks else 0
+        return cls("lora", (0,) * below + (rank,) * (num_blocks - below), **kwargs)
 
     @property
     def depth(self) -> int:

@@ -112,7 +112,8 @@ def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float,
     lines = [f"# {config['data']['task']}: {', '.join(plan['strategies'])}", "",
              f"{config['model']['name']}, {config['fl']['num_clients']} clients on {fleet}, {config['data']['partition']} split"
              + (f" (alpha {config['data']['alpha']})" if config["data"]["partition"] == "dirichlet" else "")
-             + f", {config['fl']['clients_per_round']} clients per round, seeds {', '.join(map(str, plan['seeds']))}.", "",
+             + f", {config['fl']['clients_per_round']} clients per round, seeds {', '.join(map(str, plan['seeds']))}; devices keep their "
+             f"frozen-prefix activations (`devices.activation_cache`, default off): {'on' if config['devices'].get('activation_cache') else 'off'}.", "",
              f"Command: `{plan['command']}`", "", f"Started {plan['started']} on {plan.get('machine', 'an unrecorded machine')}.", ""]
     if "tuned" in plan:
         lines += ["Tuned per strategy on the validation split (`legend tune`, the same grid for each): "

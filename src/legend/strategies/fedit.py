@@ -20,7 +20,7 @@ class FedIT(Strategy):
     averages_coordinates = True
 
     def global_layout(self) -> AdapterLayout:
-        return AdapterLayout.uniform_lora(self.info.num_blocks, self.config.lora.r)
+        return AdapterLayout.uniform_lora(self.info.num_blocks, self.config.lora.r, self.config.lora.top_blocks)
 
     def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
         layout, lr = self.global_layout(), self.lr(round_number)

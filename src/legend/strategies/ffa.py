@@ -17,4 +17,4 @@ class FFALoRA(FedIT):
     name = "ffa"
 
     def global_layout(self) -> AdapterLayout:
-        return AdapterLayout.uniform_lora(self.info.num_blocks, self.config.lora.r, train_factors=("lora_B",))
+        return AdapterLayout.uniform_lora(self.info.num_blocks, self.config.lora.r, self.config.lora.top_blocks, train_factors=("lora_B",))

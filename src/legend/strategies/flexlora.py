@@ -26,10 +26,10 @@ class FlexLoRA(FedIT):
     averages_coordinates = False  # the global factors come from an SVD of the mean product
 
     def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
-        ranks, lr = ranks_by_capacity(devices, clients, self.config.lora.smallest_rank, self.config.lora.r), self.lr(round_number)
+        ranks, lr = ranks_by_capacity(devices, clients, self.config.lora.smallest_rank, self.config.lora.r, self.config.lora.top_blocks), self.lr(round_number)
         plans = {}
         for c in clients:
-            layout = AdapterLayout.uniform_lora(self.info.num_blocks, ranks[c])
+            layout = AdapterLayout.uniform_lora(self.info.num_blocks, ranks[c], self.config.lora.top_blocks)
             plans[c] = ClientPlan(c, layout, cut_to_layout(global_state, layout, self.info.block_of), lr)
         return plans
 

@@ -72,10 +72,10 @@ class HetLoRA(FedIT):
     def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
         new = [c for c in clients if c not in self.ranks]
         if new:  # a device's first rank comes from its capacity; later ones from self-pruning
-            self.ranks.update(ranks_by_capacity(devices, new, self.config.lora.smallest_rank, self.config.lora.r))
+            self.ranks.update(ranks_by_capacity(devices, new, self.config.lora.smallest_rank, self.config.lora.r, self.config.lora.top_blocks))
         lr, plans = self.lr(round_number), {}
         for c in clients:
-            layout = AdapterLayout.uniform_lora(self.info.num_blocks, self.ranks[c])
+            layout = AdapterLayout.uniform_lora(self.info.num_blocks, self.ranks[c], self.config.lora.top_blocks)
             plans[c] = ClientPlan(c, layout, cut_to_layout(global_state, layout, self.info.block_of), lr)
         return plans
 

@@ -21,6 +21,7 @@ from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import Capacity, DeviceView, estimate_round, lora_numel
 from legend.devices.clock import RoundTime
 from legend.devices.cost import applied_ranks
+from legend.errors import LegendError
 from legend.lora.layout import AdapterLayout, cut_to_layout
 from legend.strategies.aggregate import masked_average, robust_updates, sample_weights
 from legend.strategies.base import Strategy
@@ -92,7 +93,10 @@ class Legend(Strategy):
     def __init__(self, config, info):
         super().__init__(config, info)
         cfg = config.legend
-        depth = min(cfg.max_depth or math.ceil(2 * info.num_blocks / 3), info.num_blocks)  # 0: MiniLM's 6 blocks -> 4
+        top = config.lora.top_blocks
+        if cfg.max_depth and top and cfg.max_depth != top:
+            raise LegendError(f"legend.max_depth ({cfg.max_depth}) and lora.top_blocks ({top}) both set LEGEND's global depth: set one of them")
+        depth = min(cfg.max_depth or top or math.ceil(2 * info.num_blocks / 3), info.num_blocks)  # 0: MiniLM's 6 blocks -> 4
         self.global_ranks = rank_distribution(info.num_blocks, depth, cfg.r_min, cfg.r_max, cfg.ranks)
         self.snapshot: dict[int, Capacity] = {}  # the estimates of the last re-plan
 

@@ -1,0 +1,79 @@
+"""A whole run's virtual clock and bytes with and without devices that keep their activations, without training.
+
+The clock does not depend on what the model learns: each round's clients, batches and bytes follow from the seed and
+the plans, and a planner's capacity estimates from the virtual clock's own reports. So a runtime whose devices send
+back the tensors they were sent, untrained, gives every round's virtual time and bytes of the real run (``--check
+FOLDER=RUN_DIR`` compares OUT/FOLDER with a real run's metrics.jsonl, round by round). Accuracy, and so time to target, needs the
+real run. Evaluation is cut to 8 test sentences at the end. Prints one Markdown table:
+
+    python benchmarks/kept_activations_clock.py configs/paper-sst2.toml model.name=smollm2-135m engine.threads=1 \\
+        --strategies legend,fedit,fedit:lora.top_blocks=20 --out runs/kept-clock-smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from legend.config import load_config
+from legend.core import Update
+from legend.engine.runtime import InProcess, Job
+from legend.engine.simulation import kept_keys, run_experiment
+from legend.quiet import quiet_libraries
+from legend.records import read_metrics
+
+
+class Untrained(InProcess):
+    """Devices that return what they were sent (cut to their layout): the same shapes, bytes and reports, no training."""
+
+    def train(self, exp, jobs: list[Job]) -> dict[int, Update]:
+        out = {}
+        for job in jobs:
+            plan = job.plan
+            shapes = exp.model.device_shapes(plan.layout)
+            keep = kept_keys(exp, plan.layout)
+            weights = {key: plan.weights[key][tuple(slice(0, n) for n in shape)].clone() for key, shape in shapes.items() if key not in keep}
+            out[plan.client] = Update(plan.client, weights, len(exp.partitions[plan.client]), {"train_loss": 0.0})
+        return out
+
+
+def clock(config_path: str, overrides: list[str], out: Path) -> list[dict]:
+    """The untrained run's rows (resumed or reused when already there)."""
+    rounds = load_config(config_path, overrides).fl.rounds
+    config = load_config(config_path, [*overrides, "data.test_size=8", f"eval.every={rounds}"])
+    if not (out / "metrics.jsonl").is_file() or len(read_metrics(out)) <= rounds:
+        run_experiment(config, out, runtime=Untrained(config.faults))
+    return read_metrics(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. engine.threads=1")
+    parser.add_argument("--strategies", default="legend,fedit", help="names, each optionally with its own overrides: fedit:lora.top_blocks=4")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--check", action="append", default=[], help="FOLDER=RUN_DIR: the untrained run OUT/FOLDER must have a real run's clock and bytes")
+    args = parser.parse_args()
+    quiet_libraries()
+    print("| strategy | device cache (default off) | virtual s, all rounds | mean round s | MB, all rounds | storage reads s, all device-rounds |")
+    print("|---|---|---|---|---|---|")
+    for entry in args.strategies.split(","):
+        name, *own = entry.split(":")
+        for cache in ("false", "true"):
+            folder = "-".join([name, *(o.replace("=", "") for o in own), "kept" if cache == "true" else "plain"])
+            rows = clock(args.config, [*args.overrides, f"strategy.name={name}", *own, f"devices.activation_cache={cache}"], args.out / folder)[1:]
+            print(f"| {entry} | {'on' if cache == 'true' else 'off'} | {rows[-1]['virtual_time_s']:.1f} | {statistics.mean(r['round_time_s'] for r in rows):.3f} | "
+                  f"{sum(r['bytes_up'] + r['bytes_down'] for r in rows) / 1e6:.1f} | {sum(d.get('read_s', 0) for r in rows for d in r['devices']):.2f} |")
+    for check in args.check:
+        folder, _, run_dir = check.partition("=")
+        same = [_clock(read_metrics(args.out / folder)) == _clock(read_metrics(Path(run_dir)))]
+        print(f"{folder} against {run_dir}: {'the same virtual time and bytes in every round' if all(same) else 'DIFFERENT'}")
+
+
+def _clock(rows: list[dict]) -> list[tuple]:
+    return [(r["round"], r["clients"], r["virtual_time_s"], r["bytes_up"], r["bytes_down"]) for r in rows]
+
+
+if __name__ == "__main__":
+    main()
