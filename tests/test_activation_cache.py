@@ -88,12 +88,12 @@ def test_legend_plan_shows_kept_blocks_storage_and_a_cheaper_later_round():
 @pytest.mark.parametrize("strategy", ["fedit", "ffa", "hetlora", "flexlora", "fedsa"])
 def test_any_lora_strategy_can_train_the_top_blocks_only(strategy):
     config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": strategy, "lora.top_blocks": 2}))
-    _, strategy_object = build_model(config, 2)
+    _, _, strategy_object = build_model(config, ("0", "1"))
     assert strategy_object.global_layout().rank_by_block == (0, 0, 0, 0, 8, 8)
 
 
 def test_legend_takes_its_global_depth_from_top_blocks():
-    _, legend = build_model(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "lora.top_blocks": 3})), 2)
+    _, _, legend = build_model(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "lora.top_blocks": 3})), ("0", "1"))
     assert legend.global_layout().depth == 3
 
 
@@ -104,7 +104,7 @@ def test_legend_takes_its_global_depth_from_top_blocks():
 ])
 def test_a_top_blocks_that_cannot_apply_is_one_clear_error(overrides, message):
     with pytest.raises(LegendError, match=message):
-        build_model(load_config(QUICKSTART, tiny_overrides(**overrides)), 2)
+        build_model(load_config(QUICKSTART, tiny_overrides(**overrides)), ("0", "1"))
 
 
 def test_a_device_cannot_keep_what_dropout_changes_on_every_pass():
