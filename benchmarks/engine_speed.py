@@ -104,7 +104,7 @@ def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
     from legend.config import load_config
     from legend.core import Update
     from legend.data import load_task, subsample
-    from legend.data.tasks import column
+    from legend.data.table import column
     from legend.engine.client import derived_seed, local_step_count, training_batches
     from legend.engine.simulation import build_experiment, device_view, sample_clients
     from legend.models.shared import SharedModel

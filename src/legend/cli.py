@@ -169,14 +169,14 @@ def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = 
     cfg = load_config(config, overrides or [])
     quiet_libraries()
     from legend.data import label_histogram, load_task, partition_indices, subsample
-    from legend.data.tasks import column
+    from legend.data.table import column
 
     task = subsample(load_task(cfg.data), cfg.data, cfg.seed)
     train = task.train
     parts = partition_indices(train, cfg.fl.num_clients, cfg.data, cfg.seed)
     import numpy as np
 
-    labels = np.asarray(column(train, "label"))
+    labels = np.asarray(column(train, "label")) if task.label_names else np.zeros(len(train), dtype=np.int64)  # open instructions: counts only
     table = Table(title=f"{cfg.data.task}: {len(train)} training examples over {cfg.fl.num_clients} clients ({cfg.data.partition}"
                   + (f", alpha {cfg.data.alpha}" if cfg.data.partition == "dirichlet" else "") + ")")
     table.add_column("client", justify="right")
@@ -184,8 +184,9 @@ def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = 
     for name in task.label_names:
         table.add_column(name, justify="right")
     for client, rows in enumerate(parts):
-        table.add_row(str(client), str(len(rows)), *map(str, label_histogram(labels, rows, len(task.label_names))))
-    table.add_row("test", str(len(task.test)), *map(str, np.bincount(column(task.test, "label"), minlength=len(task.label_names))), style="dim")
+        table.add_row(str(client), str(len(rows)), *map(str, label_histogram(labels, rows, len(task.label_names))[: len(task.label_names)]))
+    test_counts = np.bincount(column(task.test, "label"), minlength=len(task.label_names)) if task.label_names else []
+    table.add_row("test", str(len(task.test)), *map(str, test_counts), style="dim")
     console.print(table)
 
 
