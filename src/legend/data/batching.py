@@ -20,20 +20,26 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class EncodedSplit:
-    """Token ids per example (no padding), optional segment ids, and class ids."""
+class TokenRows:
+    """Token ids per example, unpadded: what batching, the cost model and the frozen-prefix cache read of any split."""
 
     input_ids: list[np.ndarray]
-    token_type_ids: list[np.ndarray] | None
-    labels: np.ndarray
-    pad_token_id: int
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.input_ids)
 
     @cached_property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self))
+
+
+@dataclass(frozen=True)
+class EncodedSplit(TokenRows):
+    """Token ids per example (no padding), optional segment ids, and class ids."""
+
+    token_type_ids: list[np.ndarray] | None
+    labels: np.ndarray
+    pad_token_id: int
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Right-padded tensors for these rows: input_ids, attention_mask, [token_type_ids], labels."""

@@ -15,7 +15,6 @@ keeps at most half of it and the prompt loses its first tokens (its end holds th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from string import Formatter
 
 import datasets
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from legend.config import DataConfig
-from legend.data.batching import padded
+from legend.data.batching import TokenRows, padded
 from legend.errors import LegendError
 
 IGNORE = -100  # target of a position the loss skips
@@ -89,22 +88,14 @@ def response_text(response: str, chat: bool) -> str:
 
 
 @dataclass(frozen=True)
-class InstructSplit:
+class InstructSplit(TokenRows):
     """Per example, the tokens of prompt, response and end-of-sequence (no padding), where the response starts,
     the response as text (what generation is scored against), and for label tasks the class."""
 
-    input_ids: list[np.ndarray]
     prompt_lengths: np.ndarray
     pad_token_id: int
     references: list[str]
     classes: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @cached_property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self))
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Right-padded input_ids and attention_mask, and ``labels``: the next-token targets, IGNORE outside the responses."""
