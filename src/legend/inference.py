@@ -185,24 +185,31 @@ def evaluate(model: FineTuned, overrides: list[str]) -> dict[str, Any]:
     split = objective.encode(task.test, config.data.max_length)
     result: dict[str, Any] = {"split": config.data.test_split, "examples": len(split)}
     if model.instruct:
-        result.update(_response_scores(model.module, objective, split, config.eval.batch_size))
+        measured, predicted = _response_scores(model.module, objective, split, config.eval.batch_size)
+        result.update(measured)
+    else:
+        predicted = logits(model, split, config.eval.batch_size).argmax(-1)
     if model.label_names:
         truth = split.classes if model.instruct else split.labels
-        result.update(scores(truth, logits(model, split, config.eval.batch_size).argmax(-1), len(task.label_names)), labels=list(task.label_names))
+        result.update(scores(truth, predicted, len(task.label_names)), labels=list(task.label_names))
     return result
 
 
 @torch.no_grad()
-def _response_scores(module: torch.nn.Module, objective: Objective, split, batch_size: int) -> dict[str, float]:
-    """Mean response-token loss and its perplexity, and (open instructions) the exact-match accuracy of greedy answers."""
+def _response_scores(module: torch.nn.Module, objective: Instruct, split, batch_size: int) -> tuple[dict[str, float], np.ndarray]:
+    """Mean response-token loss and its perplexity, and in the same forward passes each example's predicted class (label
+    tasks); open instructions: the exact-match accuracy of greedy answers instead."""
     loss_sum, tokens, matches = 0.0, 0, 0
+    predicted = np.zeros(len(split), dtype=np.int64)
     for rows in length_buckets(split, batch_size):
-        scored = objective.score(module, split.batch(rows))
+        scored, choices = objective.score_with_choices(module, split.batch(rows))
         loss_sum, tokens = loss_sum + scored.loss_sum, tokens + scored.loss_count
-        if scored.correct is None:
+        if choices is None:
             matches += objective.exact_matches(module, split, rows)
+        else:
+            predicted[rows] = choices.argmax(-1).numpy()
     loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "perplexity": float(np.exp(loss)), **({} if objective.label_names else {"accuracy": matches / max(len(split), 1)})}
+    return {"loss": loss, "perplexity": float(np.exp(loss)), **({} if objective.label_names else {"accuracy": matches / max(len(split), 1)})}, predicted
 
 
 def scores(truth: np.ndarray, predicted: np.ndarray, classes: int) -> dict[str, Any]:

@@ -82,16 +82,18 @@ class Instruct(Objective):
         return F.cross_entropy(logits, targets)
 
     def score(self, module, batch: dict[str, torch.Tensor]) -> Scored:
+        return self.score_with_choices(module, batch)[0]
+
+    def score_with_choices(self, module, batch: dict[str, torch.Tensor]) -> tuple[Scored, torch.Tensor | None]:
+        """The score, and (label tasks) each class word's first-token logit where the answer starts, (B, classes): one forward pass."""
         logits, targets, first = self._response_logits(module, batch)
-        correct = None
-        if self.choices is not None:
-            correct = int((logits[first][:, self.choices].argmax(-1) == batch["classes"]).sum())
-        return Scored(F.cross_entropy(logits, targets, reduction="sum").item(), len(targets), correct)
+        choices = None if self.choices is None else logits[first][:, self.choices]
+        correct = None if choices is None else int((choices.argmax(-1) == batch["classes"]).sum())
+        return Scored(F.cross_entropy(logits, targets, reduction="sum").item(), len(targets), correct), choices
 
     def choice_logits(self, module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, classes): each class word's first-token logit where the answer starts (label tasks)."""
-        logits, _, first = self._response_logits(module, batch)
-        return logits[first][:, self.choices]
+        return self.score_with_choices(module, batch)[1]
 
     def exact_matches(self, module, split: InstructSplit, rows: np.ndarray) -> int:
         """Greedy answers to the rows' prompts, compared with their references."""
