@@ -104,6 +104,22 @@ def test_deploy_local_gives_the_embedded_result_and_stops_its_processes(tmp_path
     assert flower_processes() == []
 
 
+@pytest.mark.parametrize("strategy", ["legend", "fedit"])
+def test_secure_aggregation_gives_the_embedded_summary(tmp_path, strategy):
+    """flower.secure_aggregation: Flower's SecAgg+ between real processes; the server sums masked, quantised updates."""
+    run = deploy(tmp_path / "secure", **{"strategy.name": strategy, "flower.secure_aggregation": "true"})
+    output, _ = run.communicate(timeout=540)
+    assert run.returncode == 0, output
+    run_experiment(load_config(QUICKSTART, tiny_overrides(**{**THREE_NODES, "strategy.name": strategy})), tmp_path / "embedded")
+    secure, embedded = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("secure", "embedded"))
+    assert secure.keys() == embedded.keys()
+    for key in secure.keys() - {"wall_s"}:
+        assert secure[key] == (pytest.approx(embedded[key], abs=1e-5) if isinstance(embedded[key], float) else embedded[key]), key
+    rows = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["secure_aggregation"]["bytes_up"] > row["bytes_up"] for row in rows[1:])  # masked int64 words, padded, with weights
+    assert flower_processes() == []
+
+
 def test_flowers_simulation_runtime_gives_the_embedded_result(tmp_path):
     """`legend deploy simulation`: the same apps, their SuperNodes virtual (Ray actors); needs the bench extra."""
     pytest.importorskip("ray", reason="Flower's simulation runtime needs Ray: pip install -e '.[bench]'")

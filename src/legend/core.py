@@ -72,6 +72,22 @@ class Update:
     kept_start: State = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SecureSum:
+    """All a server holds of a round under secure aggregation: sums over the devices whose updates arrived.
+
+    totals / masses: per global tensor, the sum of weight x value and of weight over the coordinates each device
+    trained (``strategies.aggregate.add_masked_terms``), padded to the global layout; the individual updates never
+    reach the server. bytes_down / bytes_up / seconds: what the protocol's messages measured in the round (all stages).
+    """
+
+    totals: State
+    masses: State
+    bytes_down: int
+    bytes_up: int
+    seconds: float
+
+
 def numel(state: State) -> int:
     """How many numbers the tensors hold."""
     return sum(tensor.numel() for tensor in state.values())

@@ -41,6 +41,7 @@ class RoundRecord:
     lost: list[dict[str, Any]] = field(default_factory=list)
     malicious: list[int] = field(default_factory=list)  # devices that sent a poisoned update (simulated: faults.malicious)
     skipped: bool = False
+    secure_aggregation: dict[str, Any] | None = None  # on Flower with flower.secure_aggregation: the protocol's measured bytes and seconds
     wall_s: float = 0.0
     forward_backward_s: float = 0.0
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from legend.config import FaultsConfig
-from legend.core import ClientPlan, State, Update
+from legend.core import ClientPlan, SecureSum, State, Update
 from legend.data.batching import EncodedSplit
 from legend.engine.attacks import MALICIOUS, flipped_labels, is_attacker, poison
 from legend.engine.client import client_batches, local_step_count, train_client
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from legend.engine.simulation import Experiment
 
 ROUND_TRIP_S = "round_trip_s"  # metric a remote runtime adds: seconds from sending the job to receiving the update
+SENT_NUMEL = "sent_numel"  # metric a device adds under secure aggregation: the numbers its update held (the server never sees them)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Runtime(Protocol):
 
     def train(self, exp: Experiment, jobs: list[Job]) -> dict[int, Update | str]:
         """Each job's update, or why it has none."""
+
+    def summed(self) -> SecureSum | None:
+        """Under secure aggregation, the sum of the last ``train``'s updates (then those carry no weights); else None."""
 
     def start(self, folder: Path, initial: State, saved: dict[str, Any] | None) -> None:
         """Before the first round: the run's folder, the initial value of every tensor a device keeps, and (on resume)
@@ -119,6 +123,9 @@ class InProcess:
 
     def reachable(self, clients: list[int]) -> list[int]:
         return clients
+
+    def summed(self) -> None:
+        return None  # the server holds every update
 
     def train(self, exp: Experiment, jobs: list[Job]) -> dict[int, Update | str]:
         return {job.plan.client: self._device(exp, job) for job in jobs}

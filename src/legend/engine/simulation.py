@@ -41,7 +41,7 @@ from legend.engine.checkpoint import CHECKPOINT, device_state, load_checkpoint, 
 from legend.engine.client import FORWARD_BACKWARD_S, Evaluation, batch_shapes, client_batches, derived_seed, evaluate
 from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
 from legend.engine.privacy import add_noise, clip_update, epsilon
-from legend.engine.runtime import ROUND_TRIP_S, InProcess, Job, Runtime
+from legend.engine.runtime import ROUND_TRIP_S, SENT_NUMEL, InProcess, Job, Runtime
 from legend.engine.validation import rejection
 from legend.errors import LegendError
 from legend.models.shared import SharedModel
@@ -105,6 +105,19 @@ def _check_top_blocks(config: Config, strategy: Strategy, num_blocks: int) -> No
         raise LegendError(f"lora.top_blocks restricts LoRA layouts and {strategy.name} trains {method}: leave lora.top_blocks at 0")
 
 
+def _check_secure_aggregation(config: Config, averages_coordinates: bool, supported: str) -> None:
+    """Secure aggregation hands the server a sum: only what a sum determines can be computed from it."""
+    if not averages_coordinates:
+        raise LegendError(f"flower.secure_aggregation gives the server only a sum of updates, and {config.strategy.name} does not aggregate by "
+                          f"coordinate means: use one of {supported}, or flower.secure_aggregation=false")
+    for key, value, why in (("fl.aggregator", config.fl.aggregator != "mean", "a median or trimmed mean needs each update's values"),
+                            ("fl.max_update_norm", config.fl.max_update_norm > 0, "the server cannot measure one update's norm"),
+                            ("privacy.clip_norm", config.privacy.clip_norm > 0, "server-side clipping needs each update")):
+        if value:
+            raise LegendError(f"flower.secure_aggregation hides each update from the server, and {key} needs it ({why}): "
+                              f"set {key} to its default or flower.secure_aggregation=false")
+
+
 def build_experiment(config: Config) -> Experiment:
     torch.set_num_threads(config.engine.threads or os.cpu_count() or 1)
     strategy_cls = strategy_class(config.strategy.name)  # fail on a bad name before loading anything
@@ -118,6 +131,8 @@ def build_experiment(config: Config) -> Experiment:
         raise LegendError("faults.attack 'label_flip' flips class ids, and data.format='instruct' trains on answer text: use faults.attack='sign_flip' or 'scale'")
     if config.fl.aggregator != "mean" and config.privacy.clip_norm > 0:
         raise LegendError("privacy: client-level DP calibrates its noise to the weighted mean: use fl.aggregator='mean' with privacy.clip_norm")
+    if config.flower.secure_aggregation:
+        _check_secure_aggregation(config, strategy_cls.averages_coordinates, supported)
     if config.devices.activation_cache and config.model.dropout != 0.0:
         raise LegendError("devices.activation_cache: with dropout in the model the frozen blocks' output differs on every pass, so a device "
                           "cannot keep it: set model.dropout=0 or devices.activation_cache=false")
@@ -166,6 +181,8 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     """Run (or resume) the configured experiment; writes metrics.jsonl, checkpoint.pt and summary.json.
 
     ``runtime`` is where the devices train: in this process unless given (Flower passes its own)."""
+    if runtime is None and config.flower.secure_aggregation:
+        raise LegendError("flower.secure_aggregation runs on a Flower deployment (legend deploy local|app): set flower.secure_aggregation=false for an embedded run")
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = experiment or build_experiment(config)
     runtime = runtime or InProcess(config.faults, config.engine.client_state_mb)
@@ -222,6 +239,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     jobs = [Job(round_number, replace(plans[c], weights=through_wire(plans[c].weights, config.fl.wire_dtype)), derived_seed(config.seed, round_number, c))
             for c in clients]
     returned = runtime.train(exp, jobs)
+    summed = runtime.summed()  # secure aggregation: the server holds only the sum of the updates
     lost = {c: outcome for c, outcome in returned.items() if isinstance(outcome, str)}
     for client, reason in lost.items():
         log.warning("round %d: client %d lost: %s", round_number, client, reason)
@@ -231,7 +249,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     arrived = [u for u, _ in results if u.client not in dropped]
     expected = {u.client: _expected(exp, plans[u.client], global_state) for u in arrived}
     rejected = {}
-    for update in arrived:
+    for update in arrived if summed is None else []:  # under secure aggregation each device checks its own (flower/secure.py)
         want = expected[update.client]
         if reason := rejection(update, want.sent, want.start, config.fl.max_update_norm, want.kept):
             rejected[update.client] = reason
@@ -244,7 +262,10 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         valid = [clip_update(u, expected[u.client].start, privacy.clip_norm) for u in valid]
     skipped = len(valid) < config.fl.min_clients
     if not skipped:
-        global_state = exp.strategy.aggregate(round_number, global_state, valid)
+        if summed is None:
+            global_state = exp.strategy.aggregate(round_number, global_state, valid)
+        else:
+            global_state = exp.strategy.aggregate_sums(round_number, global_state, summed.totals, summed.masses)
         runtime.keep(valid)
         if privacy.noise_multiplier > 0:
             noise = torch.Generator().manual_seed(derived_seed(config.seed, round_number, 23))
@@ -275,6 +296,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         lost=[{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
         malicious=sorted(u.client for u, _ in results if u.metrics.get(MALICIOUS)),
         skipped=skipped,
+        secure_aggregation=None if summed is None else {"bytes_down": summed.bytes_down, "bytes_up": summed.bytes_up, "seconds": round(summed.seconds, 4)},
         wall_s=round(time.perf_counter() - started, 4),
         forward_backward_s=round(forward_backward_s, 4),
     )
@@ -403,7 +425,7 @@ def _received(exp: Experiment, round_number: int, plan: ClientPlan, work: Batche
     config, client = exp.config, plan.client
     wire = config.fl.wire_dtype
     device = exp.fleet.device_of(client)
-    bytes_down, bytes_up = sent_bytes(plan, wire), wire_bytes(numel(update.weights), wire)
+    bytes_down, bytes_up = sent_bytes(plan, wire), wire_bytes(int(update.metrics.get(SENT_NUMEL, numel(update.weights))), wire)
     kept = exp.kept.round(client, batches, activation_edge(exp), device.profile.storage_gb) if keeps_activations(exp, client) else None
     flops = training_flops(exp.spec, plan.layout, work, applied_ranks(plan.layout, exp.strategy.global_layout()), kept)
     if config.flower.clock == "measured" and ROUND_TRIP_S in update.metrics:

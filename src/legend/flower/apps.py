@@ -26,7 +26,9 @@ import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid, ServerApp
 
 from legend.config import validate_config
@@ -35,8 +37,18 @@ from legend.quiet import quiet_libraries
 
 ERROR_FILE = "error.txt"  # where the ServerApp leaves a user error for `legend deploy` to print
 
+
+
+def secure_when_asked(msg: Message, context: Context, call_next):
+    """ClientApp mod: Flower's ``secaggplus_mod`` for the messages of its protocol (flower.secure_aggregation), which carry
+    its config record; every other message passes untouched."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 server_app = ServerApp()
-client_app = ClientApp()
+client_app = ClientApp(mods=[secure_when_asked])
 _experiments: dict[str, object] = {}  # a node process builds its experiment once
 _initial_kept: dict[str, dict] = {}  # and reads the initial values of what its device keeps before it trains
 
@@ -68,7 +80,7 @@ def main(grid: Grid, context: Context) -> None:
     (out / ERROR_FILE).unlink(missing_ok=True)
     try:
         exp = _experiment(context.run_config)
-        runtime = FlowerRuntime(grid, exp.config.flower)
+        runtime = FlowerRuntime(grid, exp.config.flower, context)
         runtime.connect(exp)
         summary = run_experiment(exp.config, out, resume=bool(context.run_config["resume"]), experiment=exp, runtime=runtime,
                                  on_round=lambda row: logging.info("round %d accuracy %s", row["round"], row["accuracy"]))
@@ -105,8 +117,10 @@ def train(msg: Message, context: Context) -> Message:
     """Train the job on this node's own data partition and send the update back."""
     from legend.engine.runtime import local_training
     from legend.flower.messages import decode_job, encode_update
+    from legend.flower.secure import is_secure, read_job, summand
 
-    job = decode_job(msg.content)
+    secure = is_secure(msg.content)  # SecAgg+: the job came as FitIns, the update leaves only masked (flower/secure.py)
+    job, weight_scale, shapes = read_job(msg.content) if secure else (decode_job(msg.content), 0.0, {})
     node = _node(context)
     client = int(node["client-id"])
     if job.plan.client != client:
@@ -119,6 +133,9 @@ def train(msg: Message, context: Context) -> Message:
         _keep(path, job.round_number, update.kept)
     if exp.prefix is not None:
         exp.prefix.save()
+    if secure:
+        flower = exp.config.flower
+        return Message(summand(update, shapes, weight_scale, exp.config.fl.wire_dtype, flower.secure_clip, job.seed), reply_to=msg)
     return Message(encode_update(update), reply_to=msg)
 
 

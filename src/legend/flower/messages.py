@@ -20,18 +20,24 @@ def _meta(content: RecordDict) -> dict:
     return json.loads(content["meta"]["json"])
 
 
-def encode_job(job: Job) -> RecordDict:
+def job_meta(job: Job) -> dict:
+    """Everything of a job but its tensors, as JSON-ready data."""
     plan = job.plan
-    meta = {"round": job.round_number, "seed": job.seed, "client": plan.client, "lr": plan.lr, "layout": asdict(plan.layout)}
-    return RecordDict({"weights": _arrays(plan.weights), "meta": ConfigRecord({"json": json.dumps(meta)})})
+    return {"round": job.round_number, "seed": job.seed, "client": plan.client, "lr": plan.lr, "layout": asdict(plan.layout)}
+
+
+def job_from_meta(meta: dict, weights: State) -> Job:
+    layout = meta["layout"]
+    layout = AdapterLayout(layout["method"], tuple(layout["rank_by_block"]), tuple(layout["train_factors"]), layout["train_head"])
+    return Job(meta["round"], ClientPlan(meta["client"], layout, weights, meta["lr"]), meta["seed"])
+
+
+def encode_job(job: Job) -> RecordDict:
+    return RecordDict({"weights": _arrays(job.plan.weights), "meta": ConfigRecord({"json": json.dumps(job_meta(job))})})
 
 
 def decode_job(content: RecordDict) -> Job:
-    meta = _meta(content)
-    layout = meta["layout"]
-    layout = AdapterLayout(layout["method"], tuple(layout["rank_by_block"]), tuple(layout["train_factors"]), layout["train_head"])
-    plan = ClientPlan(meta["client"], layout, content["weights"].to_torch_state_dict(), meta["lr"])
-    return Job(meta["round"], plan, meta["seed"])
+    return job_from_meta(_meta(content), content["weights"].to_torch_state_dict())
 
 
 def encode_update(update: Update) -> RecordDict:

@@ -12,14 +12,15 @@ import math
 import time
 from dataclasses import replace
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from legend.config import FlowerConfig
-from legend.core import Update
+from legend.core import SecureSum, Update
 from legend.engine.runtime import ROUND_TRIP_S, Job
 from legend.errors import LegendError
 from legend.flower.messages import decode_update, encode_job
+from legend.flower.secure import secure_round
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,17 @@ ADVERTISED = {"memory-gb": "memory_gb", "uplink-mbps": "uplink_mbps", "downlink-
 
 
 class FlowerRuntime:
-    def __init__(self, grid: Grid, cfg: FlowerConfig):
-        self.grid, self.cfg = grid, cfg
+    def __init__(self, grid: Grid, cfg: FlowerConfig, context: Context):
+        self.grid, self.cfg, self.context = grid, cfg, context
         self.node_of: dict[int, int] = {}  # client -> Flower node id
+        self.global_shapes: dict[str, tuple[int, ...]] = {}  # what secure aggregation pads every update to
+        self._summed: SecureSum | None = None
 
     def connect(self, exp) -> None:
         """Wait for a SuperNode of every client (at most flower.connect_timeout_s), ask each what it is, check it."""
         num_clients = exp.config.fl.num_clients
+        layout = exp.strategy.global_layout()
+        self.global_shapes = {key: tuple(t.shape) for key, t in exp.model.read(layout).items()}
         deadline = time.monotonic() + self.cfg.connect_timeout_s
         while len(list(self.grid.get_node_ids())) < num_clients and time.monotonic() < deadline:
             time.sleep(POLL_S)
@@ -81,8 +86,16 @@ class FlowerRuntime:
         connected = set(self.grid.get_node_ids())
         return [c for c in clients if self.node_of.get(c) in connected]
 
+    def summed(self) -> SecureSum | None:
+        return self._summed
+
     def train(self, exp, jobs: list[Job]) -> dict[int, Update | str]:
-        """Send each job to its client's node; an update that does not come back within the timeout is lost."""
+        """Send each job to its client's node; an update that does not come back within the timeout is lost.
+        Under secure aggregation the nodes' updates come back only as their sum (``summed``)."""
+        if self.cfg.secure_aggregation:
+            scale = float(sum(len(exp.partitions[job.plan.client]) for job in jobs))
+            outcome, self._summed = secure_round(self.grid, self.context, self.cfg, jobs, self.node_of, scale, self.global_shapes) if jobs else ({}, None)
+            return outcome
         messages = [Message(encode_job(job), self.node_of[job.plan.client], "train", group_id=str(job.round_number)) for job in jobs]
         replies = self._exchange(messages, self.cfg.round_timeout_s)
         return {job.plan.client: _update(job.plan.client, *reply) for job, reply in zip(jobs, replies, strict=True)}

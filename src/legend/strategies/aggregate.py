@@ -35,9 +35,20 @@ def masked_average(current: torch.Tensor, tensors: list[torch.Tensor], weights: 
     total = torch.zeros_like(current, dtype=torch.float32)
     mass = torch.zeros_like(current, dtype=torch.float32)
     for tensor, weight in zip(tensors, weights, strict=True):
-        region = tuple(slice(0, n) for n in tensor.shape)
-        total[region] += weight * tensor.float()
-        mass[region] += weight
+        add_masked_terms(total, mass, tensor, weight)
+    return from_masked_sums(current, total, mass)
+
+
+def add_masked_terms(total: torch.Tensor, mass: torch.Tensor, tensor: torch.Tensor, weight: float) -> None:
+    """One device's share of a masked average: weight x tensor into ``total`` and weight into ``mass``, on the leading
+    block the tensor covers. Sums of these over devices are all secure aggregation lets the server see."""
+    region = tuple(slice(0, n) for n in tensor.shape)
+    total[region] += weight * tensor.float()
+    mass[region] += weight
+
+
+def from_masked_sums(current: torch.Tensor, total: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """total / mass where some device covered the coordinate (mass > 0); ``current`` elsewhere."""
     return torch.where(mass > 0, total / mass.clamp_min(torch.finfo(torch.float32).tiny), current.float())
 
 

@@ -20,6 +20,7 @@ from legend.core import ClientPlan, ModelInfo, State, Update
 from legend.devices.capacity import DeviceView
 from legend.lora.layout import AdapterLayout
 from legend.models.shared import SharedModel
+from legend.strategies.aggregate import from_masked_sums
 
 class DeviceSide:
     """What local training asks of a strategy on the device; the default asks nothing (plain local training).
@@ -88,6 +89,14 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
         """The new global state; never mutates its arguments."""
+
+    def aggregate_sums(self, round_number: int, global_state: State, totals: State, masses: State) -> State:
+        """The new global state from sums alone (secure aggregation): per coordinate, the sum over the round's devices of
+        weight x value (``totals``) and of weight where the device trained it (``masses``), as ``add_masked_terms`` builds
+        them. Equal to ``aggregate`` with fl.aggregator='mean' for a strategy that ``averages_coordinates``; no other can."""
+        if not self.averages_coordinates:
+            raise RuntimeError(f"{self.name} does not aggregate by coordinate means, so it cannot aggregate from sums")
+        return {**global_state, **{key: from_masked_sums(global_state[key], totals[key], masses[key]) for key in totals}}
 
     def device_side(self) -> DeviceSide:
         """The hooks local training calls on every device (built from the config, so a Flower node builds the same)."""

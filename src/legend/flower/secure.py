@@ -1,0 +1,196 @@
+"""Secure aggregation on Flower (``flower.secure_aggregation``): Flower's own SecAgg+ carries legend's updates.
+
+The ServerApp never receives an update, only the sum over the round's devices: each device adds its update,
+padded to the global layout, as weight x value, and beside it the weight on the coordinates it trained
+(``strategies.aggregate.add_masked_terms``); the strategy divides the two sums (``Strategy.aggregate_sums``).
+That is LEGEND's masked average, and FedIT's mean where every device trains every coordinate.
+
+Flower's ``SecAggPlusWorkflow`` drives the four stages (keys, shares, masked vectors, unmasking) through its
+legacy-Strategy interface, which ``SumCollector`` speaks; on the node Flower's ``secaggplus_mod`` quantises and
+masks what legend's ClientApp returns. No cryptography here is ours. SecAgg+ sums integers: a node sends each
+number quantised to 2^32 / (2 x clients) levels over [-flower.secure_clip, flower.secure_clip] (stochastic rounding,
+seeded per job so the run is deterministic), as int64 words, twice the global layout's numbers: that, with the key
+exchange, is the cost each round's ``secure_aggregation`` record measures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as FlowerStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from legend.config import FlowerConfig
+from legend.core import SecureSum, Update
+from legend.engine.runtime import ROUND_TRIP_S, SENT_NUMEL, Job
+from legend.errors import LegendError
+from legend.flower.messages import job_from_meta, job_meta
+from legend.strategies.aggregate import add_masked_terms
+from legend.wire import through_wire
+
+JOB = "legend-job"  # the FitIns config entry holding the job's meta (JSON); its tensors are the FitIns parameters, by sorted name
+REPORT = "legend-update"  # the FitRes metric holding the device's report (JSON): what it trained on, never what it trained
+MODULUS = 2**32  # SecAgg+'s mask range: the largest Flower allows
+
+
+def is_secure(content: RecordDict) -> bool:
+    """A message of the SecAgg+ protocol (it carries the protocol's config record)."""
+    return RECORD_KEY_CONFIGS in content.config_records
+
+
+def quantization_range(clients: int) -> int:
+    """Levels per number such that the sum of ``clients`` quantised numbers stays below the modulus."""
+    return MODULUS >> (max(math.ceil(math.log2(max(clients, 1))), 0) + 1)
+
+
+# --- on the node -------------------------------------------------------------------------------------------------
+
+
+def read_job(content: RecordDict) -> tuple[Job, float, dict[str, tuple[int, ...]]]:
+    """The job a SecAgg+ train message carries, the weight scale (the round's total samples) it divides by, and the
+    global layout's shapes (the server's: every node pads to the same)."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    meta = json.loads(str(fitins.config[JOB]))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    weights = {key: torch.from_numpy(np.array(array)) for key, array in zip(meta["keys"], arrays, strict=True)}
+    return job_from_meta(meta, weights), float(meta["weight_scale"]), {key: tuple(shape) for key, shape in meta["shapes"].items()}
+
+
+def summand(update: Update, global_shapes: dict[str, tuple[int, ...]], weight_scale: float, wire_dtype: str, clip: float, seed: int) -> RecordDict:
+    """What the node hands to SecAgg+: per global tensor (sorted by name), weight x value and weight on the coordinates it
+    trained, zero elsewhere; its report as a metric. Refuses numbers outside the clipping range: SecAgg+ would clip them
+    silently, and the sum would be wrong."""
+    weight = update.num_samples / weight_scale
+    sent = through_wire(update.weights, wire_dtype)  # what the server would have received in the clear
+    arrays = []
+    for key in sorted(global_shapes):
+        total, mass = torch.zeros(global_shapes[key]), torch.zeros(global_shapes[key])
+        if key in sent:
+            add_masked_terms(total, mass, sent[key], weight)
+        arrays += [total.double().numpy(), mass.double().numpy()]
+    largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
+    if not math.isfinite(largest) or largest > clip:
+        raise LegendError(f"client {update.client}: its update holds {largest:g}, outside flower.secure_clip={clip:g}: raise flower.secure_clip")
+    np.random.seed(seed % 2**32)  # SecAgg+ rounds stochastically with NumPy's global generator: the same job, the same sum
+    report = {"client": update.client, "num_samples": update.num_samples, "metrics": {**update.metrics, SENT_NUMEL: sum(t.numel() for t in update.weights.values())}}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {REPORT: json.dumps(report)})  # weight 1: legend weighs inside
+    return compat.fitres_to_recorddict(fitres, keep_input=False)
+
+
+# --- on the server -----------------------------------------------------------------------------------------------
+
+
+class SumCollector(FlowerStrategy):
+    """The legacy Flower Strategy that SecAggPlusWorkflow drives: it hands out legend's jobs as FitIns and keeps what
+    the workflow gives back, the unmasked sum and each device's report; the global model stays with legend's engine."""
+
+    def __init__(self, fitins: list[tuple[GridClientProxy, FitIns]]):
+        self.fitins = fitins
+        self.results: list[tuple[Any, FitRes]] = []
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return self.fitins
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.results = list(results)
+        return None, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class MeteredGrid:
+    """The grid as the workflow sees it, counting the bytes of every message's content each way and each node's errors."""
+
+    def __init__(self, grid: Grid):
+        self.grid, self.bytes_down, self.bytes_up = grid, 0, 0
+        self.errors: dict[int, str] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.bytes_down += sum(content_bytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                self.errors[reply.metadata.src_node_id] = reply.error.reason
+            else:
+                self.bytes_up += content_bytes(reply.content)
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The payload of a message: its arrays' bytes and its config values' (bytes and strings by length, numbers as 8)."""
+    size = sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                size += len(item) if isinstance(item, bytes | str) else 8
+    return size
+
+
+def secure_round(grid: Grid, context: Context, cfg: FlowerConfig, jobs: list[Job], node_of: dict[int, int], weight_scale: float,
+                 global_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[int, Update | str], SecureSum | None]:
+    """One round's jobs through SecAgg+: each client's report (or why it has none) and the sum, None if the protocol halted."""
+    round_number = jobs[0].round_number
+    client_of = {node_of[job.plan.client]: job.plan.client for job in jobs}
+    collector = SumCollector([(GridClientProxy(node_of[job.plan.client], grid, context.run_id), _fitins(job, weight_scale, global_shapes))
+                              for job in jobs])
+    legacy = LegacyContext(context, strategy=collector)
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_number})
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    shares = cfg.secure_shares if cfg.secure_shares <= 1 else int(cfg.secure_shares)
+    workflow = SecAggPlusWorkflow(shares, cfg.secure_threshold, max_weight=1.0, clipping_range=cfg.secure_clip,
+                                  quantization_range=quantization_range(len(jobs)), modulus_range=MODULUS, timeout=cfg.round_timeout_s)
+    metered, started = MeteredGrid(grid), time.monotonic()
+    workflow(metered, legacy)
+    seconds = time.monotonic() - started
+    reports = {client_of[proxy.node_id]: json.loads(str(fitres.metrics[REPORT])) for proxy, fitres in collector.results}
+    outcome: dict[int, Update | str] = {}
+    for job in jobs:
+        client = job.plan.client
+        if client in reports:
+            report = reports[client]
+            outcome[client] = Update(client, {}, int(report["num_samples"]), {**report["metrics"], ROUND_TRIP_S: seconds})
+        else:
+            why = metered.errors.get(node_of[client], "no masked update (node lost or too slow), or the protocol halted")
+            outcome[client] = f"secure aggregation: {why}"
+    if not collector.results:
+        return outcome, None
+    summed = [torch.from_numpy(np.asarray(a) * len(collector.results)).float() for a in parameters_to_ndarrays(collector.results[0][1].parameters)]
+    keys = sorted(global_shapes)
+    totals = {key: summed[2 * i].reshape(global_shapes[key]) for i, key in enumerate(keys)}
+    masses = {key: summed[2 * i + 1].reshape(global_shapes[key]) for i, key in enumerate(keys)}
+    return outcome, SecureSum(totals, masses, metered.bytes_down, metered.bytes_up, seconds)
+
+
+def _fitins(job: Job, weight_scale: float, global_shapes: dict[str, tuple[int, ...]]) -> FitIns:
+    keys = sorted(job.plan.weights)
+    meta = {**job_meta(job), "keys": keys, "weight_scale": weight_scale, "shapes": global_shapes}
+    parameters: Parameters = ndarrays_to_parameters([job.plan.weights[key].detach().float().numpy() for key in keys])
+    return FitIns(parameters, {JOB: json.dumps(meta)})
