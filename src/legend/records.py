@@ -39,6 +39,7 @@ class RoundRecord:
     devices: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     lost: list[dict[str, Any]] = field(default_factory=list)
+    unreachable: list[int] = field(default_factory=list)  # devices online by the fleet that the runtime could not reach (Flower: no live node)
     malicious: list[int] = field(default_factory=list)  # devices that sent a poisoned update (simulated: faults.malicious)
     skipped: bool = False
     secure_aggregation: dict[str, Any] | None = None  # on Flower with flower.secure_aggregation: the protocol's measured bytes and seconds

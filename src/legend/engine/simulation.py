@@ -231,7 +231,8 @@ def run_resumable(config: Config, out_dir: Path, on_round: Callable[[dict[str, A
 def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state: State, clock_s: float) -> tuple[State, dict[str, Any]]:
     """One synchronous round; ``clock_s`` is the virtual time at its start."""
     config, started = exp.config, time.perf_counter()
-    available = runtime.reachable(exp.fleet.available(round_number, config.seed))
+    online = exp.fleet.available(round_number, config.seed)
+    available = runtime.reachable(online)
     clients = sample_clients(config.seed, round_number, available, config.fl.clients_per_round)
     batches, view = device_view(exp, round_number, clients)
     plans = exp.strategy.plan(round_number, clients, global_state, view) if clients else {}
@@ -294,6 +295,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
                   "memory_gb": round(memory[t.client] / 1e9, 4), **_storage(exp, t.client)} for t in times],
         rejected=[{"client": client, "reason": reason} for client, reason in rejected.items()],
         lost=[{"client": client, "reason": reason} for client, reason in sorted(lost.items())],
+        unreachable=sorted(set(online) - set(available)),
         malicious=sorted(u.client for u, _ in results if u.metrics.get(MALICIOUS)),
         skipped=skipped,
         secure_aggregation=None if summed is None else {"bytes_down": summed.bytes_down, "bytes_up": summed.bytes_up, "seconds": round(summed.seconds, 4)},

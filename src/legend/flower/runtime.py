@@ -25,6 +25,7 @@ from legend.flower.secure import secure_round
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+REJOIN_TIMEOUT_S = 30.0  # how long a round waits for a node that joined mid-run to say what it is
 # Node-config keys a SuperNode may set to state its own figures (device profile fields), instead of its class's.
 ADVERTISED = {"memory-gb": "memory_gb", "uplink-mbps": "uplink_mbps", "downlink-mbps": "downlink_mbps", "storage-gb": "storage_gb"}
 
@@ -33,6 +34,7 @@ class FlowerRuntime:
     def __init__(self, grid: Grid, cfg: FlowerConfig, context: Context):
         self.grid, self.cfg, self.context = grid, cfg, context
         self.node_of: dict[int, int] = {}  # client -> Flower node id
+        self.asked: set[int] = set()  # every node asked what it is (a silent one is not asked again)
         self.global_shapes: dict[str, tuple[int, ...]] = {}  # what secure aggregation pads every update to
         self._summed: SecureSum | None = None
 
@@ -44,9 +46,22 @@ class FlowerRuntime:
         deadline = time.monotonic() + self.cfg.connect_timeout_s
         while len(list(self.grid.get_node_ids())) < num_clients and time.monotonic() < deadline:
             time.sleep(POLL_S)
-        nodes = list(self.grid.get_node_ids())
+        self.exp = exp
+        self._admit(list(self.grid.get_node_ids()), self.cfg.connect_timeout_s, restarted=False)
+        if not self.node_of:
+            raise LegendError(f"no SuperNode answered within flower.connect_timeout_s={self.cfg.connect_timeout_s:g} s: start the SuperNodes, "
+                              "each with --node-config 'client-id=N device=\"CLASS\"'")
+        missing = sorted(set(range(num_clients)) - set(self.node_of))
+        if missing:
+            log.warning("no SuperNode for clients %s: the run goes on without them", missing)
+
+    def _admit(self, nodes: list[int], timeout_s: float, restarted: bool) -> None:
+        """Ask each of ``nodes`` what it is, check it against the fleet, and send its client's jobs to it from now on.
+        ``restarted``: a node may take over a client whose earlier node is gone (it restarted under a new node id)."""
+        exp, num_clients = self.exp, self.exp.config.fl.num_clients
+        self.asked.update(nodes)
         messages = [Message(RecordDict({"ask": ConfigRecord({"what": "advert"})}), node, "query") for node in nodes]
-        for reply, _ in self._exchange(messages, self.cfg.connect_timeout_s):
+        for reply, _ in self._exchange(messages, timeout_s) if messages else []:
             if isinstance(reply, str):
                 log.warning("a SuperNode did not say what it is: %s", reply)
                 continue
@@ -54,7 +69,7 @@ class FlowerRuntime:
             client, kind = int(advert["client-id"]), str(advert["device"])
             if not 0 <= client < num_clients:
                 raise LegendError(f"a SuperNode advertises client-id={client}, outside 0..{num_clients - 1}: fix its --node-config or fl.num_clients")
-            if client in self.node_of:
+            if client in self.node_of and not restarted:
                 raise LegendError(f"two SuperNodes advertise client-id={client}: give each node its own client-id in --node-config")
             expected = exp.fleet.device_of(client).kind
             if kind != expected:
@@ -62,13 +77,9 @@ class FlowerRuntime:
                                   f"set its --node-config device=\"{expected}\" or change devices.fleet")
             if figures := advertised_figures(advert, client):
                 exp.fleet.advertise(client, figures)
+            if restarted:
+                log.info("client %d is back on node %d", client, reply.metadata.src_node_id)
             self.node_of[client] = reply.metadata.src_node_id
-        if not self.node_of:
-            raise LegendError(f"no SuperNode answered within flower.connect_timeout_s={self.cfg.connect_timeout_s:g} s: start the SuperNodes, "
-                              "each with --node-config 'client-id=N device=\"CLASS\"'")
-        missing = sorted(set(range(num_clients)) - set(self.node_of))
-        if missing:
-            log.warning("no SuperNode for clients %s: the run goes on without them", missing)
 
     def start(self, folder, initial, saved) -> None:
         """Nothing to restore: each node keeps its device's own tensors (``flower/apps.py``)."""
@@ -83,7 +94,10 @@ class FlowerRuntime:
         pass
 
     def reachable(self, clients: list[int]) -> list[int]:
+        """The clients whose node is connected now; a node that joined since (a restarted one) is asked what it is first."""
         connected = set(self.grid.get_node_ids())
+        if joined := sorted(connected - self.asked):
+            self._admit(joined, min(self.cfg.connect_timeout_s, REJOIN_TIMEOUT_S), restarted=True)
         return [c for c in clients if self.node_of.get(c) in connected]
 
     def summed(self) -> SecureSum | None:
