@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,51 @@ def tiny_overrides(**extra) -> list[str]:
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+class NodesInThisProcess:
+    """The part of Flower's Grid the runtime and SecAgg+ use, delivering each message to legend's real ClientApp in this
+    process (each node with its own persistent Context, as a SuperNode keeps it), and keeping every reply the server gets."""
+
+    def __init__(self, node_configs: dict[int, dict], run_config: dict):
+        from flwr.app import Context, RecordDict
+
+        self.run_config = run_config
+        self.contexts = {node: Context(1, node, config, RecordDict(), run_config) for node, config in node_configs.items()}
+        self.replies, self.received = {}, []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        from legend.flower.apps import client_app
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what the SuperLink does
+            delivered = copy.deepcopy(message)  # a node gets its own copy, as over the wire (SecAgg+ sends one content to all)
+            self.replies[message.metadata.message_id] = client_app(delivered, self.contexts[message.metadata.dst_node_id])
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        replies = [self.replies.pop(i) for i in ids if i in self.replies]
+        self.received += replies
+        return replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+    def start_node(self, node: int, node_config: dict) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.contexts[node] = Context(1, node, node_config, RecordDict(), self.run_config)
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """The identity Flower gives a ServerApp's process, which creating a message needs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1 if field == "_run_id" else 0)

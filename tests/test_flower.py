@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, NodesInThisProcess, tiny_overrides
 
 from legend.config import DevicesConfig, load_config
 from legend.core import ClientPlan, Update
@@ -152,6 +152,26 @@ def test_a_supernode_killed_during_a_round_is_lost_and_the_run_finishes(tmp_path
     measured = rows[1]["devices"][0]  # the measured clock: the node's own training seconds, and the rest of its round trip
     assert measured["compute_s"] > 0 and measured["download_s"] >= 0 and rows[1]["round_time_s"] >= measured["compute_s"]
     assert flower_processes() == []
+
+
+def test_a_node_that_restarts_under_a_new_id_takes_its_client_back(tmp_path, server_identity):
+    """The runtime against legend's real ClientApp in this process: client 1's node dies, then comes back as another node."""
+    from flwr.app import Context, RecordDict
+
+    from legend.engine.simulation import build_experiment
+    from legend.flower.runtime import FlowerRuntime
+
+    config = load_config(QUICKSTART, tiny_overrides(**THREE_NODES))
+    exp = build_experiment(config)
+    node_config = {c: {"client-id": c, "device": exp.fleet.device_of(c).kind, "state-dir": str(tmp_path)} for c in range(3)}
+    grid = NodesInThisProcess({100 + c: node_config[c] for c in range(3)}, {"experiment": json.dumps(config.model_dump(mode="json"))})
+    runtime = FlowerRuntime(grid, config.flower, Context(1, 0, {}, RecordDict(), {}))
+    runtime.connect(exp)
+    assert runtime.node_of == {0: 100, 1: 101, 2: 102}
+    del grid.contexts[101]  # the SuperLink no longer lists it
+    assert runtime.reachable([0, 1, 2]) == [0, 2]
+    grid.start_node(201, node_config[1])
+    assert runtime.reachable([0, 1, 2]) == [0, 1, 2] and runtime.node_of[1] == 201
 
 
 def test_deploy_refuses_a_node_count_other_than_the_clients_in_one_line(tmp_path):

@@ -5,14 +5,12 @@ test_flower.py; here legend's real ServerApp runtime and ClientApp exchange Flow
 process, so the test can read every message the server receives.
 """
 
-import copy
 import json
-import uuid
 
 import numpy as np
 import pytest
 import torch
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, NodesInThisProcess, tiny_overrides
 
 from legend.config import load_config
 from legend.core import Update
@@ -25,9 +23,7 @@ pytest.importorskip("flwr", reason="the Flower extra is not installed: pip insta
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common import bytes_to_ndarray  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from legend.flower.apps import client_app  # noqa: E402
 from legend.flower.runtime import FlowerRuntime  # noqa: E402
 from legend.flower.secure import MODULUS  # noqa: E402
 
@@ -35,39 +31,8 @@ QUICKSTART = ROOT / "configs" / "quickstart.toml"
 THREE = {"data.train_size": 300, "fl.num_clients": 3, "fl.clients_per_round": 3}
 
 
-class NodesInThisProcess:
-    """The part of Flower's Grid the runtime and SecAgg+ use, delivering each message to legend's real ClientApp in this
-    process (each node with its own persistent Context, as a SuperNode keeps it), and keeping every reply the server gets."""
-
-    def __init__(self, node_configs: dict[int, dict], run_config: dict):
-        self.contexts = {node: Context(1, node, config, RecordDict(), run_config) for node, config in node_configs.items()}
-        self.replies, self.received = {}, []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what the SuperLink does
-            delivered = copy.deepcopy(message)  # a node gets its own copy, as over the wire (SecAgg+ sends one content to all)
-            self.replies[message.metadata.message_id] = client_app(delivered, self.contexts[message.metadata.dst_node_id])
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, ids):
-        replies = [self.replies.pop(i) for i in ids if i in self.replies]
-        self.received += replies
-        return replies
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-
 @pytest.mark.parametrize("strategy", ["legend", "fedit"])
-def test_the_server_receives_only_masked_vectors_whose_sum_is_the_embedded_aggregate(tmp_path, monkeypatch, strategy):
-    for field in ("_run_id", "_node_id", "_task_id"):  # the ServerApp's identity, which Flower sets in its process
-        monkeypatch.setattr(TaskIdentity, field, 1 if field == "_run_id" else 0)
+def test_the_server_receives_only_masked_vectors_whose_sum_is_the_embedded_aggregate(tmp_path, server_identity, strategy):
     config = load_config(QUICKSTART, tiny_overrides(**THREE, **{"strategy.name": strategy, "flower.secure_aggregation": "true"}))
     exp = build_experiment(config)
     nodes = {1000 + c: {"client-id": c, "device": exp.fleet.device_of(c).kind, "state-dir": str(tmp_path)} for c in range(3)}
