@@ -24,6 +24,13 @@ def test_ranks_follow_estimated_speed_between_r_min_and_r_max():
     assert ranks[0] >= ranks[1] >= ranks[2] >= ranks[3]
 
 
+def test_a_slow_device_gets_a_small_rank_even_when_sampled_alone():
+    """Against the whole fleet's estimates, not the round's sample: a lone slow device is still slow."""
+    fleet = view([2000e9, 1000e9, 300e9, 10e9])
+    assert ranks_by_capacity(fleet, [3], r_min=2, r_max=8) == {3: 2}
+    assert ranks_by_capacity(fleet, [2, 3], r_min=2, r_max=8) == {c: r for c, r in ranks_by_capacity(fleet, [0, 1, 2, 3], r_min=2, r_max=8).items() if c in (2, 3)}
+
+
 def test_tail_norm_is_the_product_of_the_tail_norms():
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(8, 5, generator=gen), torch.randn(6, 8, generator=gen)
