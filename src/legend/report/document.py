@@ -73,7 +73,7 @@ def _peak_memory(rows: list[list[dict]]) -> float | None:
 
 
 def _table(finished: list[Runs], target: float) -> list[str]:
-    lines = ["| strategy | final accuracy | best accuracy | virtual time to target | MB to target | reached | peak device memory GB | rounds | wall min |",
+    lines = ["| strategy | final accuracy | best accuracy | virtual time to target | MB to target | reached | peak device memory GB (estimate) | rounds | wall min |",
              "|---|---|---|---|---|---|---|---|---|"]
     scale, unit = _seconds([x["virtual_time_s"] for r in finished for x in r.summaries])
     for r in finished:
@@ -123,7 +123,7 @@ def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float,
     lines += [f"## Results (target accuracy {target:g})", "", *_table(finished, target), "",
               "Accuracy: mean ± standard deviation over seeds, on the test split. Time and bytes to target: the first evaluation at or above "
               f"the target on the {_target_split(finished)}, on the virtual clock of the devices, averaged over the seeds (shown only when every "
-              "seed reached it).", "",
+              "seed reached it). Virtual time and peak device memory are the cost model's estimates for the fleet's devices (`docs/devices.md`), not measurements.", "",
               "## Relative to each other", "", "Row against column: the row's speedup in virtual time to target (the column's time over the row's), and the bytes it "
               "sent to reach the target, against the column's.", "",
               *_relative(finished), ""]
