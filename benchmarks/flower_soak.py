@@ -56,12 +56,12 @@ class AsDeployed(InProcess):
 
 def flower_processes() -> list[str]:
     """Live Flower processes (zombies are dead)."""
-    table = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout.splitlines()
+    table = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True, check=False).stdout.splitlines()
     return [line for line in table if re.search("flower-super|flwr-", line) and line.split()[1][0] != "Z"]
 
 
 def node_pid(client: int) -> int | None:
-    found = subprocess.run(["pgrep", "-f", f"flower-supernode .*client-id={client} device"], capture_output=True, text=True).stdout.split()
+    found = subprocess.run(["pgrep", "-f", f"flower-supernode .*client-id={client} device"], capture_output=True, text=True, check=False).stdout.split()
     return int(found[0]) if found else None
 
 

@@ -4,6 +4,7 @@ In process (typer's runner), so each case costs no interpreter start; test_confi
 wrapper as a real subprocess."""
 
 import pytest
+import torch
 from tests.conftest import ROOT
 from typer.testing import CliRunner
 
@@ -29,7 +30,10 @@ CASES = {
     "unknown label": (["data", QUICKSTART, "data.task=custom", 'data.path="{data}"', 'data.text_columns=["text"]', 'data.labels=["yes", "no"]'], "label 'maybe' in the test split is not one of"),
     "unknown model": (["run", QUICKSTART, "model.name=bert-huge"], "model.name 'bert-huge' is unknown"),
     "unknown strategy": (["run", QUICKSTART, "strategy.name=fedfoo"], "strategy.name 'fedfoo' is unknown"),
+    "not a device": (["run", QUICKSTART, "engine.device=tpu"], "engine.device 'tpu' is not a device: use auto, cpu, cuda or cuda:N"),
 }
+if not torch.cuda.is_available():  # the machines CI runs on
+    CASES["a GPU this torch cannot see"] = (["run", QUICKSTART, "engine.device=cuda"], "engine.device 'cuda' but this torch sees no CUDA device")
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,5 +1,5 @@
 """engine.precision = "bfloat16": the matrix multiplies run in bfloat16, parameters and loss stay float32, and a
-round of training ends near the float32 adapter (tolerance below)."""
+round of training ends near the float32 adapter (tolerance below). engine.device: the CPU is today's run, exactly."""
 
 import numpy as np
 import torch
@@ -41,3 +41,19 @@ def test_a_bfloat16_round_ends_near_the_float32_adapter(tmp_path):
     difference = (sum(((half[k] - reference[k]) ** 2).sum() for k in reference) / sum((reference[k] ** 2).sum() for k in reference)).sqrt()
     assert 0 < difference <= 5e-2
     assert abs(losses["bfloat16"] - losses["float32"]) <= 2e-3
+
+
+def test_engine_device_cpu_gives_the_golden_summary_exactly(tmp_path):
+    """Placement on an explicit CPU changes nothing: the tiny LEGEND run's summary as legend has always written it."""
+    from tests.test_strategies import GOLDEN, assert_matches_golden
+
+    summary = run_experiment(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "engine.device": "cpu"})), tmp_path)
+    assert_matches_golden(summary, GOLDEN["legend"])
+
+
+def test_auto_precision_is_bfloat16_exactly_where_the_cpu_multiplies_it_natively():
+    from legend.models.placement import cpu_has_native_bfloat16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
+    assert (resolve_precision("float32", cpu), resolve_precision("bfloat16", cpu)) == (torch.float32, torch.bfloat16)

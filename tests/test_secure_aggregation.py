@@ -20,12 +20,12 @@ from legend.errors import LegendError
 from legend.strategies.aggregate import add_masked_terms
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
-from flwr.app import Context, RecordDict  # noqa: E402
-from flwr.common import bytes_to_ndarray  # noqa: E402
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
+from flwr.app import Context, RecordDict
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from legend.flower.runtime import FlowerRuntime  # noqa: E402
-from legend.flower.secure import MODULUS  # noqa: E402
+from legend.flower.runtime import FlowerRuntime
+from legend.flower.secure import MODULUS
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 THREE = {"data.train_size": 300, "fl.num_clients": 3, "fl.clients_per_round": 3}

@@ -170,7 +170,10 @@ class EngineConfig(Section):
     cache_mb: float = Field(1024.0, ge=0, description="memory for the frozen-prefix cache: each example's hidden states below the lowest block any client trains, computed once (0 = off)")
     cache_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype the frozen-prefix cache stores hidden states in")
     cache_spill_dir: str = Field("", description="folder for frozen-prefix cache entries evicted from memory (empty: evicted entries are recomputed)")
-    precision: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the matrix multiplies in forward and backward passes: bfloat16 autocasts them, ~2x faster on CPUs with AVX-512 BF16 or AMX (parameters, optimizer and loss stay float32)")
+    device: str = Field("auto", description="where the shared model trains and evaluates: 'auto' (the first CUDA GPU torch sees, else the CPU), 'cpu', 'cuda' or 'cuda:N'; states, aggregation and the wire stay on the CPU")
+    precision: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="dtype of the matrix multiplies in forward and backward passes: bfloat16 autocasts them, ~2x faster on CPUs with AVX-512 BF16 or AMX "
+                               "(parameters, optimizer and loss stay float32); 'auto': bfloat16 where the GPU or CPU multiplies it natively, else float32")
     client_state_mb: float = Field(64.0, ge=0, description="memory for the most recently updated clients' own tensors (FedSA-LoRA's B); every client's are in a file in the run folder's client_state/")
 
 

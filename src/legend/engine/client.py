@@ -90,7 +90,7 @@ def train_client(model: SharedModel, objective: Objective, plan: ClientPlan, dat
     for rows in batches:
         step_started = time.perf_counter()
         with forward_passes(model, rows, prefix):
-            loss = objective.loss(model.module, data.batch(rows))
+            loss = objective.loss(model.module, model.on_device(data.batch(rows)))
         losses.append(loss.item())
         if (extra := device.extra_loss(model, plan)) is not None:
             loss = loss + extra
@@ -126,7 +126,7 @@ def evaluate(model: SharedModel, objective: Objective, state: State, data: Encod
     started = time.perf_counter()
     for rows in buckets:
         with forward_passes(model, rows, prefix):
-            scored = objective.score(model.module, data.batch(rows))
+            scored = objective.score(model.module, model.on_device(data.batch(rows)))
         if scored.correct is None:
             with model.autocast():
                 scored = scored._replace(correct=objective.exact_matches(model.module, data, rows))

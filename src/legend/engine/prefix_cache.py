@@ -131,7 +131,7 @@ class PrefixCache:
         out = {}
         for group in groups:
             states = self.model.prefix_output(data.batch(group), self.boundary)  # (B, T, H)
-            out.update({i: states[j, : data.lengths[i]].to(self.dtype, copy=True) for j, i in enumerate(group)})  # own storage, not the batch's
+            out.update({i: states[j, : data.lengths[i]].to("cpu", self.dtype, copy=True) for j, i in enumerate(group)})  # own host storage, not the batch's
         return out
 
     def _lookup(self, key: Key) -> torch.Tensor | None:

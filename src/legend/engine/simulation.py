@@ -44,6 +44,7 @@ from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, SENT_NUMEL, InProcess, Job, Runtime
 from legend.engine.validation import rejection
 from legend.errors import LegendError
+from legend.models.placement import resolve_device, resolve_precision
 from legend.models.shared import SharedModel
 from legend.objectives import Objective, objective_for
 from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, summarize
@@ -85,15 +86,16 @@ class Experiment:
 def build_model(config: Config, label_names: tuple[str, ...]) -> tuple[SharedModel, Objective, Strategy]:
     """The shared model with the strategy's global layout injected and initialised from the seed, the objective of
     data.format, and the strategy: what every run (and every export of one) starts from."""
+    device = resolve_device(config.engine.device)  # before loading anything: a missing GPU is one line
     model = SharedModel.build(config.model.name, len(label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout,
-                              getattr(torch, config.engine.precision), causal_lm=config.data.format == "instruct")
+                              resolve_precision(config.engine.precision, device), causal_lm=config.data.format == "instruct")
     objective = objective_for(config, label_names, model.tokenizer)
     strategy = strategy_class(config.strategy.name)(config, model.info)
     _check_top_blocks(config, strategy, model.info.num_blocks)
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
     if not model.keys(strategy.global_layout()):
         raise LegendError(f"{strategy.name} trains no tensor of this {model.info.model_type} model (bitfit: it has no biases): use a LoRA strategy")
-    return model, objective, strategy
+    return model.to(device), objective, strategy
 
 
 def _check_top_blocks(config: Config, strategy: Strategy, num_blocks: int) -> None:
@@ -121,6 +123,7 @@ def _check_secure_aggregation(config: Config, averages_coordinates: bool, suppor
 def build_experiment(config: Config) -> Experiment:
     torch.set_num_threads(config.engine.threads or os.cpu_count() or 1)
     strategy_cls = strategy_class(config.strategy.name)  # fail on a bad name before loading anything
+    resolve_device(config.engine.device)  # and on a missing GPU
     supported = ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.averages_coordinates))
     if config.privacy.clip_norm > 0 and not strategy_cls.averages_coordinates:
         raise LegendError(f"privacy: {config.strategy.name} does not aggregate by averaging, which client-level DP needs: use one of {supported}")

@@ -57,12 +57,26 @@ class SharedModel:
         self.info = info
         self.blocks_prefix = info.blocks_prefix
         self.compute_dtype = compute_dtype  # of matrix multiplies in forward and backward passes (engine.precision)
+        self.device = torch.device("cpu")  # where the module and every batch live (engine.device); states stay on the CPU
         module.requires_grad_(False)
         self._index_parameters()
 
     def autocast(self) -> torch.autocast:
         """Inside: matrix multiplies run in ``compute_dtype`` (parameters, gradients and the loss stay float32)."""
-        return torch.autocast("cpu", dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
+    def to(self, device: torch.device) -> SharedModel:
+        """Move the module (base weights and adapters) to ``device``; ``read`` still hands out CPU copies, ``load`` takes any."""
+        self.module.to(device)
+        self.device = device
+        self._index_parameters()
+        return self
+
+    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's tensors on the model's device (the one host-to-device copy of a step)."""
+        if self.device.type == "cpu":
+            return batch
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
     def _index_parameters(self) -> None:
         self.params = dict(self.module.named_parameters())
@@ -146,11 +160,11 @@ class SharedModel:
 
     def read(self, layout: AdapterLayout) -> State:
         """Copies of the tensors this layout trains, cut to the layout's shapes."""
-        return {key: self.params[key].detach()[tuple(slice(0, n) for n in shape)].clone() for key, shape in self.device_shapes(layout).items()}
+        return {key: _cpu_copy(self.params[key].detach()[tuple(slice(0, n) for n in shape)]) for key, shape in self.device_shapes(layout).items()}
 
     def base_weights(self, modules) -> State:
         """Copies of the frozen weights W of these LoRA-adapted modules (strategies that merge into W make them global state)."""
-        return {key: self.params[key].detach().clone() for key in map(base_weight_key, modules)}
+        return {key: _cpu_copy(self.params[key].detach()) for key in map(base_weight_key, modules)}
 
     @torch.no_grad()
     def load(self, state: State) -> None:
@@ -190,7 +204,7 @@ class SharedModel:
         self.module.eval()
         try:
             with self.autocast():
-                self.module(**model_inputs(batch))
+                self.module(**model_inputs(self.on_device(batch)))
         except _PrefixDone:
             pass
         finally:
@@ -204,6 +218,8 @@ class SharedModel:
         (the embeddings still run, cheaply, and their output is dropped; the blocks below are skipped)."""
         parent_name, _, attribute = self.blocks_prefix.rpartition(".")
         parent, blocks = self.module.get_submodule(parent_name), self._blocks()
+
+        hidden = hidden.to(self.device)
 
         def feed(module, args, kwargs):
             return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
@@ -224,3 +240,8 @@ class SharedModel:
         for key, param in self.params.items():
             param.requires_grad_(key in keys)
         return [self.params[k] for k in self.params if k in keys]
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory, whatever device the tensor is on (states travel, and are aggregated, on the CPU)."""
+    return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")

@@ -108,6 +108,6 @@ class Instruct(Objective):
         for j, prompt in enumerate(prompts):
             ids[j, width - len(prompt) :] = torch.from_numpy(prompt)
             mask[j, width - len(prompt) :] = 1
-        out = module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False,
+        out = module.generate(input_ids=ids.to(module.device), attention_mask=mask.to(module.device), max_new_tokens=self.max_new_tokens, do_sample=False,
                               pad_token_id=pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        return [answer.strip() for answer in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        return [answer.strip() for answer in self.tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)]

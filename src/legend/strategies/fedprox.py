@@ -22,10 +22,10 @@ from legend.strategies.registry import register
 
 def proximal_term(model: SharedModel, plan: ClientPlan, mu: float) -> torch.Tensor:
     """mu/2 sum_k ||w_k - w_global_k||^2 over the plan's trained tensors (w_global: the plan's, at its shapes)."""
-    total = torch.zeros(())
+    total = torch.zeros(())  # a 0-dim CPU tensor adds to a GPU one as a scalar
     for key in model.keys(plan.layout):
-        start = plan.weights[key]
-        now = model.params[key][tuple(slice(0, n) for n in start.shape)]
+        now = model.params[key][tuple(slice(0, n) for n in plan.weights[key].shape)]
+        start = plan.weights[key].to(now.device)  # a no-op on the CPU
         total = total + (now - start).pow(2).sum()
     return mu / 2 * total
 

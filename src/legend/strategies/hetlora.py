@@ -38,7 +38,7 @@ def tail_norm(factors: Factors, rank: int, gamma: float) -> torch.Tensor:
 
 def tail_norms(model: SharedModel, layout: AdapterLayout, gamma: float) -> torch.Tensor:
     """The regulariser summed over the device's adapted modules, at the device's rank in each block."""
-    total = torch.zeros(())
+    total = torch.zeros(())  # a 0-dim CPU tensor adds to a GPU one as a scalar
     for a_key, b_key in lora_modules(model.keys(layout)).values():
         rank = layout.rank_by_block[model.block_of(a_key)]
         total = total + tail_norm((model.params[a_key], model.params[b_key]), rank, gamma)
