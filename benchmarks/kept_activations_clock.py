@@ -60,9 +60,10 @@ def main() -> None:
     parser.add_argument("--check", action="append", default=[], help="FOLDER=RUN_DIR: the untrained run OUT/FOLDER must have a real run's clock and bytes")
     parser.add_argument("--trained", action="append", default=[], help="ENTRY=RUN_DIR: a real run of that --strategies entry gives the round it "
                                                                            "reached eval.target_accuracy; the table adds each clock's time and bytes to it")
+    parser.add_argument("--target", type=float, help="the accuracy --trained runs are judged at (default: eval.target_accuracy)")
     args = parser.parse_args()
     quiet_libraries()
-    target = load_config(args.config, args.overrides).eval.target_accuracy
+    target = args.target or load_config(args.config, args.overrides).eval.target_accuracy
     reached = {entry: summarize(entry, read_metrics(Path(run)), target)["round_to_target"] for entry, _, run in (t.rpartition("=") for t in args.trained)}
     print(f"| strategy | device cache (default off) | virtual s, all rounds | mean round s | MB, all rounds | storage reads s, all device-rounds "
           f"| round to {target:g} (trained run) | virtual s to it | MB to it |")
