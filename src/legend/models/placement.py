@@ -1,0 +1,43 @@
+"""Where the shared model runs (``engine.device``) and at what precision its matrix multiplies run (``engine.precision``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from legend.errors import LegendError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto': the first CUDA device when torch sees one, else the CPU; 'cpu', 'cuda' or 'cuda:N' as asked, if present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise LegendError(f"engine.device '{name}' is not a device: use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LegendError(f"engine.device '{name}' but this torch sees no CUDA device ({torch.__version__}): use engine.device=cpu (or auto), "
+                              "or install a CUDA build of torch (pytorch.org/get-started/locally)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LegendError(f"engine.device '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bfloat16 where the hardware multiplies it natively (a CUDA GPU that supports it; a CPU with AVX-512 BF16
+    or AMX), else float32; 'float32' and 'bfloat16' as asked."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """AVX-512 BF16 or AMX-BF16 in the CPU flags (Linux); elsewhere, float32 is the safe answer."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
