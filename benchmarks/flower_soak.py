@@ -15,6 +15,7 @@ line; exit code 1 if a check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -115,11 +116,11 @@ def soak(config_path: str, overrides: list[str], nodes: int, out: Path, seed: in
         if deploy.poll() is None:
             deploy.kill()
         for process in restarted:  # ours to stop: the deployment stops only the processes it started
-            with _quiet():
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
         time.sleep(2)
         for process in restarted:
-            with _quiet():
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
     left = flower_processes()
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []
@@ -140,14 +141,6 @@ def soak(config_path: str, overrides: list[str], nodes: int, out: Path, seed: in
 
 def _close(a, b) -> bool:
     return abs(a - b) <= 1e-5 if isinstance(a, float) and isinstance(b, float) else a == b
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        return kind is ProcessLookupError
 
 
 def main() -> None:

@@ -205,7 +205,7 @@ class FlowerConfig(Section):
         False, description="Flower's SecAgg+: the ServerApp receives only the sum of the round's updates (each padded to the global layout, with the "
                            "per-coordinate weight LEGEND's masked average needs); for strategies that average coordinates, fl.aggregator='mean', no DP")
     secure_clip: float = Field(8.0, ge=1, description="SecAgg+ clipping range: every number a node adds to the secure sum must lie in [-secure_clip, secure_clip] "
-                                                      "(a node whose update leaves it refuses to send, and is lost); smaller is finer (quantised to 2^32 / clients levels)")
+                                                      "(a node whose update leaves it refuses to send, and is lost); smaller is finer (quantised to 2^31 / 2^ceil(log2 clients) levels)")
     secure_shares: float = Field(1.0, gt=0, description="SecAgg+ num_shares: each node's secrets are shared with this fraction of the round's nodes (<= 1), or this many (> 1, odd, >= 3)")
     secure_threshold: float = Field(0.5, gt=0, le=1, description="SecAgg+ reconstruction threshold as a fraction of the shares: more is more private, fewer lost nodes tolerated")
 

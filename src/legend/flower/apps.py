@@ -38,11 +38,14 @@ from legend.quiet import quiet_libraries
 ERROR_FILE = "error.txt"  # where the ServerApp leaves a user error for `legend deploy` to print
 
 
+def _secure(content: RecordDict) -> bool:
+    """A message of Flower's SecAgg+ protocol (flower.secure_aggregation): it carries the protocol's config record."""
+    return RECORD_KEY_CONFIGS in content.config_records
+
 
 def secure_when_asked(msg: Message, context: Context, call_next):
-    """ClientApp mod: Flower's ``secaggplus_mod`` for the messages of its protocol (flower.secure_aggregation), which carry
-    its config record; every other message passes untouched."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
+    """ClientApp mod: Flower's ``secaggplus_mod`` for the messages of its protocol; every other message passes untouched."""
+    if _secure(msg.content):
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -117,9 +120,9 @@ def train(msg: Message, context: Context) -> Message:
     """Train the job on this node's own data partition and send the update back."""
     from legend.engine.runtime import local_training
     from legend.flower.messages import decode_job, encode_update
-    from legend.flower.secure import is_secure, read_job, summand
+    from legend.flower.secure import read_job, summand
 
-    secure = is_secure(msg.content)  # SecAgg+: the job came as FitIns, the update leaves only masked (flower/secure.py)
+    secure = _secure(msg.content)  # SecAgg+: the job came as FitIns, the update leaves only masked (flower/secure.py)
     job, weight_scale, shapes = read_job(msg.content) if secure else (decode_job(msg.content), 0.0, {})
     node = _node(context)
     client = int(node["client-id"])

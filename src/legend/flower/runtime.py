@@ -41,8 +41,7 @@ class FlowerRuntime:
     def connect(self, exp) -> None:
         """Wait for a SuperNode of every client (at most flower.connect_timeout_s), ask each what it is, check it."""
         num_clients = exp.config.fl.num_clients
-        layout = exp.strategy.global_layout()
-        self.global_shapes = {key: tuple(t.shape) for key, t in exp.model.read(layout).items()}
+        self.global_shapes = exp.model.device_shapes(exp.strategy.global_layout())
         deadline = time.monotonic() + self.cfg.connect_timeout_s
         while len(list(self.grid.get_node_ids())) < num_clients and time.monotonic() < deadline:
             time.sleep(POLL_S)

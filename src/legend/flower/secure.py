@@ -8,7 +8,7 @@ That is LEGEND's masked average, and FedIT's mean where every device trains ever
 Flower's ``SecAggPlusWorkflow`` drives the four stages (keys, shares, masked vectors, unmasking) through its
 legacy-Strategy interface, which ``SumCollector`` speaks; on the node Flower's ``secaggplus_mod`` quantises and
 masks what legend's ClientApp returns. No cryptography here is ours. SecAgg+ sums integers: a node sends each
-number quantised to 2^32 / (2 x clients) levels over [-flower.secure_clip, flower.secure_clip] (stochastic rounding,
+number quantised to 2^31 / 2^ceil(log2 clients) levels over [-flower.secure_clip, flower.secure_clip] (stochastic rounding,
 seeded per job so the run is deterministic), as int64 words, twice the global layout's numbers: that, with the key
 exchange, is the cost each round's ``secure_aggregation`` record measures.
 """
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -47,14 +46,9 @@ REPORT = "legend-update"  # the FitRes metric holding the device's report (JSON)
 MODULUS = 2**32  # SecAgg+'s mask range: the largest Flower allows
 
 
-def is_secure(content: RecordDict) -> bool:
-    """A message of the SecAgg+ protocol (it carries the protocol's config record)."""
-    return RECORD_KEY_CONFIGS in content.config_records
-
-
 def quantization_range(clients: int) -> int:
     """Levels per number such that the sum of ``clients`` quantised numbers stays below the modulus."""
-    return MODULUS >> (max(math.ceil(math.log2(max(clients, 1))), 0) + 1)
+    return MODULUS >> (math.ceil(math.log2(max(clients, 1))) + 1)
 
 
 # --- on the node -------------------------------------------------------------------------------------------------
