@@ -5,7 +5,8 @@ attention's length term (Q K^T and A V) costs 4 x width per token pair; a LoRA a
 layer with in + out features costs 2 r (in + out). Backward runs only from the output down to the lowest
 block the device trains: below it nothing needs a gradient, so autograd never goes there. Within that
 region, frozen weights cost one backward matmul (the input gradient), trained ones two (input and weight
-gradients). The layers outside the blocks act once per output position: a classifier (and pooler) once per
+gradients); the lowest trained block's query, key and value projections read an input that needs no
+gradient, so autograd skips their input gradients too (checked against torch's FLOP counter in the tests). The layers outside the blocks act once per output position: a classifier (and pooler) once per
 sequence, trained; a causal LM's vocabulary projection once per response token (only those reach the loss),
 frozen, so it costs its forward and its input gradient. Embedding look-ups, norms and activations are not
 counted: calibration folds them into the device's sustained FLOP/s.
@@ -24,6 +25,8 @@ from legend.lora.layout import BOTTLENECK, AdapterLayout
 from legend.models.shared import SharedModel
 
 FLOAT_BYTES = 4  # training runs in float32
+# Linear layers that read the block's (normalised) input: at the lowest trained block their input gradient is never computed.
+BLOCK_INPUT_PROJECTIONS = frozenset({"query", "key", "value", "q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv"})
 ADAMW_BYTES_PER_PARAM = 3 * FLOAT_BYTES  # gradient + two moments
 
 
@@ -37,6 +40,7 @@ class ModelSpec:
     ffn: int
     attention_width: int  # heads x head_dim of the queries
     block_linear_params: int  # sum of in x out over the base linear layers of one block
+    input_projection_params: int  # the part of it in the projections that read the block's input (BLOCK_INPUT_PROJECTIONS)
     lora_features: int  # sum of in + out over the LoRA target layers of one block
     outside_linear_params: int  # linear layers outside the blocks (pooler and classifier, or the LM head), applied per output position
     output_features: int  # width of the output: classes, or the vocabulary
@@ -64,6 +68,8 @@ class ModelSpec:
             ffn=config.intermediate_size,
             attention_width=heads * (getattr(config, "head_dim", None) or config.hidden_size // heads),
             block_linear_params=sum(m.in_features * m.out_features for _, m in linears),
+            input_projection_params=sum(m.in_features * m.out_features for name, m in linears
+                                        if name.removesuffix(".base_layer").split(".")[-1] in BLOCK_INPUT_PROJECTIONS),
             lora_features=sum(m.in_features + m.out_features for name, m in linears if name.removesuffix(".base_layer").split(".")[-1] in targets),
             outside_linear_params=sum(m.in_features * m.out_features for m in outside),
             output_features=output.out_features if output is not None else config.num_labels,
@@ -114,15 +120,23 @@ def block_forward_flops(spec: ModelSpec, batches: Batches, adapter: int) -> floa
     return 2 * batches.tokens * (spec.block_linear_params + adapter) + 4 * batches.token_pairs * spec.attention_width
 
 
-def block_backward_flops(spec: ModelSpec, batches: Batches, adapter: int, full: bool) -> float:
-    """Input gradients everywhere in the block; weight gradients for what is trained (the adapter, or all)."""
-    base = 2 * batches.tokens * spec.block_linear_params * (2 if full else 1)
+def block_backward_flops(spec: ModelSpec, batches: Batches, adapter: int, full: bool, lowest: bool = False) -> float:
+    """Input gradients in the block (but for the input projections of the lowest trained block when its input needs
+    none); weight gradients for what is trained (the adapter, or all)."""
+    input_gradients = spec.block_linear_params - (spec.input_projection_params if lowest else 0)
+    base = 2 * batches.tokens * (input_gradients + (spec.block_linear_params if full else 0))
     return base + 8 * batches.token_pairs * spec.attention_width + 4 * batches.tokens * adapter
 
 
 def lowest_trained_block(spec: ModelSpec, layout: AdapterLayout) -> int:
     """Where backward stops: full fine-tuning and BitFit train every block, adapters only the top ``depth``."""
     return 0 if layout.method in ("full", "bitfit") else spec.num_blocks - layout.depth
+
+
+def input_needs_gradient(layout: AdapterLayout) -> bool:
+    """Whether the lowest trained block's input needs a gradient: only when something below it trains (the
+    embeddings in full fine-tuning, their biases in BitFit)."""
+    return layout.method in ("full", "bitfit")
 
 
 @dataclass(frozen=True)
@@ -149,9 +163,10 @@ def training_flops(spec: ModelSpec, layout: AdapterLayout, batches: Batches, app
     edge = kept.edge if kept else 0
     flops = sum(block_forward_flops(spec, kept.computed if i < edge else batches, adapter_params(spec, layout.method, applied[i]))
                 for i in range(spec.num_blocks))
+    lowest = lowest_trained_block(spec, layout)
     flops += sum(
-        block_backward_flops(spec, batches, adapter_params(spec, layout.method, ranks[i]), full)
-        for i in range(lowest_trained_block(spec, layout), spec.num_blocks)
+        block_backward_flops(spec, batches, adapter_params(spec, layout.method, ranks[i]), full, lowest=i == lowest and not input_needs_gradient(layout))
+        for i in range(lowest, spec.num_blocks)
     )
     passes = 2 if spec.frozen_output else 3  # forward and input gradient (the head passes the gradient down), and a trained head's weight gradient
     return flops + passes * 2 * batches.outputs * spec.outside_linear_params
