@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tests.conftest import ROOT, tiny_overrides
+from torch.utils.flop_counter import FlopCounterMode
 
 from legend.config import DevicesConfig, load_config
 from legend.core import numel

@@ -175,6 +175,8 @@ class EngineConfig(Section):
         "float32", description="dtype of the matrix multiplies in forward and backward passes: bfloat16 autocasts them, ~2x faster on CPUs with AVX-512 BF16 or AMX "
                                "(parameters, optimizer and loss stay float32); 'auto': bfloat16 where the GPU or CPU multiplies it natively, else float32")
     client_state_mb: float = Field(64.0, ge=0, description="memory for the most recently updated clients' own tensors (FedSA-LoRA's B); every client's are in a file in the run folder's client_state/")
+    parallel_clients: int = Field(1, ge=1, description="the embedded engine trains this many sampled clients at once: their LoRA adapters side by side on the one "
+                                                       "shared base model, one forward and backward pass per step (same updates as one by one; LoRA strategies only)")
 
 
 class FaultsConfig(Section):

@@ -22,6 +22,7 @@ from legend.data.batching import EncodedSplit
 from legend.engine.attacks import MALICIOUS, flipped_labels, is_attacker, poison
 from legend.engine.client import client_batches, local_step_count, train_client
 from legend.engine.client_store import ClientStore
+from legend.engine.parallel import ClientWork, train_together
 
 if TYPE_CHECKING:
     from legend.engine.simulation import Experiment
@@ -81,13 +82,22 @@ def local_training(exp: Experiment, job: Job, own: State | None = None, crash_at
                         exp.strategy.device_side(), own)
 
 
+def local_training_together(exp: Experiment, jobs: list[Job], owns: list[State]) -> list[Update]:
+    """``local_training`` of several devices in one pass per step (``engine/parallel.py``): the same updates."""
+    work = [ClientWork(job.plan, client_batches(exp.train, exp.partitions[job.plan.client], exp.config.train, job.seed),
+                       len(exp.partitions[job.plan.client]), own) for job, own in zip(jobs, owns, strict=True)]
+    return train_together(exp.model, exp.objective, work, exp.train, exp.config.train, jobs[0].seed, exp.prefix_view("train"), exp.strategy.device_side())
+
+
 def _crash_at(batches: list[np.ndarray], step: int) -> Iterator[np.ndarray]:
     yield from batches[:step]
     raise DeviceCrash(f"simulated crash at local step {step + 1} of {len(batches)}")
 
 
 class InProcess:
-    """The embedded runtime: the devices train one after another on this process's shared model.
+    """The embedded runtime: the devices train one after another on this process's shared model, or
+    ``parallel_clients`` at a time in one pass (``engine/parallel.py``; a device that crashes or trains on flipped
+    labels still trains alone).
 
     Simulated faults (``faults``), drawn per (seed, round, client): a device that drops out after
     receiving its plan sends nothing; one whose training crashes (DeviceCrash at a random step) neither;
@@ -97,8 +107,9 @@ class InProcess:
     What a device keeps (FedSA-LoRA's B) is stored here once its update is aggregated: a file per client
     under the run's ``client_state/``, the latest ``engine.client_state_mb`` of them also in memory."""
 
-    def __init__(self, faults: FaultsConfig, client_state_mb: float = 64.0):
+    def __init__(self, faults: FaultsConfig, client_state_mb: float = 64.0, parallel_clients: int = 1):
         self.faults = faults
+        self.parallel_clients = parallel_clients
         self.own = ClientStore(client_state_mb)  # client -> the tensors it keeps
         self.initial: State = {}  # what a device seen for the first time starts them from
         self._flipped: EncodedSplit | None = None  # the training split with flipped labels, made at the first label-flip attack
@@ -128,26 +139,50 @@ class InProcess:
         return None  # the server holds every update
 
     def train(self, exp: Experiment, jobs: list[Job]) -> dict[int, Update | str]:
-        return {job.plan.client: self._device(exp, job) for job in jobs}
+        faults = {job.plan.client: self._faults(exp, job) for job in jobs}
+        running = [job for job in jobs if not isinstance(faults[job.plan.client], str)]
+        alone = [job for job in running if self.parallel_clients == 1 or faults[job.plan.client].crash_at_step is not None
+                 or faults[job.plan.client].flips]
+        together = [job for job in running if job not in alone]
+        results: dict[int, Update | str] = {client: fault for client, fault in faults.items() if isinstance(fault, str)}
+        for start in range(0, len(together), self.parallel_clients):
+            group = together[start : start + self.parallel_clients]
+            owns = [self.own.get(job.plan.client) or self.initial for job in group]
+            results.update((update.client, update) for update in local_training_together(exp, group, owns))
+        for job in alone:
+            results[job.plan.client] = self._alone(exp, job, faults[job.plan.client])
+        return {job.plan.client: self._attack(job, results[job.plan.client], faults[job.plan.client]) for job in jobs}
 
-    def _device(self, exp: Experiment, job: Job) -> Update | str:
+    def _faults(self, exp: Experiment, job: Job) -> DeviceFaults | str:
+        """What the device's (seed, round, client) draw does to its job, or why it sends nothing."""
         leaves, crashes, step = np.random.default_rng([job.seed, 17]).random(3)
         if leaves < self.faults.dropout:
             return "dropped out after receiving its plan (faults.dropout)"
         steps = local_step_count(len(exp.partitions[job.plan.client]), exp.config.train)
         attacker = is_attacker(self.faults, job.seed)
-        flips = attacker and self.faults.attack == "label_flip"
-        if flips and self._flipped is None:
+        return DeviceFaults(int(step * steps) if crashes < self.faults.crash else None, attacker, attacker and self.faults.attack == "label_flip")
+
+    def _alone(self, exp: Experiment, job: Job, faults: DeviceFaults) -> Update | str:
+        if faults.flips and self._flipped is None:
             self._flipped = flipped_labels(exp.train, len(exp.label_names))
         try:
             own = self.own.get(job.plan.client) or self.initial
-            update = local_training(exp, job, own, int(step * steps) if crashes < self.faults.crash else None,
-                                    self._flipped if flips else None)
+            return local_training(exp, job, own, faults.crash_at_step, self._flipped if faults.flips else None)
         except DeviceCrash as crash:
             return f"crashed in local training: {crash} (faults.crash)"
-        if not attacker:
-            return update
-        sent = update.weights
-        if not flips:
+
+    def _attack(self, job: Job, result: Update | str, faults: DeviceFaults | str) -> Update | str:
+        """An attacker's update as it sends it: trained on flipped labels, or poisoned after training."""
+        if isinstance(result, str) or not faults.attacker:
+            return result
+        sent = result.weights
+        if not faults.flips:
             sent = poison(sent, {key: job.plan.weights[key][tuple(slice(0, n) for n in value.shape)] for key, value in sent.items()}, self.faults)
-        return replace(update, weights=sent, metrics={**update.metrics, MALICIOUS: 1.0})
+        return replace(result, weights=sent, metrics={**result.metrics, MALICIOUS: 1.0})
+
+
+@dataclass(frozen=True)
+class DeviceFaults:
+    crash_at_step: int | None  # local training crashes at this step (faults.crash)
+    attacker: bool  # the update is an attack (faults.malicious)
+    flips: bool  # the attack trains on flipped labels

@@ -95,6 +95,9 @@ def build_model(config: Config, label_names: tuple[str, ...]) -> tuple[SharedMod
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
     if not model.keys(strategy.global_layout()):
         raise LegendError(f"{strategy.name} trains no tensor of this {model.info.model_type} model (bitfit: it has no biases): use a LoRA strategy")
+    if config.engine.parallel_clients > 1 and strategy.global_layout().method != "lora":
+        raise LegendError(f"engine.parallel_clients = {config.engine.parallel_clients} trains clients' LoRA adapters side by side, and {strategy.name} "
+                          f"trains {strategy.global_layout().method}: set engine.parallel_clients = 1")
     return model.to(device), objective, strategy
 
 
@@ -188,7 +191,7 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         raise LegendError("flower.secure_aggregation runs on a Flower deployment (legend deploy local|app): set flower.secure_aggregation=false for an embedded run")
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = experiment or build_experiment(config)
-    runtime = runtime or InProcess(config.faults, config.engine.client_state_mb)
+    runtime = runtime or InProcess(config.faults, config.engine.client_state_mb, config.engine.parallel_clients)
     fingerprint = config.model_dump()
     if resume:
         saved = load_checkpoint(out_dir, fingerprint)

@@ -160,11 +160,11 @@ class SharedModel:
 
     def read(self, layout: AdapterLayout) -> State:
         """Copies of the tensors this layout trains, cut to the layout's shapes."""
-        return {key: _cpu_copy(self.params[key].detach()[tuple(slice(0, n) for n in shape)]) for key, shape in self.device_shapes(layout).items()}
+        return {key: cpu_copy(self.params[key].detach()[tuple(slice(0, n) for n in shape)]) for key, shape in self.device_shapes(layout).items()}
 
     def base_weights(self, modules) -> State:
         """Copies of the frozen weights W of these LoRA-adapted modules (strategies that merge into W make them global state)."""
-        return {key: _cpu_copy(self.params[key].detach()) for key in map(base_weight_key, modules)}
+        return {key: cpu_copy(self.params[key].detach()) for key in map(base_weight_key, modules)}
 
     @torch.no_grad()
     def load(self, state: State) -> None:
@@ -235,6 +235,10 @@ class SharedModel:
     def _blocks(self) -> nn.ModuleList:
         return self.module.get_submodule(self.blocks_prefix)
 
+    def freeze(self) -> None:
+        for param in self.params.values():
+            param.requires_grad_(False)
+
     def set_trainable(self, layout: AdapterLayout) -> list[nn.Parameter]:
         keys = set(self.keys(layout))
         for key, param in self.params.items():
@@ -242,6 +246,6 @@ class SharedModel:
         return [self.params[k] for k in self.params if k in keys]
 
 
-def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A copy in host memory, whatever device the tensor is on (states travel, and are aggregated, on the CPU)."""
     return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")

@@ -38,6 +38,11 @@ class Objective(ABC):
         """The mean training loss of the (transformers) model on a batch: a scalar with a gradient."""
 
     @abstractmethod
+    def row_losses(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) each row's summed loss and (B,) how many terms it sums: rows of several clients trained in one pass
+        (``engine/parallel.py``) each get their own client's mean."""
+
+    @abstractmethod
     def score(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> Scored:
         """Loss and, where one forward pass tells, correct answers on an evaluation batch."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datasets
 import torch
+import torch.nn.functional as F
 
 from legend.config import Config
 from legend.data.batching import EncodedSplit, encode, model_inputs
@@ -21,6 +22,10 @@ class Classification(Objective):
 
     def loss(self, module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return module(**model_inputs(batch), labels=batch["labels"]).loss
+
+    def row_losses(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = module(**model_inputs(batch)).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none"), torch.ones(len(logits), device=logits.device)
 
     def score(self, module, batch: dict[str, torch.Tensor]) -> Scored:
         out = module(**model_inputs(batch), labels=batch["labels"])

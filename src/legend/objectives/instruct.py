@@ -81,6 +81,13 @@ class Instruct(Objective):
         logits, targets, _ = self._response_logits(module, batch)
         return F.cross_entropy(logits, targets)
 
+    def row_losses(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, targets, _ = self._response_logits(module, batch)
+        per_row = (batch["labels"][:, 1:] != IGNORE).sum(1)
+        row_of = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
+        sums = torch.zeros(len(per_row), device=logits.device).index_add(0, row_of, F.cross_entropy(logits, targets, reduction="none"))
+        return sums, per_row.float()
+
     def score(self, module, batch: dict[str, torch.Tensor]) -> Scored:
         return self.score_with_choices(module, batch)[0]
 

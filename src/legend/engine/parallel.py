@@ -1,0 +1,187 @@
+"""Several clients' local training in one forward and backward pass on the shared model (``engine.parallel_clients``).
+
+Multi-LoRA training, as multi-LoRA training and serving systems do it: the frozen base model runs once over the
+rows of K clients stacked into one batch, and inside every LoRA-adapted layer (and the head) each client's rows
+go through that client's own tensors. The clients' tensors are disjoint and a row's loss depends only on its own
+client's, so the gradient of the sum of the K clients' mean losses is, for each client, the gradient of its own
+loss: each keeps its own AdamW, clipping, learning rate, batches and number of steps, and the updates equal
+training the clients one after another up to float rounding (other matrix shapes, padding to the group's longest
+row). Dropout masks are drawn once per group, so with dropout they differ from one-by-one training's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from legend.config import TrainConfig
+from legend.core import ClientPlan, State, Update
+from legend.data.batching import EncodedSplit
+from legend.engine.client import FORWARD_BACKWARD_S, forward_passes
+from legend.engine.prefix_cache import PrefixView
+from legend.errors import LegendError
+from legend.lora.layout import LORA_FACTOR, lora_modules
+from legend.models.shared import SharedModel, cpu_copy
+from legend.objectives import Objective
+from legend.strategies.base import DeviceSide
+
+
+@dataclass(frozen=True)
+class ClientWork:
+    """One client's part of a group: its plan, its batches (row indices), its data size, and its own kept tensors."""
+
+    plan: ClientPlan
+    batches: list[np.ndarray]
+    num_samples: int
+    own: State
+
+
+class ClientView:
+    """The shared model as one client of the group sees it: ``params`` holds that client's own tensors (what a
+    strategy's DeviceSide hooks read); everything else is the shared model's."""
+
+    def __init__(self, model: SharedModel, own: dict[str, torch.Tensor]):
+        self._model = model
+        self.params = {**model.params, **own}
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def per_client_keys(model: SharedModel, keys) -> list[str]:
+    """Tensors each client of a group holds its own copy of: LoRA factors and the head (those its plan leaves out,
+    FFA-LoRA's frozen A, from the shared model). Every other tensor of the plans is the same global one for all of
+    them and stays in the shared model."""
+    return [key for key in keys if LORA_FACTOR.search(key) or model.is_head(key)]
+
+
+class StackedClients:
+    """Inside ``active``: every LoRA layer and head layer computes each client's rows with that client's tensors."""
+
+    def __init__(self, model: SharedModel, tensors: Sequence[dict[str, torch.Tensor]]):
+        self.model, self.tensors = model, tensors
+        self.sizes: list[tuple[int, int]] = []  # (client index, rows) of the current step, in batch order
+        keys = tensors[0].keys()
+        self.lora = {name: model.module.get_submodule(name) for name, pair in lora_modules(keys).items()}
+        self.factor_keys = lora_modules(keys)
+        self.heads = sorted({key.rpartition(".")[0] for key in keys if model.is_head(key)})
+        for name in self.heads:
+            if not isinstance(model.module.get_submodule(name), nn.Linear):
+                raise LegendError(f"engine.parallel_clients: the head layer '{name}' is not a linear layer, so its clients cannot share a pass; "
+                                  "set engine.parallel_clients = 1")
+
+    def _split(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        if x.shape[0] != sum(rows for _, rows in self.sizes):
+            raise LegendError(f"engine.parallel_clients: a layer saw {x.shape[0]} rows where the group has {sum(r for _, r in self.sizes)} "
+                              "(this model mixes its batch rows); set engine.parallel_clients = 1")
+        return list(zip([k for k, _ in self.sizes], x.split([rows for _, rows in self.sizes]), strict=True))
+
+    def _lora_hook(self, name: str):
+        layer = self.lora[name]
+        a_key, b_key = self.factor_keys[name]
+        scaling, dropout = layer.scaling["default"], layer.lora_dropout["default"]
+
+        def add_each_clients_adapter(module, args, output):
+            deltas = [F.linear(F.linear(dropout(x), self.tensors[k][a_key]), self.tensors[k][b_key]) * scaling for k, x in self._split(args[0])]
+            return output + torch.cat(deltas)
+
+        return add_each_clients_adapter
+
+    def _head_hook(self, name: str):
+        weight, bias = f"{name}.weight", f"{name}.bias"
+
+        def each_clients_head(module, args, output):
+            return torch.cat([F.linear(x, self.tensors[k][weight], self.tensors[k].get(bias, module.bias)) for k, x in self._split(args[0])])
+
+        return each_clients_head
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        handles = [layer.register_forward_hook(self._lora_hook(name)) for name, layer in self.lora.items()]
+        handles += [self.model.module.get_submodule(name).register_forward_hook(self._head_hook(name)) for name in self.heads]
+        for layer in self.lora.values():
+            layer._disable_adapters = True  # PEFT's own (global) adapter stays out of the group's pass
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer in self.lora.values():
+                layer._disable_adapters = False
+
+
+def _own_tensors(model: SharedModel, state: State, keys: list[str], trained: set[str]) -> dict[str, torch.Tensor]:
+    """A client's copy of ``keys`` at the shared model's full shapes (a cut LoRA factor fills the leading rows or
+    columns, zeros elsewhere, as ``SharedModel.load``), trainable where its layout trains."""
+    tensors = {}
+    for key in keys:
+        param = model.params[key]
+        tensor = torch.zeros_like(param)
+        value = state.get(key, param.detach())
+        tensor[tuple(slice(0, n) for n in value.shape)] = value.to(param.device)
+        tensors[key] = tensor.requires_grad_(key in trained)
+    return tensors
+
+
+def train_together(model: SharedModel, objective: Objective, work: Sequence[ClientWork], data: EncodedSplit, cfg: TrainConfig, seed: int,
+                   prefix: PrefixView | None = None, device: DeviceSide | None = None) -> list[Update]:
+    """``train_client`` for several clients at once: each client's update, in the order of ``work``."""
+    device = device or DeviceSide()
+    states = [{**w.plan.weights, **w.own} for w in work]
+    stacked = per_client_keys(model, model.params)
+    shared = {key: value for key, value in states[0].items() if key not in stacked}
+    for state in states[1:]:
+        if any(not torch.equal(state[key], value) for key, value in shared.items() if key in state):
+            raise ValueError("clients trained together must share every tensor but their LoRA factors and head")
+    model.load(shared)
+    model.freeze()  # nothing of the shared model trains in a group: the clients' own tensors do
+    tensors = [_own_tensors(model, state, stacked, set(model.keys(w.plan.layout))) for w, state in zip(work, states, strict=True)]
+    params = [[t for t in own.values() if t.requires_grad] for own in tensors]
+    optimizers = [torch.optim.AdamW(p, lr=w.plan.lr, weight_decay=cfg.weight_decay) for p, w in zip(params, work, strict=True)]
+    views = [ClientView(model, own) for own in tensors]
+    group = StackedClients(model, tensors)
+    torch.manual_seed(seed)  # dropout: one draw for the group
+    model.module.train()
+    losses: list[list[float]] = [[] for _ in work]
+    started, forward_backward_s = time.perf_counter(), 0.0
+    with group.active():
+        for step in range(max(len(w.batches) for w in work)):
+            active = [k for k, w in enumerate(work) if step < len(w.batches)]
+            group.sizes = [(k, len(work[k].batches[step])) for k in active]
+            rows = np.concatenate([work[k].batches[step] for k in active])
+            step_started = time.perf_counter()
+            with forward_passes(model, rows, prefix):
+                sums, counts = objective.row_losses(model.module, model.on_device(data.batch(rows)))
+            total = 0
+            for (k, _), row_sums, row_counts in zip(group.sizes, sums.split([n for _, n in group.sizes]), counts.split([n for _, n in group.sizes]), strict=True):
+                loss = row_sums.sum() / row_counts.sum()
+                losses[k].append(loss.item())
+                if (extra := device.extra_loss(views[k], work[k].plan)) is not None:
+                    loss = loss + extra
+                total = total + loss
+            total.backward()
+            forward_backward_s += time.perf_counter() - step_started
+            for k in active:
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params[k], cfg.max_grad_norm)
+                optimizers[k].step()
+                optimizers[k].zero_grad(set_to_none=True)
+    wall_s = time.perf_counter() - started
+    updates = []
+    for k, w in enumerate(work):
+        metrics = {"train_loss": float(np.mean(losses[k])) if losses[k] else float("nan"), "train_wall_s": wall_s / len(work),
+                   FORWARD_BACKWARD_S: forward_backward_s / len(work), "steps": len(losses[k])}
+        with torch.no_grad():
+            metrics.update(device.report(views[k], w.plan))
+        trained = {key: cpu_copy(tensors[k][key].detach()[tuple(slice(0, n) for n in shape)]) for key, shape in model.device_shapes(w.plan.layout).items()}
+        sent = {key: value for key, value in trained.items() if key not in w.own}
+        kept = {key: value for key, value in trained.items() if key in w.own}
+        updates.append(Update(w.plan.client, sent, w.num_samples, metrics, kept, w.own))
+    return updates
