@@ -6,13 +6,14 @@ import shutil
 
 import pytest
 import torch
+from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from legend.engine.client_store import ClientStore, state_bytes
 from legend.engine.simulation import run_experiment
 from legend.errors import LegendError
-from legend.engine.client_store import ClientStore, state_bytes
-from tests.conftest import ROOT, tiny_overrides
+from legend.records import MEASURED
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
@@ -72,8 +73,8 @@ def fedsa_config(**extra):
     return load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "fedsa", "fl.rounds": 4, **extra}))
 
 
-def without_wall_time(summary):
-    return {k: v for k, v in summary.items() if k != "wall_s"}
+def without_measurements(summary):
+    return {k: v for k, v in summary.items() if k not in MEASURED}
 
 
 def test_fedsa_with_every_b_on_disk_gives_the_in_memory_run_and_resumes_from_its_files(tmp_path):
@@ -83,7 +84,7 @@ def test_fedsa_with_every_b_on_disk_gives_the_in_memory_run_and_resumes_from_its
         run_experiment(disk_config, tmp_path / "disk", on_round=crash_after_round(2))
     assert list((tmp_path / "disk" / "client_state").glob("client-*.pt")), "with no memory allowed, every B is in a file"
     on_disk = run_experiment(disk_config, tmp_path / "disk", resume=True)
-    assert without_wall_time(on_disk) == without_wall_time(in_memory)
+    assert without_measurements(on_disk) == without_measurements(in_memory)
     memory_state = load_checkpoint(tmp_path / "memory", memory_config.model_dump())["global_state"]
     disk_state = load_checkpoint(tmp_path / "disk", disk_config.model_dump())["global_state"]
     for key, tensor in memory_state.items():
@@ -105,4 +106,4 @@ def test_a_fedsa_checkpoint_from_before_client_state_resumes_as_the_uninterrupte
                                  "local_b": {client: store.get(client) for client in devices["own"]["files"]}}
     shutil.rmtree(old / "client_state")
     save_checkpoint(old, payload)
-    assert without_wall_time(run_experiment(config, old, resume=True)) == without_wall_time(whole)
+    assert without_measurements(run_experiment(config, old, resume=True)) == without_measurements(whole)

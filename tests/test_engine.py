@@ -9,12 +9,13 @@ import time
 
 import pytest
 import torch
+from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import Config, load_config
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.simulation import build_experiment, run_experiment
 from legend.errors import LegendError
-from tests.conftest import ROOT, tiny_overrides
+from legend.records import MEASURED
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
@@ -24,8 +25,8 @@ def run_tiny(out, **extra):
     return run_experiment(config, out)
 
 
-def without_wall_time(summary):
-    return {k: v for k, v in summary.items() if k != "wall_s"}
+def without_measurements(summary):
+    return {k: v for k, v in summary.items() if k not in MEASURED}
 
 
 @pytest.mark.parametrize("strategy", ["fedit", "fedavg-full"])
@@ -35,7 +36,10 @@ def test_run_writes_metrics_summary_and_counts_bytes(tmp_path, strategy):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert {"round", "accuracy", "loss", "bytes_up", "bytes_down", "wall_s"} <= rows[1].keys()
     assert all(0 < row["forward_backward_s"] <= row["wall_s"] for row in rows)  # training and evaluation passes, within the round
+    model_mb = sum(p.numel() * 4 for p in build_experiment(load_config(QUICKSTART, tiny_overrides())).model.params.values()) / 2**20
+    assert all(row["peak_memory_mb"] > model_mb for row in rows)  # this process's peak holds at least the model's weights
     saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["peak_memory_mb"] == max(row["peak_memory_mb"] for row in rows)
     for key in ("strategy", "initial_accuracy", "initial_loss", "final_accuracy", "best_accuracy", "rounds",
                 "bytes_up", "bytes_down", "wall_s", "time_to_target_s", "bytes_to_target"):
         assert key in saved
@@ -53,11 +57,11 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path):
     first = run_tiny(tmp_path / "a")
     again = run_tiny(tmp_path / "b")
     other = run_tiny(tmp_path / "c", seed=1)
-    assert without_wall_time(first) == without_wall_time(again)
+    assert without_measurements(first) == without_measurements(again)
     state_a = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)["global_state"]
     state_b = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["global_state"]
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
-    assert without_wall_time(first) != without_wall_time(other)
+    assert without_measurements(first) != without_measurements(other)
 
 
 def test_training_changes_the_global_adapter(tmp_path):
@@ -88,7 +92,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(tmp_path):
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert without_wall_time(summary) == without_wall_time(uninterrupted)
+    assert without_measurements(summary) == without_measurements(uninterrupted)
 
 
 def test_resume_refuses_another_config(tmp_path):

@@ -20,16 +20,17 @@ from legend.config import DevicesConfig, load_config
 from legend.core import ClientPlan, Update
 from legend.devices import build_fleet
 from legend.devices.capacity import CapacityEstimator
-from legend.errors import LegendError
 from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.runtime import Job
 from legend.engine.simulation import run_experiment
+from legend.errors import LegendError
 from legend.lora.layout import AdapterLayout
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
 pytestmark = pytest.mark.xdist_group("flower")  # one deployment at a time: each test checks that no Flower process outlives it
 from legend.flower.messages import decode_job, decode_update, encode_job, encode_update  # noqa: E402
 from legend.flower.runtime import advertised_figures  # noqa: E402
+from legend.records import MEASURED
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 LEGEND = Path(sys.executable).parent / "legend"
@@ -49,7 +50,7 @@ def flower_processes():
 
 def rows_without_wall_time(out):
     """Every field but this machine's seconds (the round's, and those spent in forward and backward passes)."""
-    return [{k: v for k, v in json.loads(line).items() if k not in ("wall_s", "forward_backward_s")}
+    return [{k: v for k, v in json.loads(line).items() if k not in MEASURED}
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -113,7 +114,7 @@ def test_secure_aggregation_gives_the_embedded_summary(tmp_path, strategy):
     run_experiment(load_config(QUICKSTART, tiny_overrides(**{**THREE_NODES, "strategy.name": strategy})), tmp_path / "embedded")
     secure, embedded = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("secure", "embedded"))
     assert secure.keys() == embedded.keys()
-    for key in secure.keys() - {"wall_s"}:
+    for key in secure.keys() - set(MEASURED):
         assert secure[key] == (pytest.approx(embedded[key], abs=1e-5) if isinstance(embedded[key], float) else embedded[key]), key
     rows = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["secure_aggregation"]["bytes_up"] > row["bytes_up"] for row in rows[1:])  # masked int64 words, padded, with weights

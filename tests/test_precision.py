@@ -1,14 +1,17 @@
-"""engine.precision = "bfloat16": the matrix multiplies run in bfloat16, parameters and loss stay float32, and a
-round of training ends near the float32 adapter (tolerance below). engine.device: the CPU is today's run, exactly."""
+"""engine.precision = "bfloat16" (or "float16", with loss scaling): the matrix multiplies run in half precision,
+parameters and loss stay float32, and a round of training ends near the float32 adapter (tolerance below). engine.device: the CPU is today's run, exactly."""
+
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
+from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
 from legend.engine.checkpoint import CHECKPOINT
-from legend.engine.client import forward_passes
+from legend.engine.client import LocalOptimizer, forward_passes
 from legend.engine.simulation import build_experiment, run_experiment
-from tests.conftest import ROOT, tiny_overrides
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 ONE_ROUND = {"strategy.name": "legend", "fl.rounds": 1, "train.local_steps": 10}
@@ -29,18 +32,35 @@ def test_bfloat16_runs_the_matrix_multiplies_in_bfloat16_and_keeps_the_loss_and_
     assert forward(plain, np.arange(4)).logits.dtype == torch.float32
 
 
-def test_a_bfloat16_round_ends_near_the_float32_adapter(tmp_path):
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_a_half_precision_round_ends_near_the_float32_adapter(tmp_path, precision):
     """bfloat16 keeps 8 bits of mantissa, so activations differ by ~0.4%; after 10 AdamW steps the adapter differs by
-    a relative L2 norm of 5e-2 at most (measured 1.4e-2), and the evaluation loss by 2e-3 (measured 3.5e-4)."""
+    a relative L2 norm of 5e-2 at most (measured 1.4e-2), and the evaluation loss by 2e-3 (measured 3.5e-4). float16
+    (10 bits, with loss scaling) stays closer."""
     adapters, losses = {}, {}
-    for precision in ("float32", "bfloat16"):
-        config = load_config(QUICKSTART, tiny_overrides(**ONE_ROUND, **{"engine.precision": precision}))
-        losses[precision] = run_experiment(config, tmp_path / precision)["final_loss"]
-        adapters[precision] = torch.load(tmp_path / precision / CHECKPOINT, weights_only=True)["global_state"]
-    reference, half = adapters["float32"], adapters["bfloat16"]
+    for name in ("float32", precision):
+        config = load_config(QUICKSTART, tiny_overrides(**ONE_ROUND, **{"engine.precision": name}))
+        losses[name] = run_experiment(config, tmp_path / name)["final_loss"]
+        adapters[name] = torch.load(tmp_path / name / CHECKPOINT, weights_only=True)["global_state"]
+    reference, half = adapters["float32"], adapters[precision]
     difference = (sum(((half[k] - reference[k]) ** 2).sum() for k in reference) / sum((reference[k] ** 2).sum() for k in reference)).sqrt()
     assert 0 < difference <= 5e-2
-    assert abs(losses["bfloat16"] - losses["float32"]) <= 2e-3
+    assert abs(losses[precision] - losses["float32"]) <= 2e-3
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_float16_loss_scaling_keeps_gradients_float16_would_flush_to_zero(scaled):
+    """A float32 loss whose gradient (1e-8) lies below float16's smallest number: the float16 backward of the matrix
+    multiply flushes it to zero, unless the loss is scaled first (then unscaled before the step)."""
+    weight, x = torch.ones(8, 8, requires_grad=True), torch.ones(4, 8)
+    half = SimpleNamespace(device=torch.device("cpu"), compute_dtype=torch.float16)
+    optimizer = LocalOptimizer([weight], 1e-3, SimpleNamespace(max_grad_norm=1.0, weight_decay=0.0), half)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = ((x @ weight).float() * 1e-8).sum()
+    (optimizer.scaled(loss) if scaled else loss).backward()
+    if scaled:
+        optimizer.scaler.unscale_(optimizer.optimizer)
+    assert weight.grad.abs().max() == (pytest.approx(4e-8, rel=1e-2) if scaled else 0.0)
 
 
 def test_engine_device_cpu_gives_the_golden_summary_exactly(tmp_path):

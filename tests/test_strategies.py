@@ -15,6 +15,7 @@ from legend.config import load_config
 from legend.core import ModelInfo, Update
 from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.simulation import run_experiment
+from legend.records import MEASURED
 from legend.strategies import STRATEGIES
 from legend.strategies.fedsa import FedSALoRA
 from legend.strategies.flora import FLoRA
@@ -58,7 +59,7 @@ ADDED_SINCE = {"malicious_updates", "final_val_accuracy", "best_val_accuracy", "
 
 
 def assert_matches_golden(summary, golden):
-    assert {k for k in summary if k != "wall_s"} - ADDED_SINCE == set(golden)
+    assert {k for k in summary if k not in MEASURED} - ADDED_SINCE == set(golden)
     for key, expected in golden.items():
         if isinstance(expected, float):
             assert summary[key] == pytest.approx(expected, rel=1e-6, abs=1e-9), key
@@ -108,7 +109,7 @@ def test_strategy_sends_its_wire_format_and_resumes(tmp_path, name):
         assert [r["bytes_up"] for r in rows[1:]] == [2 * 4 * n for n in up]
 
     resumed = run_tiny(tmp_path / "resumed", resume=True, **{"strategy.name": name})
-    assert {k: v for k, v in resumed.items() if k != "wall_s"} == {k: v for k, v in whole.items() if k != "wall_s"}
+    assert {k: v for k, v in resumed.items() if k not in MEASURED} == {k: v for k, v in whole.items() if k not in MEASURED}
     first, second = (torch.load(tmp_path / run / CHECKPOINT, weights_only=True) for run in ("whole", "resumed"))
     assert_same(first["global_state"], second["global_state"])
     assert_same(first["strategy_state"], second["strategy_state"])

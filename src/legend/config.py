@@ -171,9 +171,10 @@ class EngineConfig(Section):
     cache_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype the frozen-prefix cache stores hidden states in")
     cache_spill_dir: str = Field("", description="folder for frozen-prefix cache entries evicted from memory (empty: evicted entries are recomputed)")
     device: str = Field("auto", description="where the shared model trains and evaluates: 'auto' (the first CUDA GPU torch sees, else the CPU), 'cpu', 'cuda' or 'cuda:N'; states, aggregation and the wire stay on the CPU")
-    precision: Literal["float32", "bfloat16", "auto"] = Field(
+    precision: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="dtype of the matrix multiplies in forward and backward passes: bfloat16 autocasts them, ~2x faster on CPUs with AVX-512 BF16 or AMX "
-                               "(parameters, optimizer and loss stay float32); 'auto': bfloat16 where the GPU or CPU multiplies it natively, else float32")
+                               "(parameters, optimizer and loss stay float32); float16 adds loss scaling; 'auto': bfloat16 where the GPU or CPU multiplies "
+                               "it natively, float16 on a GPU without bfloat16, else float32")
     client_state_mb: float = Field(64.0, ge=0, description="memory for the most recently updated clients' own tensors (FedSA-LoRA's B); every client's are in a file in the run folder's client_state/")
     parallel_clients: int = Field(1, ge=1, description="the embedded engine trains this many sampled clients at once: their LoRA adapters side by side on the one "
                                                        "shared base model, one forward and backward pass per step (same updates as one by one; LoRA strategies only)")

@@ -45,10 +45,14 @@ class RoundRecord:
     secure_aggregation: dict[str, Any] | None = None  # on Flower with flower.secure_aggregation: the protocol's measured bytes and seconds
     wall_s: float = 0.0
     forward_backward_s: float = 0.0
+    peak_memory_mb: float = 0.0  # measured: the largest peak of the processes that trained or evaluated (placement.peak_memory_mb)
 
     def row(self) -> dict[str, Any]:
         """The record as its JSON line (and as the checkpoint keeps it)."""
         return asdict(self)
+
+
+MEASURED = ("wall_s", "forward_backward_s", "peak_memory_mb")  # this machine's seconds and memory: they differ between runs of one config
 
 
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
@@ -81,6 +85,7 @@ def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float)
         "malicious_updates": sum(len(r.get("malicious", [])) for r in rounds),
         "skipped_rounds": sum(bool(r.get("skipped")) for r in rounds),
         "wall_s": round(sum(r["wall_s"] for r in rows), 3),
+        "peak_memory_mb": max(r.get("peak_memory_mb", 0.0) for r in rows),
         "final_val_accuracy": validated[-1] if validated else None,
         "best_val_accuracy": max(validated) if validated else None,
         "target_accuracy": target_accuracy,

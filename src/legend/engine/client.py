@@ -15,11 +15,13 @@ from legend.config import TrainConfig
 from legend.core import ClientPlan, State, Update
 from legend.data.batching import EncodedSplit
 from legend.engine.prefix_cache import PrefixView
+from legend.models.placement import peak_memory_mb, reset_peak_memory
 from legend.models.shared import SharedModel
 from legend.objectives import Objective
 from legend.strategies.base import DeviceSide
 
 FORWARD_BACKWARD_S = "forward_backward_s"  # metric: seconds of local training spent in forward and backward passes (the rest is overhead)
+PEAK_MEMORY_MB = "peak_memory_mb"  # metric: the device's peak memory in local training (placement.peak_memory_mb)
 
 
 def derived_seed(*parts: int) -> int:
@@ -62,6 +64,28 @@ def batch_shapes(data: EncodedSplit, batches: list[np.ndarray]) -> list[tuple[in
     return [(len(rows), int(data.lengths[rows].max()), data.outputs(rows)) for rows in batches]
 
 
+class LocalOptimizer:
+    """One device's optimizer step: AdamW, gradient clipping, and under float16 loss scaling (a GradScaler: float16's
+    narrow range would flush small gradients to zero; a step whose gradients overflow is skipped and the scale halved)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, cfg: TrainConfig, model: SharedModel):
+        self.params, self.max_grad_norm = params, cfg.max_grad_norm
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=model.compute_dtype == torch.float16)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on."""
+        return self.scaler.scale(loss)
+
+    def step(self) -> None:
+        if self.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 @contextlib.contextmanager
 def forward_passes(model: SharedModel, rows: np.ndarray, prefix: PrefixView | None = None) -> Iterator[None]:
     """Inside: the model's forward passes on these rows run at its compute dtype, from the frozen-prefix cache when given one."""
@@ -81,10 +105,10 @@ def train_client(model: SharedModel, objective: Objective, plan: ClientPlan, dat
     ``own``: the tensors the device keeps between rounds (``DeviceSide.kept``), as its runtime stored them."""
     device, own = device or DeviceSide(), own or {}
     model.load({**plan.weights, **own})
-    params = model.set_trainable(plan.layout)
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
+    optimizer = LocalOptimizer(model.set_trainable(plan.layout), plan.lr, cfg, model)
     torch.manual_seed(seed)  # dropout
     model.module.train()
+    reset_peak_memory(model.device)
     losses, forward_backward_s = [], 0.0
     started = time.perf_counter()
     for rows in batches:
@@ -94,14 +118,11 @@ def train_client(model: SharedModel, objective: Objective, plan: ClientPlan, dat
         losses.append(loss.item())
         if (extra := device.extra_loss(model, plan)) is not None:
             loss = loss + extra
-        loss.backward()
+        optimizer.scaled(loss).backward()
         forward_backward_s += time.perf_counter() - step_started
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": time.perf_counter() - started,
-               FORWARD_BACKWARD_S: forward_backward_s, "steps": len(losses)}
+               FORWARD_BACKWARD_S: forward_backward_s, "steps": len(losses), PEAK_MEMORY_MB: peak_memory_mb(model.device)}
     with torch.no_grad():
         metrics.update(device.report(model, plan))
     trained = model.read(plan.layout)

@@ -24,10 +24,11 @@ from torch import nn
 from legend.config import TrainConfig
 from legend.core import ClientPlan, State, Update
 from legend.data.batching import EncodedSplit
-from legend.engine.client import FORWARD_BACKWARD_S, forward_passes
+from legend.engine.client import FORWARD_BACKWARD_S, PEAK_MEMORY_MB, LocalOptimizer, forward_passes
 from legend.engine.prefix_cache import PrefixView
 from legend.errors import LegendError
 from legend.lora.layout import LORA_FACTOR, lora_modules
+from legend.models.placement import peak_memory_mb, reset_peak_memory
 from legend.models.shared import SharedModel, cpu_copy
 from legend.objectives import Objective
 from legend.strategies.base import DeviceSide
@@ -143,12 +144,12 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
     model.load(shared)
     model.freeze()  # nothing of the shared model trains in a group: the clients' own tensors do
     tensors = [_own_tensors(model, state, stacked, set(model.keys(w.plan.layout))) for w, state in zip(work, states, strict=True)]
-    params = [[t for t in own.values() if t.requires_grad] for own in tensors]
-    optimizers = [torch.optim.AdamW(p, lr=w.plan.lr, weight_decay=cfg.weight_decay) for p, w in zip(params, work, strict=True)]
+    optimizers = [LocalOptimizer([t for t in own.values() if t.requires_grad], w.plan.lr, cfg, model) for own, w in zip(tensors, work, strict=True)]
     views = [ClientView(model, own) for own in tensors]
     group = StackedClients(model, tensors)
     torch.manual_seed(seed)  # dropout: one draw for the group
     model.module.train()
+    reset_peak_memory(model.device)
     losses: list[list[float]] = [[] for _ in work]
     started, forward_backward_s = time.perf_counter(), 0.0
     with group.active():
@@ -165,19 +166,16 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
                 losses[k].append(loss.item())
                 if (extra := device.extra_loss(views[k], work[k].plan)) is not None:
                     loss = loss + extra
-                total = total + loss
+                total = total + optimizers[k].scaled(loss)  # each client's loss at its own float16 loss scale
             total.backward()
             forward_backward_s += time.perf_counter() - step_started
             for k in active:
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params[k], cfg.max_grad_norm)
                 optimizers[k].step()
-                optimizers[k].zero_grad(set_to_none=True)
-    wall_s = time.perf_counter() - started
+    wall_s, peak_mb = time.perf_counter() - started, peak_memory_mb(model.device)
     updates = []
     for k, w in enumerate(work):
         metrics = {"train_loss": float(np.mean(losses[k])) if losses[k] else float("nan"), "train_wall_s": wall_s / len(work),
-                   FORWARD_BACKWARD_S: forward_backward_s / len(work), "steps": len(losses[k])}
+                   FORWARD_BACKWARD_S: forward_backward_s / len(work), "steps": len(losses[k]), PEAK_MEMORY_MB: peak_mb}
         with torch.no_grad():
             metrics.update(device.report(views[k], w.plan))
         trained = {key: cpu_copy(tensors[k][key].detach()[tuple(slice(0, n) for n in shape)]) for key, shape in model.device_shapes(w.plan.layout).items()}

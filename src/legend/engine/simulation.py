@@ -38,13 +38,13 @@ from legend.devices.capacity import (
 from legend.devices.cost import applied_ranks, kept_memory_bytes, layout_numel, lowest_trained_block, require_fits
 from legend.engine.attacks import MALICIOUS
 from legend.engine.checkpoint import CHECKPOINT, device_state, load_checkpoint, save_checkpoint
-from legend.engine.client import FORWARD_BACKWARD_S, Evaluation, batch_shapes, client_batches, derived_seed, evaluate
+from legend.engine.client import FORWARD_BACKWARD_S, PEAK_MEMORY_MB, Evaluation, batch_shapes, client_batches, derived_seed, evaluate
 from legend.engine.prefix_cache import MIN_TRAINING_REUSE, PrefixCache, PrefixView, training_reuse
 from legend.engine.privacy import add_noise, clip_update, epsilon
 from legend.engine.runtime import ROUND_TRIP_S, SENT_NUMEL, InProcess, Job, Runtime
 from legend.engine.validation import rejection
 from legend.errors import LegendError
-from legend.models.placement import resolve_device, resolve_precision
+from legend.models.placement import peak_memory_mb, resolve_device, resolve_precision
 from legend.models.shared import SharedModel
 from legend.objectives import Objective, objective_for
 from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, summarize
@@ -207,7 +207,8 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         runtime.start(out_dir, {key: global_state[key] for key in kept_keys(exp, exp.strategy.global_layout())}, None)
         scored, held_out = evaluate_global(exp, global_state)
         rows = [RoundRecord(0, accuracy=scored.accuracy, loss=scored.loss, val_accuracy=held_out.accuracy, val_loss=held_out.loss,
-                            wall_s=round(time.perf_counter() - started, 4), forward_backward_s=round(scored.forward_s + held_out.forward_s, 4)).row()]
+                            wall_s=round(time.perf_counter() - started, 4), forward_backward_s=round(scored.forward_s + held_out.forward_s, 4),
+                            peak_memory_mb=peak_memory_mb(exp.model.device)).row()]
         _persist(out_dir, fingerprint, global_state, exp, runtime, rows)
     if on_round:
         for row in rows:
@@ -307,6 +308,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         secure_aggregation=None if summed is None else {"bytes_down": summed.bytes_down, "bytes_up": summed.bytes_up, "seconds": round(summed.seconds, 4)},
         wall_s=round(time.perf_counter() - started, 4),
         forward_backward_s=round(forward_backward_s, 4),
+        peak_memory_mb=max([peak_memory_mb(exp.model.device)] + [u.metrics.get(PEAK_MEMORY_MB, 0.0) for u, _ in results]),  # here, and each node's
     )
     return global_state, record.row()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -28,12 +30,27 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """'auto': bfloat16 where the hardware multiplies it natively (a CUDA GPU that supports it; a CPU with AVX-512 BF16
-    or AMX), else float32; 'float32' and 'bfloat16' as asked."""
+    or AMX), float16 (with loss scaling) on an older GPU, else float32; 'float32', 'bfloat16' and 'float16' as asked."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak on a GPU (a process's resident-memory peak on the CPU cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """MiB: on a GPU the most memory torch allocated there since ``reset_peak_memory``; on the CPU the process's peak
+    resident memory so far (the OS's count, which never falls)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def cpu_has_native_bfloat16() -> bool:
