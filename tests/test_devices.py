@@ -1,5 +1,7 @@
 """Devices: the catalog and fleets, the cost model against the real model, and the virtual clock."""
 
+import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,10 +20,12 @@ from legend.devices.capacity import lora_numel
 from legend.devices.cost import block_backward_flops, block_forward_flops, require_fits, training_memory_bytes
 from legend.devices.fleet import Link
 from legend.devices.profiles import CATALOG
-from legend.engine.simulation import run_experiment
+from legend.engine.simulation import _check_quantized, run_experiment
 from legend.errors import LegendError
 from legend.lora import AdapterLayout
 from legend.models import SharedModel
+from legend.models.placement import QUANTIZED_BYTES
+from legend.strategies.registry import strategy_class
 from legend.wire import wire_bytes
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
@@ -130,6 +134,23 @@ def test_a_layouts_numbers_are_those_of_its_adapter_tensors(model):
         assert layout_numel(model, layout) == lora_numel(ModelSpec.of(model), layout.rank_by_block, layout.train_factors)
     h, head = 384, 2 * 384 + 2
     assert wire_bytes(layout_numel(model, AdapterLayout("lora", (0, 0, 2, 4, 8, 8))), "float16") == 2 * (2 * 2 * h * (2 + 4 + 8 + 8) + head)
+
+
+def test_quantized_block_weights_shrink_the_memory_estimate_by_their_bytes(model):
+    """model.quantize: the blocks' linear weights at NF4's 4.127 bits (or 8 bits); embeddings, norms and head stay float32."""
+    spec, work = ModelSpec.of(model), Batches.uniform(5, 16, 64)
+    full = training_memory_bytes(spec, top(2), work)
+    for quantize, saved_per_weight in (("4bit", 4 - 4.127 / 8), ("8bit", 3.0)):
+        quantized = training_memory_bytes(dataclasses.replace(spec, block_weight_bytes=QUANTIZED_BYTES[quantize]), top(2), work)
+        assert full - quantized == pytest.approx(saved_per_weight * spec.num_blocks * spec.block_linear_params)
+
+
+@pytest.mark.parametrize("strategy", ["federa", "flora", "fedex", "bitfit", "fedavg-full", "legend"])
+def test_qlora_refuses_strategies_that_touch_the_base_weights(model, strategy):
+    """Checked once the strategy exists, on the GPU (on a CPU the missing GPU is the first line)."""
+    config = load_config(QUICKSTART, ["model.quantize=4bit", f"strategy.name={strategy}"])
+    with contextlib.nullcontext() if strategy == "legend" else pytest.raises(LegendError, match=rf"model.quantize '4bit' keeps the base weights frozen .* and {strategy} "):
+        _check_quantized(config, strategy_class(strategy)(config, model.info))
 
 
 def test_memory_grows_with_depth_and_a_plan_that_does_not_fit_is_refused(model):

@@ -31,6 +31,7 @@ CASES = {
     "unknown model": (["run", QUICKSTART, "model.name=bert-huge"], "model.name 'bert-huge' is unknown"),
     "unknown strategy": (["run", QUICKSTART, "strategy.name=fedfoo"], "strategy.name 'fedfoo' is unknown"),
     "not a device": (["run", QUICKSTART, "engine.device=tpu"], "engine.device 'tpu' is not a device: use auto, cpu, cuda or cuda:N"),
+    "QLoRA on the CPU": (["run", QUICKSTART, "model.quantize=4bit", "engine.device=cpu"], "model.quantize '4bit' needs a CUDA GPU (bitsandbytes quantizes there)"),
     "parallel clients of a strategy without LoRA": (["run", QUICKSTART, "strategy.name=bitfit", "engine.parallel_clients=4"],
                                                     "engine.parallel_clients = 4 trains clients' LoRA adapters side by side, and bitfit trains bitfit"),
 }

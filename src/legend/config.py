@@ -22,6 +22,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = Field("minilm-l6", description="'minilm-l6', 'smollm2-135m', a local model directory or a hub id")
     dropout: float | None = Field(0.0, ge=0, lt=1, description="set every dropout rate of the pre-trained model to this (None keeps the model's own)")
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="QLoRA on a CUDA GPU: the frozen base model's block weights in 4-bit NF4 (double quantisation) or 8-bit through bitsandbytes "
+                            "(pip install 'legend[gpu]'), LoRA trained over them; LoRA strategies that leave the base weights alone")
 
 
 class DataConfig(Section):

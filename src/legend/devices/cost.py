@@ -22,6 +22,7 @@ from torch import nn
 
 from legend.errors import LegendError
 from legend.lora.layout import BOTTLENECK, AdapterLayout
+from legend.models.placement import QUANTIZED_BYTES
 from legend.models.shared import SharedModel
 
 FLOAT_BYTES = 4  # training runs in float32
@@ -48,6 +49,7 @@ class ModelSpec:
     total_params: int  # the pre-trained model and its head, without adapters
     head_params: int
     bias_params: int  # biases of the backbone (BitFit)
+    block_weight_bytes: float = FLOAT_BYTES  # storage of one weight of the blocks' linear layers (model.quantize: 4-bit NF4 or 8-bit)
 
     @classmethod
     def of(cls, model: SharedModel) -> ModelSpec:
@@ -61,6 +63,8 @@ class ModelSpec:
         ]
         heads = config.num_attention_heads
         output = model.module.get_output_embeddings() if model.blocks_only else None
+        # a linear layer's weight count, whatever its storage (bitsandbytes packs two 4-bit weights in a byte)
+        logical = {f"{name}.weight": m.in_features * m.out_features for name, m in model.module.named_modules() if isinstance(m, nn.Linear)}
         return cls(
             num_blocks=model.info.num_blocks,
             hidden=config.hidden_size,
@@ -74,9 +78,10 @@ class ModelSpec:
             outside_linear_params=sum(m.in_features * m.out_features for m in outside),
             output_features=output.out_features if output is not None else config.num_labels,
             frozen_output=model.blocks_only,
-            total_params=sum(p.numel() for k, p in model.params.items() if ".lora_" not in k and BOTTLENECK not in k),
+            total_params=sum(logical.get(k, p.numel()) for k, p in model.params.items() if ".lora_" not in k and BOTTLENECK not in k),
             head_params=sum(p.numel() for k, p in model.params.items() if model.is_head(k)),
             bias_params=sum(p.numel() for k, p in model.params.items() if k.endswith(".bias") and not model.is_head(k) and ".lora_" not in k),
+            block_weight_bytes=QUANTIZED_BYTES.get(model.quantize, FLOAT_BYTES),
         )
 
 
@@ -183,7 +188,7 @@ def trainable_params(spec: ModelSpec, layout: AdapterLayout) -> int:
 
 
 def training_memory_bytes(spec: ModelSpec, layout: AdapterLayout, batches: Batches) -> int:
-    """Weights + activations kept for backward in the trained blocks + the output logits and their gradient + gradients
+    """Weights (the blocks' linear weights at ``block_weight_bytes``) + activations kept for backward in the trained blocks + the output logits and their gradient + gradients
     and AdamW state.
 
     Activations per token and trained block: 8 h + 2 ffn floats plus heads x T for the attention
@@ -192,7 +197,8 @@ def training_memory_bytes(spec: ModelSpec, layout: AdapterLayout, batches: Batch
     depth = spec.num_blocks - lowest_trained_block(spec, layout)
     per_block = FLOAT_BYTES * (batches.peak_tokens * (8 * spec.hidden + 2 * spec.ffn) + batches.peak_token_pairs * spec.heads)
     logits = FLOAT_BYTES * 2 * batches.peak_outputs * spec.output_features
-    weights = FLOAT_BYTES * spec.total_params
+    quantizable = spec.num_blocks * spec.block_linear_params
+    weights = FLOAT_BYTES * (spec.total_params - quantizable) + spec.block_weight_bytes * quantizable
     return weights + depth * per_block + logits + ADAMW_BYTES_PER_PARAM * trainable_params(spec, layout)
 
 

@@ -88,9 +88,11 @@ def build_model(config: Config, label_names: tuple[str, ...]) -> tuple[SharedMod
     data.format, and the strategy: what every run (and every export of one) starts from."""
     device = resolve_device(config.engine.device)  # before loading anything: a missing GPU is one line
     model = SharedModel.build(config.model.name, len(label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout,
-                              resolve_precision(config.engine.precision, device), causal_lm=config.data.format == "instruct")
+                              resolve_precision(config.engine.precision, device), causal_lm=config.data.format == "instruct",
+                              quantize=config.model.quantize, device=device)
     objective = objective_for(config, label_names, model.tokenizer)
     strategy = strategy_class(config.strategy.name)(config, model.info)
+    _check_quantized(config, strategy)
     _check_top_blocks(config, strategy, model.info.num_blocks)
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
     if not model.keys(strategy.global_layout()):
@@ -99,6 +101,17 @@ def build_model(config: Config, label_names: tuple[str, ...]) -> tuple[SharedMod
         raise LegendError(f"engine.parallel_clients = {config.engine.parallel_clients} trains clients' LoRA adapters side by side, and {strategy.name} "
                           f"trains {strategy.global_layout().method}: set engine.parallel_clients = 1")
     return model.to(device), objective, strategy
+
+
+def _check_quantized(config: Config, strategy: Strategy) -> None:
+    """QLoRA trains LoRA over frozen quantized weights: nothing may train, initialise from or merge into them."""
+    if config.model.quantize == "none":
+        return
+    method = strategy.global_layout().method
+    if method != "lora" or strategy.lora_init != "default" or strategy.changes_base_weights:
+        what = f"trains {method}" if method != "lora" else ("initialises LoRA from the weights' SVD" if strategy.lora_init != "default" else "merges LoRA into the base weights")
+        raise LegendError(f"model.quantize '{config.model.quantize}' keeps the base weights frozen in bitsandbytes' form, and {strategy.name} {what}: "
+                          "use fedit, legend, hetlora, flexlora, ffa, fedsa or fedprox, or model.quantize='none'")
 
 
 def _check_top_blocks(config: Config, strategy: Strategy, num_blocks: int) -> None:

@@ -38,6 +38,28 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
 
 
+QUANTIZED_BYTES = {"4bit": 4.127 / 8, "8bit": 1.0}  # per weight: NF4 with double-quantised scales (QLoRA, arXiv 2305.14314), LLM.int8
+
+
+def quantization_config(quantize: str, device: torch.device, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for model.quantize (None for 'none'): 4-bit NF4 with double quantisation and
+    ``compute_dtype`` matrix multiplies, or 8-bit. bitsandbytes quantizes on a CUDA GPU, so anything else is one line."""
+    if quantize == "none":
+        return None
+    if device.type != "cuda":
+        raise LegendError(f"model.quantize '{quantize}' needs a CUDA GPU (bitsandbytes quantizes there) and this run is on the {device.type}: "
+                          "set engine.device=cuda on a GPU machine, or model.quantize='none'")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LegendError(f"model.quantize '{quantize}' needs bitsandbytes: pip install 'legend[gpu]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak on a GPU (a process's resident-memory peak on the CPU cannot be reset)."""
     if device.type == "cuda":

@@ -15,6 +15,7 @@ from legend.errors import LegendError
 from legend.lora.bottleneck import inject_bottlenecks
 from legend.lora.init import apply_federa
 from legend.lora.layout import AdapterLayout, base_weight_key, inject_lora
+from legend.models.placement import quantization_config
 from legend.models.resolve import resolve_model
 
 
@@ -48,7 +49,8 @@ class SharedModel:
     per client but those tensors.
     """
 
-    def __init__(self, module: nn.Module, tokenizer, info: ModelInfo, compute_dtype: torch.dtype = torch.float32, blocks_only: bool = False):
+    def __init__(self, module: nn.Module, tokenizer, info: ModelInfo, compute_dtype: torch.dtype = torch.float32, blocks_only: bool = False,
+                 quantize: str = "none"):
         """``blocks_only``: nothing outside the blocks ever trains (a causal LM's embeddings, final norm and LM head,
         whatever the layout says: full fine-tuning then trains the blocks)."""
         self.module = module
@@ -58,6 +60,7 @@ class SharedModel:
         self.blocks_prefix = info.blocks_prefix
         self.compute_dtype = compute_dtype  # of matrix multiplies in forward and backward passes (engine.precision)
         self.device = torch.device("cpu")  # where the module and every batch live (engine.device); states stay on the CPU
+        self.quantize = quantize  # model.quantize: the block weights' storage ('none': float32)
         module.requires_grad_(False)
         self._index_parameters()
 
@@ -66,8 +69,10 @@ class SharedModel:
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
     def to(self, device: torch.device) -> SharedModel:
-        """Move the module (base weights and adapters) to ``device``; ``read`` still hands out CPU copies, ``load`` takes any."""
-        self.module.to(device)
+        """Move the module (base weights and adapters) to ``device``; ``read`` still hands out CPU copies, ``load`` takes any.
+        A quantized model was loaded onto its GPU and stays (bitsandbytes' weights cannot move)."""
+        if self.quantize == "none":
+            self.module.to(device)
         self.device = device
         self._index_parameters()
         return self
@@ -89,9 +94,10 @@ class SharedModel:
 
     @classmethod
     def build(cls, name: str, num_labels: int, target_modules: tuple[str, ...] = (), seed: int = 0, dropout: float | None = None,
-              compute_dtype: torch.dtype = torch.float32, causal_lm: bool = False) -> SharedModel:
+              compute_dtype: torch.dtype = torch.float32, causal_lm: bool = False, quantize: str = "none",
+              device: torch.device | None = None) -> SharedModel:
         """A sequence classifier with a new head of ``num_labels`` classes (drawn from the seed), or with ``causal_lm`` the
-        model with its own LM head."""
+        model with its own LM head. ``quantize`` ('4bit', '8bit'): loaded straight onto ``device`` (a GPU) in bitsandbytes' form."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         source = resolve_model(name)
@@ -104,7 +110,9 @@ class SharedModel:
                         setattr(config, key, dropout)
             torch.manual_seed(seed)  # the new classification head is drawn from the seed
             auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
-            module = auto.from_pretrained(source, config=config, dtype=torch.float32)
+            quantization = quantization_config(quantize, device or torch.device("cpu"), compute_dtype)
+            placed = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
+            module = auto.from_pretrained(source, config=config, dtype=torch.float32, **placed)
         except OSError as exc:
             raise LegendError(f"model.name '{name}' could not be loaded ({str(exc).splitlines()[0]}): use minilm-l6, smollm2-135m or a local directory") from None
         except ValueError as exc:  # transformers: no causal-LM (or classifier) class for this architecture
@@ -116,7 +124,7 @@ class SharedModel:
         prefix, blocks = find_blocks(module)
         targets = tuple(target_modules) or default_target_modules(module.config.model_type)
         info = ModelInfo(module.config.model_type, len(blocks), module.config.hidden_size, targets, prefix)
-        return cls(module, tokenizer, info, compute_dtype, blocks_only=causal_lm)
+        return cls(module, tokenizer, info, compute_dtype, blocks_only=causal_lm, quantize=quantize)
 
     def add_adapters(self, layout: AdapterLayout, lora_alpha: float | Sequence[float], lora_dropout: float, seed: int = 0,
                      lora_init: str = "default") -> None:

@@ -50,6 +50,7 @@ class Strategy(ABC):
     default_lr: ClassVar[float] = 3e-3  # LoRA's few parameters take a larger step than full fine-tuning
     # Aggregates each coordinate as the weighted mean of the updates that carry it (what client-level DP calibrates its noise to).
     averages_coordinates: ClassVar[bool] = False
+    changes_base_weights: ClassVar[bool] = False  # merges adapters into the pre-trained weights (then they are global state)
 
     def __init__(self, config: Config, info: ModelInfo):
         self.config = config

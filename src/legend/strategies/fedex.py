@@ -20,6 +20,7 @@ from legend.strategies.registry import register
 @register
 class FedExLoRA(FedIT):
     name = "fedex"
+    changes_base_weights = True
     averages_coordinates = False  # the residual folded into W is a product of factors, not a mean
 
     def initial_state(self, model: SharedModel) -> State:

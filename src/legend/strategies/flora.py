@@ -30,6 +30,7 @@ from legend.strategies.registry import register
 @register
 class FLoRA(FedIT):
     name = "flora"
+    changes_base_weights = True
     averages_coordinates = False  # it stacks factors instead of averaging them
 
     def __init__(self, config, info):
