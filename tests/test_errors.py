@@ -37,6 +37,8 @@ CASES = {
 }
 if not torch.cuda.is_available():  # the machines CI runs on
     CASES["a GPU this torch cannot see"] = (["run", QUICKSTART, "engine.device=cuda"], "engine.device 'cuda' but this torch sees no CUDA device")
+    CASES["calibrating a GPU this torch cannot see"] = (["calibrate", "--device", "cuda", "--no-save"], "--device 'cuda' but this torch sees no CUDA device")
+CASES["calibrating at an unknown precision"] = (["calibrate", "--precision", "float8", "--no-save"], "precision 'float8' is not one: use float32, bfloat16, float16 or auto")
 
 
 @pytest.mark.parametrize("case", list(CASES))

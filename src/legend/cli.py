@@ -224,6 +224,8 @@ def calibrate(
     rank: int = typer.Option(8, "--rank", help="LoRA rank of the adapters"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = all cores)"),
     instruct: bool = typer.Option(False, "--instruct", help="time a decoder as a causal LM trained on instruction responses (data.format=instruct)"),
+    device: str = typer.Option("auto", "--device", help="as engine.device: auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N"),
+    precision: str = typer.Option("float32", "--precision", help="as engine.precision: float32, bfloat16, float16 or auto"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
     save: bool = typer.Option(True, "--save/--no-save", help="store the measured rate as the 'host' device profile"),
     debug: bool = DEBUG,
@@ -233,14 +235,15 @@ def calibrate(
     from legend.devices.calibrate import calibrate as run_calibration
     from legend.devices.profiles import host_profile_from, save_host_profile
 
-    result = run_calibration(model, rank, threads, instruct)
+    result = run_calibration(model, rank, threads, instruct, device, precision)
     if save:
         result["host_profile"] = save_host_profile(host_profile_from(result))
     if as_json:
         print(json.dumps(result))
         return
     for part in ("blocks", "steps"):
-        table = Table(title=f"{part}: measured vs cost model at {result['flops_per_s'] / 1e9:.1f} GFLOP/s ({result['threads']} threads, {model})")
+        where = f"{result['threads']} threads" if result["device"] == "cpu" else result["device"]
+        table = Table(title=f"{part}: measured vs cost model at {result['flops_per_s'] / 1e9:.1f} GFLOP/s ({where}, {result['precision']}, {model})")
         for column in ("", "GFLOP", "measured s", "predicted s", "predicted / measured"):
             table.add_column(column, justify="right")
         for row in result[part]:

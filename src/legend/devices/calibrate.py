@@ -6,6 +6,10 @@ several depths of trainable blocks (and full fine-tuning) are then predicted fro
 the cost model's FLOP counts, and compared with their measured times: that tests the model's structure
 (backward only down to the lowest trained block; the embeddings, head and optimizer left out).
 
+On a GPU (``device``) every mark waits for the GPU's queued work (``torch.cuda.synchronize``), so the times are
+the GPU's, and the profile it saves is a CUDA host profile; ``precision`` is engine.precision's (a bfloat16
+profile for bfloat16 runs).
+
 A decoder is timed as it trains on instructions (``causal_lm``): the loss covers the last
 ``ANSWER_TOKENS`` positions of each sequence, so the LM head projects only those (data.format = "instruct").
 """
@@ -24,6 +28,7 @@ from legend.config import Config
 from legend.data.instructions import IGNORE
 from legend.devices.cost import Batches, ModelSpec, adapter_params, block_backward_flops, block_forward_flops, training_flops
 from legend.lora.layout import AdapterLayout
+from legend.models.placement import resolve_device, resolve_precision
 from legend.models.shared import SharedModel
 from legend.objectives import Objective, objective_for
 
@@ -57,8 +62,11 @@ class BlockTimer:
                 block.register_full_backward_pre_hook(lambda m, g, i=i: self._mark("backward start", i)),
             ]
         self.num_blocks = len(blocks)
+        self.cuda = next(blocks.parameters()).is_cuda  # marks wait for the GPU
 
     def _mark(self, event: str, block: int) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         self.marks[(event, block)] = time.perf_counter()
 
     def forward_s(self) -> list[float]:
@@ -84,7 +92,7 @@ def _batch(model: SharedModel, sequences: int, tokens: int, seed: int) -> dict[s
         labels[:, -ANSWER_TOKENS:] = ids[:, -ANSWER_TOKENS:]
     else:
         labels = torch.randint(0, 2, (sequences,), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return model.on_device({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
 
 
 def _shape(model: SharedModel, sequences: int, tokens: int) -> Batches:
@@ -94,8 +102,10 @@ def _shape(model: SharedModel, sequences: int, tokens: int) -> Batches:
 
 def _train_step(model: SharedModel, objective: Objective, params, optimizer, batch) -> float:
     """One local step as the engine runs it; returns the time backward ended."""
-    loss = objective.loss(model.module, batch)
+    with model.autocast():
+        loss = objective.loss(model.module, batch)
     loss.backward()
+    _wait_for(model)
     backward_end = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
@@ -155,6 +165,7 @@ def measure_steps(model: SharedModel, objective: Objective, spec: ModelSpec, ran
             params = model.set_trainable(layout)
             started = time.perf_counter()
             _train_step(model, objective, params, optimizers[name], batch)
+            _wait_for(model)
             if repeat:  # the first round is a warm-up
                 seconds[name].append(time.perf_counter() - started)
     model.load(initial)
@@ -167,15 +178,24 @@ def measure_steps(model: SharedModel, objective: Objective, spec: ModelSpec, ran
     ]
 
 
-def calibrate(model_name: str = "minilm-l6", rank: int = 8, threads: int = 0, causal_lm: bool = False) -> dict:
+def _wait_for(model: SharedModel) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def calibrate(model_name: str = "minilm-l6", rank: int = 8, threads: int = 0, causal_lm: bool = False, device: str = "cpu",
+              precision: str = "float32") -> dict:
     """Block timings, the fitted sustained FLOP/s, and whole-step predictions against measurements (``causal_lm``: the
-    model as a causal LM trained on instruction responses)."""
+    model as a causal LM trained on instruction responses; ``device``, ``precision``: as engine.device and engine.precision)."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    model = SharedModel.build(model_name, num_labels=2, causal_lm=causal_lm)
+    place = resolve_device(device, "--device")
+    compute = resolve_precision(precision, place)
+    model = SharedModel.build(model_name, num_labels=2, causal_lm=causal_lm, compute_dtype=compute)
     config = Config(data={"format": "instruct" if causal_lm else "classification", "task": "instructions" if causal_lm else "sst2"})
     objective = objective_for(config, () if causal_lm else ("0", "1"), model.tokenizer)
     spec_layout = AdapterLayout.uniform_lora(model.info.num_blocks, rank)
     model.add_adapters(spec_layout, lora_alpha=2.0 * rank, lora_dropout=0.0)
+    model.to(place)
     model.module.train()
     spec = ModelSpec.of(model)
     blocks = measure_blocks(model, objective, spec, rank)
@@ -191,6 +211,9 @@ def calibrate(model_name: str = "minilm-l6", rank: int = 8, threads: int = 0, ca
         "model": model_name,
         "objective": "instruct" if causal_lm else "classification",
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(place) if place.type == "cuda" else "cpu",
+        "device_memory_gb": torch.cuda.get_device_properties(place).total_memory / 1e9 if place.type == "cuda" else None,
+        "precision": str(compute).removeprefix("torch."),
         "flops_per_s": flops_per_s,
         "blocks": rows(blocks),
         "steps": rows(steps),

@@ -71,12 +71,15 @@ def save_host_profile(profile: DeviceProfile) -> str:
 
 
 def host_profile_from(calibration: dict) -> DeviceProfile:
-    """This machine as a device: the measured sustained rate, most of its memory, a LAN link (edit the file to change)."""
+    """This machine as a device: the measured sustained rate, most of its memory (its GPU's, when calibrated on one), a LAN
+    link (edit the file to change)."""
+    memory_gb = calibration.get("device_memory_gb") or host_memory_gb()
+    where = f"{calibration['threads']} threads" if calibration.get("device", "cpu") == "cpu" else calibration["device"]
     return DeviceProfile(
-        peak_flops=calibration["flops_per_s"], efficiency=1.0, memory_gb=round(0.8 * host_memory_gb(), 1),
+        peak_flops=calibration["flops_per_s"], efficiency=1.0, memory_gb=round(0.8 * memory_gb, 1),
         uplink_mbps=100.0, downlink_mbps=100.0, bandwidth_sigma=0.2, storage_gb=round(0.1 * shutil.disk_usage(Path.home()).free / 1e9, 1),  # a tenth of the free disk
         storage_mb_s=500.0,  # an SSD, assumed: edit the file to change
-        source=f"legend calibrate: {calibration['model']} blocks on {calibration['threads']} threads, {time.strftime('%Y-%m-%d')}",
+        source=f"legend calibrate: {calibration['model']} blocks on {where}, {calibration.get('precision', 'float32')}, {time.strftime('%Y-%m-%d')}",
     )
 
 

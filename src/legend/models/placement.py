@@ -12,25 +12,28 @@ import torch
 from legend.errors import LegendError
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto': the first CUDA device when torch sees one, else the CPU; 'cpu', 'cuda' or 'cuda:N' as asked, if present."""
+def resolve_device(name: str, setting: str = "engine.device") -> torch.device:
+    """'auto': the first CUDA device when torch sees one, else the CPU; 'cpu', 'cuda' or 'cuda:N' as asked, if present.
+    ``setting``: what the user set, as the error line names it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise LegendError(f"engine.device '{name}' is not a device: use auto, cpu, cuda or cuda:N")
+        raise LegendError(f"{setting} '{name}' is not a device: use auto, cpu, cuda or cuda:N")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise LegendError(f"engine.device '{name}' but this torch sees no CUDA device ({torch.__version__}): use engine.device=cpu (or auto), "
+            raise LegendError(f"{setting} '{name}' but this torch sees no CUDA device ({torch.__version__}): use {setting}=cpu (or auto), "
                               "or install a CUDA build of torch (pytorch.org/get-started/locally)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise LegendError(f"engine.device '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise LegendError(f"{setting} '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """'auto': bfloat16 where the hardware multiplies it natively (a CUDA GPU that supports it; a CPU with AVX-512 BF16
     or AMX), float16 (with loss scaling) on an older GPU, else float32; 'float32', 'bfloat16' and 'float16' as asked."""
+    if name not in ("float32", "bfloat16", "float16", "auto"):
+        raise LegendError(f"precision '{name}' is not one: use float32, bfloat16, float16 or auto")
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
