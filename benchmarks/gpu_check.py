@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_clients import TimedInProcess  # noqa: E402
+from parallel_clients import TimedInProcess
 
-from legend.config import load_config  # noqa: E402
-from legend.engine.checkpoint import CHECKPOINT  # noqa: E402
-from legend.engine.simulation import build_experiment, run_experiment  # noqa: E402
-from legend.errors import LegendError  # noqa: E402
-from legend.records import read_metrics  # noqa: E402
+from legend.config import load_config
+from legend.engine.checkpoint import CHECKPOINT
+from legend.engine.simulation import build_experiment, run_experiment
+from legend.errors import LegendError
+from legend.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART, INSTRUCT = ROOT / "configs" / "quickstart.toml", ROOT / "configs" / "instruct-sst2.toml"
