@@ -10,14 +10,17 @@ each in a fresh process timed from its start to its exit (start-up included: use
 
 - ours: the embedded engine (``run_experiment``, as ``legend run`` calls it);
 - naive: what most research code does (this file, ``--variant naive``): the model rebuilt from its
-  files for each client and for each evaluation, every batch padded to 128 tokens, random batches,
-  no cache; the same sampling, the same strategy objects plan and aggregate;
+  files for each client and for each evaluation, every batch padded to ``data.max_length``, random
+  batches, no cache; otherwise the engine's work: the same sampling, batches, AdamW settings and
+  truncation, the same strategy objects plan and aggregate, and the same capacity observations (the
+  virtual clock's report of each update), so LEGEND plans from the same estimates;
 - flower-sim: legend's own Flower ServerApp and ClientApp under Flower's simulation runtime
   (``legend deploy simulation``: a SuperLink in simulation mode, Ray actors as SuperNodes, Flower's
   default 2 CPUs per client).
 
 Then, from our runs: ``overhead_fraction`` (1 - seconds in forward and backward passes / seconds of
-the round loop, checkpoints included), ``mfu`` (training FLOPs actually executed, from the cost model
+the round loop, checkpoints included), ``majority_rate`` (the test split's most common label: every final
+accuracy must lie above it, or the runs learnt nothing and their equal accuracy proves nothing), ``mfu`` (training FLOPs actually executed, from the cost model
 less what the frozen-prefix cache skipped, over the seconds of local training, over this machine's
 float32 matmul FLOP/s measured here) and ``rss_ratio_1000_vs_10``: the peak memory of ``legend run``
 with 1,000 clients over one with 10, for FedSA-LoRA (the strategy that keeps per-client tensors
@@ -96,8 +99,8 @@ def run_ours(overrides: list[str], out: Path) -> dict:
             "train_flops": flops, "final_accuracy": rows[-1]["accuracy"]}
 
 
-def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
-    """Rebuild the model per client and per evaluation, pad every batch to ``pad_to``, random batches, no cache."""
+def run_naive(overrides: list[str]) -> dict:
+    """Rebuild the model per client and per evaluation, pad every batch to data.max_length, random batches, no cache."""
     import numpy as np
     import torch
 
@@ -106,14 +109,14 @@ def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
     from legend.data import load_task, subsample
     from legend.data.table import column
     from legend.engine.client import derived_seed, local_step_count, training_batches
-    from legend.engine.simulation import build_experiment, device_view, sample_clients
+    from legend.engine.simulation import _received, build_experiment, device_view, sample_clients
     from legend.models.shared import SharedModel
 
     config = load_config(BASE, [*overrides, "engine.cache_mb=0", "train.group_by_length=false"])
     torch.set_num_threads(config.engine.threads or os.cpu_count())
     exp = build_experiment(config)  # the split, the strategy and its capacity estimates: legend's algorithm, naive execution
     task = subsample(load_task(config.data), config.data, config.seed)
-    tokenizer = exp.model.tokenizer
+    tokenizer, pad_to = exp.model.tokenizer, config.data.max_length
     train, test = (tokenizer(column(t, "text"), padding="max_length", truncation=True, max_length=pad_to, return_tensors="pt") for t in (task.train, task.test))
     train_labels, test_labels = torch.tensor(column(task.train, "label")), torch.tensor(column(task.test, "label"))
 
@@ -129,7 +132,7 @@ def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
         model = rebuilt()
         model.load(plan.weights)  # the benchmarked strategies keep nothing on the device
         params = model.set_trainable(plan.layout)
-        optimizer = torch.optim.AdamW(params, lr=plan.lr)
+        optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=config.train.weight_decay)
         indices = exp.partitions[plan.client]
         rng = np.random.default_rng(derived_seed(config.seed, round_number, plan.client))
         model.module.train()
@@ -155,10 +158,15 @@ def run_naive(overrides: list[str], pad_to: int = 128) -> dict:
     started = time.perf_counter()
     for round_number in range(1, config.fl.rounds + 1):
         clients = sample_clients(config.seed, round_number, exp.fleet.available(round_number, config.seed), config.fl.clients_per_round)
-        plans = exp.strategy.plan(round_number, clients, state, device_view(exp, round_number, clients)[1])
-        state = exp.strategy.aggregate(round_number, state, [train_client(plans[c], round_number) for c in clients])
+        batches, view = device_view(exp, round_number, clients)
+        plans = exp.strategy.plan(round_number, clients, state, view)
+        updates = [train_client(plans[c], round_number) for c in clients]
+        for c, update in zip(clients, updates, strict=True):  # what the engine's capacity estimates learn from each update
+            exp.capacity.observe(c, _received(exp, round_number, plans[c], view.workload[c], batches[c], update)[0].metrics)
+        state = exp.strategy.aggregate(round_number, state, updates)
         final = accuracy(state)
-    return {"loop_s": time.perf_counter() - started, "final_accuracy": final}
+    majority = float(test_labels.bincount().max()) / len(test_labels)
+    return {"loop_s": time.perf_counter() - started, "final_accuracy": final, "majority_rate": majority}
 
 
 # --- the run of the benchmark ----------------------------------------------------------------------
@@ -243,6 +251,12 @@ def report(results: dict, rounds: int) -> dict:
         "rss_gb_10_clients": results["rss", 10],
         "rss_gb_1000_clients": results["rss", 1000],
     }
+    majority = results["legend", "naive"]["majority_rate"]
+    learnt = all(results[strategy, variant]["final_accuracy"] > majority for strategy in STRATEGIES for variant in ("ours", "naive", "flower-sim"))
+    summary.update(majority_rate=majority, all_above_majority=float(learnt))
+    if not learnt:
+        print(f"\nWARNING: a final accuracy is at or below the majority rate {majority:.4f}: the runs learnt nothing, so equal accuracy proves "
+              "nothing; give more --rounds", file=sys.stderr)
     print()
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}))
     return summary
