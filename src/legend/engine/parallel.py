@@ -70,8 +70,8 @@ class StackedClients:
         self.model, self.tensors = model, tensors
         self.sizes: list[tuple[int, int]] = []  # (client index, rows) of the current step, in batch order
         keys = tensors[0].keys()
-        self.lora = {name: model.module.get_submodule(name) for name, pair in lora_modules(keys).items()}
-        self.factor_keys = lora_modules(keys)
+        self.factor_keys = lora_modules(keys)  # adapted module -> (its A, its B)
+        self.lora = {name: model.module.get_submodule(name) for name in self.factor_keys}
         self.heads = sorted({key.rpartition(".")[0] for key in keys if model.is_head(key)})
         for name in self.heads:
             if not isinstance(model.module.get_submodule(name), nn.Linear):
@@ -160,9 +160,9 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
             step_started = time.perf_counter()
             with forward_passes(model, rows, prefix):
                 sums, counts = objective.row_losses(model.module, model.on_device(data.batch(rows)))
-            total = 0
-            for (k, _), row_sums, row_counts in zip(group.sizes, sums.split([n for _, n in group.sizes]), counts.split([n for _, n in group.sizes]), strict=True):
-                loss = row_sums.sum() / row_counts.sum()
+            total, sizes = 0, [rows for _, rows in group.sizes]
+            for k, row_sums, row_counts in zip(active, sums.split(sizes), counts.split(sizes), strict=True):
+                loss = row_sums.sum() / row_counts.sum()  # the client's own mean, as one-by-one training computes it
                 losses[k].append(loss.item())
                 if (extra := device.extra_loss(views[k], work[k].plan)) is not None:
                     loss = loss + extra
