@@ -23,7 +23,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
 # MiniLM-L6's sizes (tests/test_devices.py reads them from the real model)
 H, FFN = 384, 1536
-SPEC = ModelSpec(num_blocks=6, hidden=H, heads=12, ffn=FFN, attention_width=H, block_linear_params=4 * H * H + 2 * H * FFN,
+SPEC = ModelSpec(num_blocks=6, hidden=H, heads=12, ffn=FFN, attention_width=H, block_linear_params=4 * H * H + 2 * H * FFN, input_projection_params=3 * H * H,
                  lora_features=2 * (H + H), outside_linear_params=H * H + 2 * H, output_features=2, frozen_output=False, total_params=22_713_986, head_params=2 * H + 2, bias_params=0)
 GLOBAL = (2, 5, 8, 10, 13, 16)  # legend.ranks = "linear" from 2 to 16
 
