@@ -8,7 +8,7 @@ from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
 from legend.engine.checkpoint import CHECKPOINT
-from legend.engine.prefix_cache import training_reuse
+from legend.engine.prefix_cache import PrefixCache, training_reuse
 from legend.engine.simulation import build_experiment, run_experiment
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
@@ -64,6 +64,20 @@ def test_eviction_and_spilling_leave_the_result_bit_identical(tmp_path):
     evicting, _ = trained_adapter(tmp_path, "evicting", cache_mb=0.05)  # ~10 examples fit
     spilling, _ = trained_adapter(tmp_path, "spilling", cache_mb=0.05, cache_spill_dir=str(tmp_path))
     assert all(torch.equal(roomy[k], evicting[k]) and torch.equal(roomy[k], spilling[k]) for k in roomy)
+
+
+def test_a_device_tier_before_host_memory_leaves_the_result_bit_identical(tmp_path):
+    """engine.cache_device_mb's tier (on a GPU its memory; here the CPU's, the same logic): the most recently used
+    examples there, the rest in host memory and the spill file, as the run moves them back and forth."""
+    roomy, _ = trained_adapter(tmp_path, "roomy")
+    config = load_config(QUICKSTART, tiny_overrides(**LEGEND_ONE_ROUND))
+    exp = build_experiment(config)
+    exp.prefix = PrefixCache(exp.model, exp.prefix.boundary, 0.05, config.engine.cache_dtype, str(tmp_path), trains=True, device_limit_mb=0.03)
+    run_experiment(config, tmp_path / "tiered", experiment=exp)
+    tiered = torch.load(tmp_path / "tiered" / CHECKPOINT, weights_only=True)["global_state"]
+    assert all(torch.equal(roomy[k], tiered[k]) for k in roomy)
+    assert exp.prefix.on_device and exp.prefix.entries and exp.prefix.spilled  # every tier held examples
+    assert exp.prefix.device_bytes <= 0.03 * 2**20 and exp.prefix.bytes <= 0.05 * 2**20
 
 
 def test_training_reads_the_cache_only_when_examples_come_back_often_enough():

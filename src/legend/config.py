@@ -171,6 +171,8 @@ class DevicesConfig(Section):
 class EngineConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores)")
     cache_mb: float = Field(1024.0, ge=0, description="memory for the frozen-prefix cache: each example's hidden states below the lowest block any client trains, computed once (0 = off)")
+    cache_device_mb: float = Field(2048.0, ge=0, description="on a GPU: the frozen-prefix cache's first tier, in GPU memory (read without a copy); "
+                                                          "engine.cache_mb of host memory after it (ignored on the CPU)")
     cache_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype the frozen-prefix cache stores hidden states in")
     cache_spill_dir: str = Field("", description="folder for frozen-prefix cache entries evicted from memory (empty: evicted entries are recomputed)")
     device: str = Field("auto", description="where the shared model trains and evaluates: 'auto' (the first CUDA GPU torch sees, else the CPU), 'cpu', 'cuda' or 'cuda:N'; states, aggregation and the wire stay on the CPU")

@@ -10,9 +10,10 @@ deterministic with the cache as without (resume, eviction and Flower nodes with 
 the same numbers), and differs from an uncached run only by the rounding of the stored dtype.
 
 Computing an example alone costs about three times its share of a batched pass, so training reads the
-cache only when examples come back often enough to repay it (``training_reuse``). Least recently used
-examples leave memory past ``engine.cache_mb``; they go to a file in ``engine.cache_spill_dir`` when
-one is set, else they are recomputed when next needed. A Flower node whose device keeps its activations
+cache only when examples come back often enough to repay it (``training_reuse``). On a GPU the most
+recently used examples stay in its memory, up to ``engine.cache_device_mb``, and a batch of them is read
+there without a copy; the least recently used move to host memory, up to ``engine.cache_mb``, and leave it
+for a file in ``engine.cache_spill_dir`` when one is set, else they are recomputed when next needed. A Flower node whose device keeps its activations
 (``devices.activation_cache``) keeps them in a file of its own instead (``keep_on_disk``), which the next
 process of the node finds again.
 """
@@ -48,9 +49,14 @@ Key = tuple[str, int]  # (split name, example index)
 
 
 class PrefixCache:
-    def __init__(self, model: SharedModel, boundary: int, limit_mb: float, dtype: str, spill_dir: str = "", trains: bool = True):
-        """``trains``: whether training reads it (not with dropout in the skipped blocks, nor without enough reuse: ``training_reuse``)."""
+    def __init__(self, model: SharedModel, boundary: int, limit_mb: float, dtype: str, spill_dir: str = "", trains: bool = True,
+                 device_limit_mb: float = 0.0):
+        """``trains``: whether training reads it (not with dropout in the skipped blocks, nor without enough reuse: ``training_reuse``).
+        ``device_limit_mb``: the tier in the model's device memory, before ``limit_mb`` of host memory (0: none)."""
         self.model, self.boundary, self.trains = model, boundary, trains
+        self.device_limit = int(device_limit_mb * 2**20)
+        self.on_device: OrderedDict[Key, torch.Tensor] = OrderedDict()  # the device tier, least recently used first
+        self.device_bytes = 0
         self.limit = int(limit_mb * 2**20)
         self.dtype = DTYPES[dtype]
         self.entries: OrderedDict[Key, torch.Tensor] = OrderedDict()  # in memory, least recently used first
@@ -82,7 +88,7 @@ class PrefixCache:
             found.update(self._compute(data, [int(i) for i in rows] if fixed_batches else missing, alone=not fixed_batches))
             for i in missing:
                 self._store((split, i), found[i])
-        out = torch.zeros(len(rows), int(data.lengths[rows].max()), self.model.info.hidden_size)
+        out = torch.zeros(len(rows), int(data.lengths[rows].max()), self.model.info.hidden_size, device=self.model.device)
         for j, index in enumerate(rows):
             entry = found[int(index)]
             out[j, : len(entry)] = entry
@@ -118,6 +124,8 @@ class PrefixCache:
         return {"boundary": self.boundary, "dtype": str(self.dtype), "hidden": self.model.info.hidden_size}
 
     def clear(self) -> None:
+        self.on_device.clear()
+        self.device_bytes = 0
         self.entries.clear()
         self.spilled.clear()
         self.bytes = self.spill_bytes = 0
@@ -135,18 +143,41 @@ class PrefixCache:
         return out
 
     def _lookup(self, key: Key) -> torch.Tensor | None:
+        entry = self.on_device.get(key)
+        if entry is not None:
+            self.on_device.move_to_end(key)
+            return entry
         entry = self.entries.get(key)
+        if entry is not None and self.device_limit:  # back to the device tier, as the most recently used
+            del self.entries[key]
+            self.bytes -= entry.nbytes + ENTRY_OVERHEAD
+            return self._store(key, entry)
         if entry is not None:
             self.entries.move_to_end(key)
             return entry
         entry = self._read_spilled(key)
         if entry is not None:
-            self._store(key, entry)  # back in memory, as the most recently used
+            entry = self._store(key, entry)  # back in memory, as the most recently used
         return entry
 
-    def _store(self, key: Key, entry: torch.Tensor) -> None:
+    def _store(self, key: Key, entry: torch.Tensor) -> torch.Tensor:
+        """Keep a (host) entry: in the device tier when there is one (its least recently used moving to host memory),
+        else in host memory. Returns the entry where it is kept."""
         if self.index is not None and key[0] == "train":  # kept on disk: written through
             self._write_spilled(key, entry)
+        size = entry.nbytes + ENTRY_OVERHEAD
+        if not self.device_limit or size > self.device_limit:
+            self._store_on_host(key, entry)
+            return entry
+        while self.device_bytes + size > self.device_limit:
+            old_key, old = self.on_device.popitem(last=False)
+            self.device_bytes -= old.nbytes + ENTRY_OVERHEAD
+            self._store_on_host(old_key, old.to("cpu"))
+        self.on_device[key] = entry.to(self.model.device)
+        self.device_bytes += size
+        return self.on_device[key]
+
+    def _store_on_host(self, key: Key, entry: torch.Tensor) -> None:
         size = entry.nbytes + ENTRY_OVERHEAD
         if size > self.limit:
             return

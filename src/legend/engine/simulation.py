@@ -167,7 +167,8 @@ def build_experiment(config: Config) -> Experiment:
     prefix = None
     if boundary > 0 and engine.cache_mb > 0:  # and for training: no dropout in the skipped blocks, and enough reuse to repay it
         trains = config.model.dropout == 0.0 and training_reuse(config, len(train)) >= MIN_TRAINING_REUSE
-        prefix = PrefixCache(model, boundary, engine.cache_mb, engine.cache_dtype, engine.cache_spill_dir, trains)
+        prefix = PrefixCache(model, boundary, engine.cache_mb, engine.cache_dtype, engine.cache_spill_dir, trains,
+                             engine.cache_device_mb if model.device.type == "cuda" else 0.0)
     return Experiment(
         config=config,
         model=model,
