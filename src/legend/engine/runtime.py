@@ -141,9 +141,10 @@ class InProcess:
     def train(self, exp: Experiment, jobs: list[Job]) -> dict[int, Update | str]:
         faults = {job.plan.client: self._faults(exp, job) for job in jobs}
         running = [job for job in jobs if not isinstance(faults[job.plan.client], str)]
-        alone = [job for job in running if self.parallel_clients == 1 or faults[job.plan.client].crash_at_step is not None
-                 or faults[job.plan.client].flips]
-        together = [job for job in running if job not in alone]
+        trains_alone = {job.plan.client for job in running if self.parallel_clients == 1 or faults[job.plan.client].crash_at_step is not None
+                        or faults[job.plan.client].flips}
+        alone = [job for job in running if job.plan.client in trains_alone]
+        together = [job for job in running if job.plan.client not in trains_alone]
         results: dict[int, Update | str] = {client: fault for client, fault in faults.items() if isinstance(fault, str)}
         for start in range(0, len(together), self.parallel_clients):
             group = together[start : start + self.parallel_clients]
