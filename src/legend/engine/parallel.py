@@ -29,7 +29,7 @@ from legend.engine.prefix_cache import PrefixView
 from legend.errors import LegendError
 from legend.lora.layout import LORA_FACTOR, lora_modules
 from legend.models.placement import peak_memory_mb, reset_peak_memory
-from legend.models.shared import SharedModel, cpu_copy
+from legend.models.shared import SharedModel, fill_leading
 from legend.objectives import Objective
 from legend.strategies.base import DeviceSide
 
@@ -56,11 +56,11 @@ class ClientView:
         return getattr(self._model, name)
 
 
-def per_client_keys(model: SharedModel, keys) -> list[str]:
+def per_client_keys(model: SharedModel) -> list[str]:
     """Tensors each client of a group holds its own copy of: LoRA factors and the head (those its plan leaves out,
     FFA-LoRA's frozen A, from the shared model). Every other tensor of the plans is the same global one for all of
     them and stays in the shared model."""
-    return [key for key in keys if LORA_FACTOR.search(key) or model.is_head(key)]
+    return [key for key in model.params if LORA_FACTOR.search(key) or model.is_head(key)]
 
 
 class StackedClients:
@@ -119,14 +119,14 @@ class StackedClients:
 
 
 def _own_tensors(model: SharedModel, state: State, keys: list[str], trained: set[str]) -> dict[str, torch.Tensor]:
-    """A client's copy of ``keys`` at the shared model's full shapes (a cut LoRA factor fills the leading rows or
-    columns, zeros elsewhere, as ``SharedModel.load``), trainable where its layout trains."""
+    """A client's copy of ``keys`` at the shared model's full shapes (filled as ``SharedModel.load`` fills them),
+    trainable where its layout trains."""
     tensors = {}
     for key in keys:
         param = model.params[key]
-        tensor = torch.zeros_like(param)
-        value = state.get(key, param.detach())
-        tensor[tuple(slice(0, n) for n in value.shape)] = value.to(param.device)
+        tensor = torch.empty_like(param)
+        with torch.no_grad():
+            fill_leading(tensor, state.get(key, param.detach()))
         tensors[key] = tensor.requires_grad_(key in trained)
     return tensors
 
@@ -136,7 +136,7 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
     """``train_client`` for several clients at once: each client's update, in the order of ``work``."""
     device = device or DeviceSide()
     states = [{**w.plan.weights, **w.own} for w in work]
-    stacked = per_client_keys(model, model.params)
+    stacked = per_client_keys(model)
     shared = {key: value for key, value in states[0].items() if key not in stacked}
     for state in states[1:]:
         if any(not torch.equal(state[key], value) for key, value in shared.items() if key in state):
@@ -178,7 +178,7 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
                    FORWARD_BACKWARD_S: forward_backward_s / len(work), "steps": len(losses[k]), PEAK_MEMORY_MB: peak_mb}
         with torch.no_grad():
             metrics.update(device.report(views[k], w.plan))
-        trained = {key: cpu_copy(tensors[k][key].detach()[tuple(slice(0, n) for n in shape)]) for key, shape in model.device_shapes(w.plan.layout).items()}
+        trained = model.read(w.plan.layout, views[k].params)
         sent = {key: value for key, value in trained.items() if key not in w.own}
         kept = {key: value for key, value in trained.items() if key in w.own}
         updates.append(Update(w.plan.client, sent, w.num_samples, metrics, kept, w.own))

@@ -166,9 +166,11 @@ class SharedModel:
         """Shape on the device of every tensor this layout trains (LoRA factors cut to its ranks)."""
         return {key: tuple(layout.device_shape(key, self._block[key], self.params[key].shape)) for key in self.keys(layout)}
 
-    def read(self, layout: AdapterLayout) -> State:
-        """Copies of the tensors this layout trains, cut to the layout's shapes."""
-        return {key: cpu_copy(self.params[key].detach()[tuple(slice(0, n) for n in shape)]) for key, shape in self.device_shapes(layout).items()}
+    def read(self, layout: AdapterLayout, params: dict[str, torch.Tensor] | None = None) -> State:
+        """Copies of the tensors this layout trains, cut to the layout's shapes (from ``params``: one client's own copies
+        of them when several train at once, ``engine/parallel.py``; default the model's)."""
+        params = params or self.params
+        return {key: cpu_copy(params[key].detach()[tuple(slice(0, n) for n in shape)]) for key, shape in self.device_shapes(layout).items()}
 
     def base_weights(self, modules) -> State:
         """Copies of the frozen weights W of these LoRA-adapted modules (strategies that merge into W make them global state)."""
@@ -181,11 +183,7 @@ class SharedModel:
             param = self.params.get(key)
             if param is None:
                 raise KeyError(f"tensor '{key}' is not part of the model")
-            if param.shape == value.shape:
-                param.copy_(value)
-            else:
-                param.zero_()
-                param[tuple(slice(0, n) for n in value.shape)].copy_(value)
+            fill_leading(param, value)
 
     def frozen_prefix(self, changing: Sequence[str]) -> int:
         """How many blocks lie below every tensor in ``changing`` (0 when one of them is an embedding): the
@@ -252,6 +250,15 @@ class SharedModel:
         for key, param in self.params.items():
             param.requires_grad_(key in keys)
         return [self.params[k] for k in self.params if k in keys]
+
+
+def fill_leading(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into ``target`` in place; a LoRA factor cut to a smaller rank fills the leading rows/columns, zeros the rest."""
+    if target.shape == value.shape:
+        target.copy_(value)
+    else:
+        target.zero_()
+        target[tuple(slice(0, n) for n in value.shape)].copy_(value)
 
 
 def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
