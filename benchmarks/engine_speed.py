@@ -131,7 +131,7 @@ def run_naive(overrides: list[str]) -> dict:
     def train_client(plan, round_number: int) -> Update:
         model = rebuilt()
         model.load(plan.weights)  # the benchmarked strategies keep nothing on the device
-        params = model.set_trainable(plan.layout)
+        params = list(model.set_trainable(plan.layout).values())
         optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=config.train.weight_decay)
         indices = exp.partitions[plan.client]
         rng = np.random.default_rng(derived_seed(config.seed, round_number, plan.client))

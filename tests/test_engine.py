@@ -73,6 +73,21 @@ def test_training_changes_the_global_adapter(tmp_path):
     assert len(moved) == len(initial)  # every LoRA factor and the head were trained and averaged
 
 
+@pytest.mark.parametrize("strategy", ["fedit", "legend"])
+def test_a_head_learning_rate_of_zero_keeps_the_head_and_trains_the_adapters(tmp_path, strategy):
+    """train.head_lr_ratio=0 (FedBABU's frozen head): the head stays as initialised while the adapters move (a step of
+    lr 3e-3 would move it by about 1e-3; LEGEND's weighted mean of equal heads rounds in the last bit)."""
+    run_tiny(tmp_path, **{"fl.rounds": 1, "train.head_lr_ratio": 0, "strategy.name": strategy})
+    exp = build_experiment(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": strategy})))
+    initial = exp.strategy.initial_state(exp.model)
+    trained = torch.load(tmp_path / CHECKPOINT, weights_only=True)["global_state"]
+    moved = {k for k in initial if not torch.allclose(initial[k], trained[k], rtol=0, atol=1e-6)}
+    heads = {k for k in initial if exp.model.is_head(k)}
+    assert heads and moved and not moved & heads
+    if strategy == "fedit":  # every device trains every block
+        assert moved == set(initial) - heads
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_summary(tmp_path):
     overrides = tiny_overrides(**{"fl.rounds": 5})
     uninterrupted = run_experiment(load_config(QUICKSTART, overrides), tmp_path / "whole")

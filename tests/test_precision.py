@@ -53,8 +53,8 @@ def test_float16_loss_scaling_keeps_gradients_float16_would_flush_to_zero(scaled
     """A float32 loss whose gradient (1e-8) lies below float16's smallest number: the float16 backward of the matrix
     multiply flushes it to zero, unless the loss is scaled first (then unscaled before the step)."""
     weight, x = torch.ones(8, 8, requires_grad=True), torch.ones(4, 8)
-    half = SimpleNamespace(device=torch.device("cpu"), compute_dtype=torch.float16)
-    optimizer = LocalOptimizer([weight], 1e-3, SimpleNamespace(max_grad_norm=1.0, weight_decay=0.0), half)
+    half = SimpleNamespace(device=torch.device("cpu"), compute_dtype=torch.float16, is_head=lambda key: False)
+    optimizer = LocalOptimizer({"weight": weight}, 1e-3, SimpleNamespace(max_grad_norm=1.0, weight_decay=0.0, head_lr_ratio=1.0), half)
     with torch.autocast("cpu", dtype=torch.float16):
         loss = ((x @ weight).float() * 1e-8).sum()
     (optimizer.scaled(loss) if scaled else loss).backward()

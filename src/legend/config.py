@@ -121,6 +121,8 @@ class TrainConfig(Section):
     local_steps: int = Field(10, ge=0, description="local optimizer steps per round (ignored when local_epochs > 0)")
     local_epochs: int = Field(0, ge=0, description="local epochs per round instead of a fixed step count")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    head_lr_ratio: float = Field(1.0, ge=0, description="the classification head's learning rate as a share of train.lr (0: the head keeps its random "
+                                                     "initialisation, as FedBABU does: under label skew each client would otherwise pull it to its own labels)")
     max_grad_norm: float = Field(1.0, ge=0, description="clip the local gradient norm (0 = off)")
     group_by_length: bool = Field(True, description="batch examples of similar length together (less padding), as Hugging Face's Trainer does")
 

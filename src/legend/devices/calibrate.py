@@ -116,7 +116,7 @@ def _train_step(model: SharedModel, objective: Objective, params, optimizer, bat
 def measure_blocks(model: SharedModel, objective: Objective, spec: ModelSpec, rank: int) -> list[Timing]:
     """Median seconds per block forward and backward (LoRA of ``rank`` on every block), per batch shape."""
     layout = AdapterLayout.uniform_lora(spec.num_blocks, rank)
-    params = model.set_trainable(layout)
+    params = list(model.set_trainable(layout).values())
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     timer = BlockTimer(model.module.get_submodule(model.blocks_prefix))
     timings = []
@@ -162,7 +162,7 @@ def measure_steps(model: SharedModel, objective: Objective, spec: ModelSpec, ran
     seconds: dict[str, list[float]] = {name: [] for name in layouts}
     for repeat in range(STEP_REPEATS + 1):
         for name, layout in layouts.items():
-            params = model.set_trainable(layout)
+            params = list(model.set_trainable(layout).values())
             started = time.perf_counter()
             _train_step(model, objective, params, optimizers[name], batch)
             _wait_for(model)

@@ -144,7 +144,7 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
     model.load(shared)
     model.freeze()  # nothing of the shared model trains in a group: the clients' own tensors do
     tensors = [_own_tensors(model, state, stacked, set(model.keys(w.plan.layout))) for w, state in zip(work, states, strict=True)]
-    optimizers = [LocalOptimizer([t for t in own.values() if t.requires_grad], w.plan.lr, cfg, model) for own, w in zip(tensors, work, strict=True)]
+    optimizers = [LocalOptimizer({k: t for k, t in own.items() if t.requires_grad}, w.plan.lr, cfg, model) for own, w in zip(tensors, work, strict=True)]
     views = [ClientView(model, own) for own in tensors]
     group = StackedClients(model, tensors)
     torch.manual_seed(seed)  # dropout: one draw for the group

@@ -245,11 +245,11 @@ class SharedModel:
         for param in self.params.values():
             param.requires_grad_(False)
 
-    def set_trainable(self, layout: AdapterLayout) -> list[nn.Parameter]:
+    def set_trainable(self, layout: AdapterLayout) -> dict[str, nn.Parameter]:
         keys = set(self.keys(layout))
         for key, param in self.params.items():
             param.requires_grad_(key in keys)
-        return [self.params[k] for k in self.params if k in keys]
+        return {k: param for k, param in self.params.items() if k in keys}
 
 
 def fill_leading(target: torch.Tensor, value: torch.Tensor) -> None:
