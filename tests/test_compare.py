@@ -79,3 +79,15 @@ def test_tune_picks_each_strategys_best_on_validation_and_compare_applies_it(tmp
         tune(load_config(QUICKSTART, tiny_overrides()), tmp_path / "novalidation", ["fedit"], grid, [0], "x")
     with pytest.raises(LegendError, match="--tuned has no settings for hetlora"):
         compare(config, tmp_path / "other", ["hetlora"], [0], "x", tuned=tuned)
+
+
+def test_the_relative_table_pairs_each_seed_with_the_same_seed():
+    """Mean speedup is the ratio of mean times; the range is over per-seed ratios, seed k against seed k."""
+    from legend.report.document import Runs, _relative
+
+    def runs(name, times, sent):
+        return Runs(name, [{"time_to_target_s": t, "bytes_to_target": b} for t, b in zip(times, sent, strict=True)], [])
+
+    lines = _relative([runs("legend", [10.0, 20.0], [1e6, 1e6]), runs("fedit", [20.0, 30.0], [2e6, 2e6])])
+    assert lines[2] == "| legend |  | 1.67x (per seed 1.50-2.00x), 50% fewer bytes |"
+    assert lines[3] == "| fedit | 0.60x (per seed 0.50-0.67x), 100% more bytes |  |"

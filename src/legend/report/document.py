@@ -92,17 +92,23 @@ def _relative(finished: list[Runs]) -> list[str]:
     names = [r.strategy for r in finished]
     reached = {r.strategy: (_mean([x["time_to_target_s"] for x in r.summaries]), _mean([x["bytes_to_target"] for x in r.summaries])) for r in finished}
     lines = ["| | " + " | ".join(f"vs {n}" for n in names) + " |", "|---|" + "---|" * len(names)]
+    times = {r.strategy: [x["time_to_target_s"] for x in r.summaries] for r in finished}
     for name in names:
         cells = []
         for other in names:
             (t, b), (t0, b0) = reached[name], reached[other]
-            cells.append("" if other == name else "-" if None in (t, b, t0, b0) else _relative_cell(t0 / t, 1 - b / b0))
+            if other == name or None in (t, b, t0, b0):
+                cells.append("" if other == name else "-")
+                continue
+            paired = [theirs / ours for ours, theirs in zip(times[name], times[other], strict=True)]  # the same seed: the same split and sampling
+            cells.append(_relative_cell(t0 / t, 1 - b / b0, paired))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _relative_cell(speedup: float, saved: float) -> str:
-    return f"{speedup:.2f}x, {abs(100 * saved):.0f}% {'fewer' if saved >= 0 else 'more'} bytes"
+def _relative_cell(speedup: float, saved: float, paired: list[float]) -> str:
+    per_seed = f" (per seed {min(paired):.2f}-{max(paired):.2f}x)" if len(paired) > 1 else ""
+    return f"{speedup:.2f}x{per_seed}, {abs(100 * saved):.0f}% {'fewer' if saved >= 0 else 'more'} bytes"
 
 
 def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float, has_layout: bool) -> str:
@@ -124,8 +130,8 @@ def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float,
               "Accuracy: mean ± standard deviation over seeds, on the test split. Time and bytes to target: the first evaluation at or above "
               f"the target on the {_target_split(finished)}, on the virtual clock of the devices, averaged over the seeds (shown only when every "
               "seed reached it). Virtual time and peak device memory are the cost model's estimates for the fleet's devices (`docs/devices.md`), not measurements.", "",
-              "## Relative to each other", "", "Row against column: the row's speedup in virtual time to target (the column's time over the row's), and the bytes it "
-              "sent to reach the target, against the column's.", "",
+              "## Relative to each other", "", "Row against column: the row's speedup in virtual time to target (the column's mean time over the row's; with "
+              "several seeds, the range of the per-seed speedups, each seed against the same seed), and the bytes it sent to reach the target, against the column's.", "",
               *_relative(finished), ""]
     for name, title in PLOTS.items():
         if name != "legend_layout.png" or has_layout:
