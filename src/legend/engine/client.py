@@ -70,9 +70,8 @@ class LocalOptimizer:
 
     def __init__(self, params: dict[str, torch.Tensor], lr: float, cfg: TrainConfig, model: SharedModel):
         self.params, self.max_grad_norm = list(params.values()), cfg.max_grad_norm
-        head = [tensor for key, tensor in params.items() if model.is_head(key)]
         groups = [{"params": [tensor for key, tensor in params.items() if not model.is_head(key)], "lr": lr},
-                  {"params": head, "lr": lr * cfg.head_lr_ratio}]
+                  {"params": [tensor for key, tensor in params.items() if model.is_head(key)], "lr": lr * cfg.head_lr_ratio}]
         self.optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(model.device.type, enabled=model.compute_dtype == torch.float16)
 

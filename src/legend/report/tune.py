@@ -6,7 +6,8 @@ run by run, and small enough on these settings that a sampler such as Optuna's w
 every seed, each run resumable in OUT/runs/<strategy>/<setting>-seed<k>. A setting's score is its
 validation accuracy (``data.val_size``) averaged over the run's last three evaluations, then over the
 seeds: under label skew accuracy swings a few points from one evaluation to the next, and one
-evaluation would pick that noise. The test split is never read to choose. OUT/tuned.json holds each strategy's best setting, which ``legend compare --tuned`` applies.
+evaluation would pick that noise. The test split is never read to choose. OUT/tuned.json holds each
+strategy's best setting, which ``legend compare --tuned`` applies.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from legend.config import Config, override_config
 from legend.errors import LegendError
+from legend.records import read_metrics
 
 TUNED = "tuned.json"
 PLAN = "tune.json"
@@ -87,8 +89,6 @@ def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[
 
 def score(run_dir: Path) -> float:
     """Mean validation accuracy of a finished run's last evaluations."""
-    from legend.records import read_metrics
-
     validated = [row["val_accuracy"] for row in read_metrics(run_dir) if row["round"] > 0 and row.get("val_accuracy") is not None]
     return sum(validated[-LAST_EVALUATIONS:]) / len(validated[-LAST_EVALUATIONS:])
 
