@@ -6,6 +6,7 @@ from legend.config import load_config
 from legend.engine.simulation import run_experiment
 from legend.errors import LegendError
 from legend.models import resolve_model
+from legend.models.resolve import _new_partial, _publish
 from tests.conftest import ROOT, tiny_overrides
 
 
@@ -17,6 +18,18 @@ def test_unknown_model_name_is_one_clear_error():
 def test_local_directory_is_used_as_is():
     packaged = resolve_model("minilm-l6")
     assert resolve_model(packaged) == packaged
+
+
+def test_two_processes_converting_one_model_keep_the_first_copy_and_neither_fails(tmp_path):
+    """Two runs started together both convert SmolLM2; the second to finish must not crash on the first's copy."""
+    target = tmp_path / "models" / "smollm2-135m"
+    first, second = _new_partial(target), _new_partial(target)
+    for partial, marker in ((first, "first"), (second, "second")):
+        (partial / "config.json").write_text(marker)
+    _publish(first, target)
+    _publish(second, target)
+    assert (target / "config.json").read_text() == "first"
+    assert list(target.parent.iterdir()) == [target]
 
 
 def test_smollm2_from_its_gguf_trains_a_round_of_fedit(tmp_path):

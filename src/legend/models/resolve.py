@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,8 +78,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     # dequantised floats: write them directly, without the LM head (tied to the embeddings, unused here).
     from safetensors.torch import save_file
 
-    partial = target.with_name(target.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = _new_partial(target)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
     save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
     config = model.config
@@ -86,4 +86,21 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         del config.quantization_config
     config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # the cache is complete or absent, never half-written
+    _publish(partial, target)
+
+
+def _new_partial(target: Path) -> Path:
+    """A folder of this process's own beside the target: two processes converting at once never write into one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}.partial-"))
+
+
+def _publish(partial: Path, target: Path) -> None:
+    """Move a finished conversion into place in one rename, so the cache is complete or absent, never
+    half-written; when another process published first, its copy stays and this one is dropped."""
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(partial)
