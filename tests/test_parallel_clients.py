@@ -26,10 +26,15 @@ def largest_difference(a, b):
 @pytest.mark.parametrize("strategy", ["fedit", "legend", "hetlora"])
 def test_four_clients_at_once_give_the_global_adapter_of_one_by_one(tmp_path, strategy):
     """Four clients per round (LEGEND's at their own depths and ranks, HetLoRA's at their ranks with its
-    regulariser), two rounds: every tensor of the global state within 1e-5, the same bytes and accuracy."""
+    regulariser), two rounds: every tensor of the global state within 1e-4, the same bytes and accuracy.
+
+    The bound is float rounding after AdamW, which divides by each gradient's running scale and so enlarges
+    rounding differences of small gradients: measured 1e-5 on an AMD EPYC, 2.6e-5 on an Intel Xeon with AMX.
+    A client trained on another's rows or with another's mask moves the adapters by the update's own size
+    (the B matrices, zero at the start, reach 6e-3 in these two rounds), 60x the bound."""
     overrides = tiny_overrides(**{"strategy.name": strategy, "fl.clients_per_round": 4})
     (alone, first), (together, second) = run(tmp_path / "one", 1, overrides), run(tmp_path / "four", 4, overrides)
-    assert largest_difference(first, second) < 1e-5
+    assert largest_difference(first, second) < 1e-4
     for key in ("bytes_up", "bytes_down", "virtual_time_s", "final_accuracy", "rounds"):
         assert together[key] == alone[key], key
 
