@@ -1,6 +1,7 @@
 """`legend compare` and `legend report` on the tiny real config: tables, plots and the rebuilt report."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -58,7 +59,7 @@ def test_compare_from_the_command_line_names_a_bad_strategy_before_running(tmp_p
 def test_tune_picks_each_strategys_best_on_validation_and_compare_applies_it(tmp_path):
     from legend.report.tune import parse_grid, read_tuned, tune
 
-    overrides = tiny_overrides(**{"data.val_size": 100, "fl.rounds": 4, "eval.every": 1})
+    overrides = tiny_overrides(**{"data.val_size": 100, "data.test_size": 32, "fl.rounds": 4, "eval.every": 1})
     config = load_config(QUICKSTART, overrides)
     grid = parse_grid(["train.lr=1e-4,1e-2"])
     result = tune(config, tmp_path / "tune", ["fedit", "legend"], grid, [0], "legend tune (test)")
@@ -70,6 +71,9 @@ def test_tune_picks_each_strategys_best_on_validation_and_compare_applies_it(tmp
     again = tune(config, tmp_path / "tune", ["fedit", "legend"], grid, [0], "legend tune (test)")  # finished runs are only re-read
     assert again == result
     tuned = read_tuned(tmp_path / "tune" / "tuned.json")
+    chosen = {name: ["1e-4", "1e-2"].index(tuned[name]["train.lr"]) for name in ("fedit", "legend")}
+    for name, index in chosen.items():  # the chosen tuning runs, reused as a user would: a run resumes only under its own config
+        shutil.copytree(tmp_path / "tune" / "runs" / name / f"setting{index}-seed0", tmp_path / "compare" / "runs" / f"{name}-seed0")
     report = compare(config, tmp_path / "compare", ["fedit", "legend"], [0], "legend compare --tuned (test)", tuned=tuned)
     for name in ("fedit", "legend"):  # each strategy ran with its own chosen learning rate
         saved = torch.load(tmp_path / "compare" / "runs" / f"{name}-seed0" / "checkpoint.pt", weights_only=True)["config"]
