@@ -105,15 +105,15 @@ def test_deploy_local_gives_the_embedded_result_and_stops_its_processes(tmp_path
     assert flower_processes() == []
 
 
-def test_secure_aggregation_gives_the_embedded_summary(tmp_path, strategy="legend"):
+def test_secure_aggregation_gives_the_embedded_summary(tmp_path):
     """flower.secure_aggregation: Flower's SecAgg+ between real processes; the server sums masked, quantised updates.
 
     LEGEND only: its devices send different depths and ranks, the harder case; FedIT's same-shaped updates go
     through the same messages in test_secure_aggregation.py, in one process (a deployment here costs 1-2 minutes)."""
-    run = deploy(tmp_path / "secure", **{"strategy.name": strategy, "flower.secure_aggregation": "true"})
+    run = deploy(tmp_path / "secure", **{"flower.secure_aggregation": "true"})  # THREE_NODES: LEGEND
     output, _ = run.communicate(timeout=540)
     assert run.returncode == 0, output
-    run_experiment(load_config(QUICKSTART, tiny_overrides(**{**THREE_NODES, "strategy.name": strategy})), tmp_path / "embedded")
+    run_experiment(load_config(QUICKSTART, tiny_overrides(**THREE_NODES)), tmp_path / "embedded")
     secure, embedded = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("secure", "embedded"))
     assert secure.keys() == embedded.keys()
     for key in secure.keys() - set(MEASURED):
