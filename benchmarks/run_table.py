@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from legend.records import read_metrics
-from legend.report.tune import LAST_EVALUATIONS
+from legend.report.tune import LAST_EVALUATIONS, validation_score
 
 
 def evaluations(run: Path) -> list[dict]:
@@ -26,11 +26,6 @@ def evaluations(run: Path) -> list[dict]:
         if row.get("val_accuracy") is not None:
             rows.append({**row, "mb": sent / 1e6})
     return rows
-
-
-def last_score(rows: list[dict]) -> float:
-    scored = [r["val_accuracy"] for r in rows if r["round"] > 0][-LAST_EVALUATIONS:]
-    return sum(scored) / len(scored)
 
 
 def main() -> None:
@@ -46,10 +41,10 @@ def main() -> None:
         hit = next((r for r in rows if r["val_accuracy"] >= args.target), None)
         reached = f"round {hit['round']}, {hit['virtual_time_s']:.1f} s, {hit['mb']:.1f} MB" if hit else \
             f"not reached (best {max(r['val_accuracy'] for r in rows):.3f})"
-        line = (f"{run}: to {args.target} {reached} | validation, last {LAST_EVALUATIONS} {last_score(rows):.3f} | "
+        line = (f"{run}: to {args.target} {reached} | validation, last {LAST_EVALUATIONS} {validation_score(rows):.3f} | "
                 f"final test {rows[-1]['accuracy']:.3f} | run {rows[-1]['virtual_time_s']:.1f} s, {rows[-1]['mb']:.1f} MB")
         if budget is not None:
-            line += f" | validation within {budget:.1f} s {last_score([r for r in rows if r['virtual_time_s'] <= budget]):.3f}"
+            line += f" | validation within {budget:.1f} s {validation_score([r for r in rows if r['virtual_time_s'] <= budget]):.3f}"
         print(line)
         if args.curves:
             print("  validation by round: " + " ".join(f"{r['round']}:{r['val_accuracy']:.3f}" for r in rows))

@@ -89,7 +89,12 @@ def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[
 
 def score(run_dir: Path) -> float:
     """Mean validation accuracy of a finished run's last evaluations."""
-    validated = [row["val_accuracy"] for row in read_metrics(run_dir) if row["round"] > 0 and row.get("val_accuracy") is not None]
+    return validation_score(read_metrics(run_dir))
+
+
+def validation_score(rows: list[dict[str, Any]]) -> float:
+    """Mean validation accuracy of the last evaluations among these metrics rows."""
+    validated = [row["val_accuracy"] for row in rows if row["round"] > 0 and row.get("val_accuracy") is not None]
     return sum(validated[-LAST_EVALUATIONS:]) / len(validated[-LAST_EVALUATIONS:])
 
 
