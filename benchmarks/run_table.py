@@ -1,5 +1,6 @@
-"""Per finished run: round, virtual seconds and MB to a validation target, the mean of the last three validation
-evaluations (what `legend tune` scores), the final test accuracy and the whole run's virtual seconds and MB.
+"""Per run: round, virtual seconds and MB to a validation target, the mean of the last three validation
+evaluations (what `legend tune` scores), the test accuracy, virtual seconds and MB at its last evaluation (the
+whole run's, once finished; a run still going says how far it got, one not yet evaluated is named and skipped).
 
 `legend report` averages over seeds and leaves a target out when one seed missed it; docs/results.md's per-seed
 tables need each run on its own. With --budget-of RUN it also gives each run's validation score within that run's
@@ -38,11 +39,15 @@ def main() -> None:
     budget = read_metrics(args.budget_of)[-1]["virtual_time_s"] if args.budget_of else None
     for run in args.runs:
         rows = evaluations(run)
+        if not any(r["round"] > 0 for r in rows):
+            print(f"{run}: no evaluation after round 0 yet")
+            continue
         hit = next((r for r in rows if r["val_accuracy"] >= args.target), None)
         reached = f"round {hit['round']}, {hit['virtual_time_s']:.1f} s, {hit['mb']:.1f} MB" if hit else \
             f"not reached (best {max(r['val_accuracy'] for r in rows):.3f})"
         line = (f"{run}: to {args.target} {reached} | validation, last {LAST_EVALUATIONS} {validation_score(rows):.3f} | "
-                f"final test {rows[-1]['accuracy']:.3f} | run {rows[-1]['virtual_time_s']:.1f} s, {rows[-1]['mb']:.1f} MB")
+                f"test at round {rows[-1]['round']} {rows[-1]['accuracy']:.3f} | "
+                f"run to round {rows[-1]['round']} {rows[-1]['virtual_time_s']:.1f} s, {rows[-1]['mb']:.1f} MB")
         if budget is not None:
             line += f" | validation within {budget:.1f} s {validation_score([r for r in rows if r['virtual_time_s'] <= budget]):.3f}"
         print(line)
