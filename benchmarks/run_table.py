@@ -1,6 +1,6 @@
 """Per run: round, virtual seconds and MB to a validation target, the mean of the last three validation
-evaluations (what `legend tune` scores), the test accuracy, virtual seconds and MB at its last evaluation (the
-whole run's, once finished; a run still going says how far it got, one not yet evaluated is named and skipped).
+evaluations (what `legend tune` scores), the last test accuracy and the virtual seconds and MB so far (the whole
+run's, once finished; a run still going says how far it got, one not yet evaluated is named and skipped).
 
 `legend report` averages over seeds and leaves a target out when one seed missed it; docs/results.md's per-seed
 tables need each run on its own. With --budget-of RUN it also gives each run's validation score within that run's
@@ -15,18 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from legend.records import read_metrics
+from legend.records import read_metrics, summarize
 from legend.report.tune import LAST_EVALUATIONS, validation_score
-
-
-def evaluations(run: Path) -> list[dict]:
-    """Every evaluated round with its cumulative MB (up and down)."""
-    sent, rows = 0, []
-    for row in read_metrics(run):
-        sent += row["bytes_up"] + row["bytes_down"]
-        if row.get("val_accuracy") is not None:
-            rows.append({**row, "mb": sent / 1e6})
-    return rows
 
 
 def main() -> None:
@@ -38,21 +28,24 @@ def main() -> None:
     args = parser.parse_args()
     budget = read_metrics(args.budget_of)[-1]["virtual_time_s"] if args.budget_of else None
     for run in args.runs:
-        rows = evaluations(run)
-        if not any(r["round"] > 0 for r in rows):
+        rows = read_metrics(run)
+        evaluated = [r for r in rows if r.get("val_accuracy") is not None]
+        if not evaluated or evaluated[-1]["round"] == 0:
             print(f"{run}: no evaluation after round 0 yet")
             continue
-        hit = next((r for r in rows if r["val_accuracy"] >= args.target), None)
-        reached = f"round {hit['round']}, {hit['virtual_time_s']:.1f} s, {hit['mb']:.1f} MB" if hit else \
-            f"not reached (best {max(r['val_accuracy'] for r in rows):.3f})"
+        run_summary = summarize(run.name, rows, args.target)  # the target rule `legend report` uses
+        reached = (f"round {run_summary['round_to_target']}, {run_summary['time_to_target_s']:.1f} s, "
+                   f"{run_summary['bytes_to_target'] / 1e6:.1f} MB") if run_summary["round_to_target"] is not None else \
+            f"not reached (best {run_summary['best_val_accuracy']:.3f})"
         line = (f"{run}: to {args.target} {reached} | validation, last {LAST_EVALUATIONS} {validation_score(rows):.3f} | "
-                f"test at round {rows[-1]['round']} {rows[-1]['accuracy']:.3f} | "
-                f"run to round {rows[-1]['round']} {rows[-1]['virtual_time_s']:.1f} s, {rows[-1]['mb']:.1f} MB")
+                f"test at round {evaluated[-1]['round']} {run_summary['final_accuracy']:.3f} | "
+                f"run to round {run_summary['rounds']} {run_summary['virtual_time_s']:.1f} s, "
+                f"{(run_summary['bytes_up'] + run_summary['bytes_down']) / 1e6:.1f} MB")
         if budget is not None:
             line += f" | validation within {budget:.1f} s {validation_score([r for r in rows if r['virtual_time_s'] <= budget]):.3f}"
         print(line)
         if args.curves:
-            print("  validation by round: " + " ".join(f"{r['round']}:{r['val_accuracy']:.3f}" for r in rows))
+            print("  validation by round: " + " ".join(f"{r['round']}:{r['val_accuracy']:.3f}" for r in evaluated))
 
 
 if __name__ == "__main__":
