@@ -13,11 +13,15 @@ from typer.testing import CliRunner
 from legend.cli import app
 from legend.config import load_config
 from legend.errors import LegendError
-from legend.records import read_metrics
+from legend.records import MEASURED, read_metrics
 from legend.report.compare import compare
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def without_measurements(row):
+    return {k: v for k, v in row.items() if k not in MEASURED}
 
 
 def test_compare_writes_a_report_with_tables_plots_and_the_config_and_report_rebuilds_it(tmp_path):
@@ -41,6 +45,13 @@ def test_compare_writes_a_report_with_tables_plots_and_the_config_and_report_reb
     first = next(row["virtual_time_s"] for row in rows if row["round"] > 0 and row["accuracy"] is not None)
     assert result.exit_code == 0 and "target accuracy 0)" in report.read_text()
     assert f" | {first:.1f} s | " in report.read_text().split("\n| fedit |")[1].split("\n")[0]
+    side = tmp_path / "side-by-side"  # the same comparison from the command line, two runs at a time in their own processes
+    result = subprocess.run([sys.executable, "-m", "legend", "compare", str(QUICKSTART), *overrides, "--strategies", "legend,fedit",
+                             "--jobs", "2", "--out", str(side)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for strategy in ("legend", "fedit"):  # each run is the run it was alone: the same rounds, but for this machine's seconds
+        alone, beside = (read_metrics(folder / "runs" / f"{strategy}-seed0") for folder in (tmp_path, side))
+        assert [without_measurements(row) for row in beside] == [without_measurements(row) for row in alone]
 
 
 def test_compare_refuses_a_folder_of_another_comparison(tmp_path):
@@ -54,6 +65,9 @@ def test_compare_from_the_command_line_names_a_bad_strategy_before_running(tmp_p
     result = subprocess.run([sys.executable, "-m", "legend", "compare", str(QUICKSTART), "--strategies", "legend,fedfoo", "--out", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "strategy.name 'fedfoo' is unknown" in result.stderr and not (tmp_path / "runs").exists()
+    result = CliRunner().invoke(app, ["tune", str(QUICKSTART), "data.val_size=100", "engine.threads=0", "--grid", "train.lr=1e-3",
+                                      "--jobs", "2", "--out", str(tmp_path / "tune")])
+    assert result.exit_code == 2 and "give each its share, e.g. engine.threads=1" in result.output and not (tmp_path / "tune").exists()
 
 
 def test_tune_picks_each_strategys_best_on_validation_and_compare_applies_it(tmp_path):

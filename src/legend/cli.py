@@ -24,6 +24,7 @@ CONFIG = typer.Argument(..., help="experiment config (TOML), e.g. configs/quicks
 OVERRIDES = typer.Argument(None, help="dotted overrides such as fl.rounds=5 data.alpha=0.1", show_default=False)
 DEBUG = typer.Option(False, "--debug", help="show the full traceback of an error")
 RESUME = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint")
+JOBS = typer.Option(1, "--jobs", help="runs side by side, each in its own process on engine.threads cores (results do not change)")
 
 
 def user_errors(command):
@@ -83,6 +84,7 @@ def compare(
     strategies: str = typer.Option("legend,fedit,hetlora,flexlora,ffa,federa", "--strategies", help="comma-separated strategies to compare"),
     seeds: str = typer.Option("", "--seeds", help="comma-separated seeds (default: the config's seed)"),
     tuned: Path = typer.Option(None, "--tuned", help="OUT/tuned.json of `legend tune`: each strategy runs with the settings chosen for it"),
+    jobs: int = JOBS,
     debug: bool = DEBUG,
 ):
     """Run several strategies on one task, fleet and split (each run resumable), then write the report."""
@@ -95,11 +97,14 @@ def compare(
     names, seed_list = _names(strategies), _seeds(seeds, cfg.seed)
     command = " ".join(["legend", "compare", str(config), *(overrides or []), "--out", str(out), "--strategies", ",".join(names),
                         *(["--seeds", seeds] if seeds else []), *(["--tuned", str(tuned)] if tuned else [])])
-    report = run_comparison(cfg, out, names, seed_list, command,
-                            on_run=lambda name, seed: console.print(f"[bold]{name}[/bold] seed {seed} -> {out / 'runs' / f'{name}-seed{seed}'}"),
+    report = run_comparison(cfg, out, names, seed_list, command, on_run=_started,
                             on_round=lambda row: row["accuracy"] is None or console.print(f"  round {row['round']:>4}  accuracy {row['accuracy']:.4f}"),
-                            tuned=read_tuned(tuned) if tuned else None)
+                            tuned=read_tuned(tuned) if tuned else None, jobs=jobs)
     console.print(f"report: {report} (and {report.with_suffix('.html')})")
+
+
+def _started(label: str) -> None:
+    console.print(label, highlight=False, markup=False)
 
 
 def _names(strategies: str) -> list[str]:
@@ -123,6 +128,7 @@ def tune(
     grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,...: values to try (repeat for more keys; every combination is run)",
                                    show_default=False),
     seeds: str = typer.Option("", "--seeds", help="comma-separated seeds, each setting's score is their mean (default: the config's seed)"),
+    jobs: int = JOBS,
     debug: bool = DEBUG,
 ):
     """Give every strategy the same grid of settings and pick each one's best on the validation split (data.val_size)."""
@@ -135,8 +141,7 @@ def tune(
     names, seed_list = _names(strategies), _seeds(seeds, cfg.seed)
     command = " ".join(["legend", "tune", str(config), *(overrides or []), "--out", str(out), "--strategies", ",".join(names),
                         *(f"--grid {item}" for item in grid), *(["--seeds", seeds] if seeds else [])])
-    result = run_tuning(cfg, out, names, parse_grid(grid), seed_list, command,
-                        on_run=lambda name, setting, seed: console.print(f"[bold]{name}[/bold] {setting} seed {seed}"))
+    result = run_tuning(cfg, out, names, parse_grid(grid), seed_list, command, on_run=_started, jobs=jobs)
     table = Table(title=f"chosen on {result['selected_on']}")
     for column in ("strategy", "settings", "validation accuracy", "tried"):
         table.add_column(column, justify="left" if column in ("strategy", "settings") else "right")

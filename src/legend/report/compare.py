@@ -1,4 +1,4 @@
-"""`legend compare`: several strategies on one task, fleet, split and seed set, run in sequence.
+"""`legend compare`: several strategies on one task, fleet, split and seed set, one run after another or side by side.
 
 Each run is resumable in OUT/runs/<strategy>-seed<k>; OUT/compare.json keeps the config and the
 command, from which `legend report` rebuilds the report at any time.
@@ -25,19 +25,23 @@ def run_dir(out: Path, strategy: str, seed: int) -> Path:
 
 
 def compare(config: Config, out: Path, strategies: list[str], seeds: list[int], command: str,
-            on_run: Callable[[str, int], None] = lambda strategy, seed: None, on_round: Callable[[dict], None] | None = None,
-            tuned: dict[str, dict[str, str]] | None = None) -> Path:
-    """Run every (seed, strategy) not yet finished, then write the report; returns OUT/report.md.
+            on_run: Callable[[str], None] = lambda label: None, on_round: Callable[[dict], None] | None = None,
+            tuned: dict[str, dict[str, str]] | None = None, jobs: int = 1) -> Path:
+    """Run every (seed, strategy) not yet finished, ``jobs`` at a time, then write the report; returns OUT/report.md.
 
     ``tuned``: per strategy, the settings `legend tune` chose, applied over the config for that strategy's runs."""
-    from legend.engine.simulation import run_resumable
     from legend.report.document import write_report
+    from legend.report.side_by_side import check_jobs, run_side_by_side
     from legend.strategies import strategy_class
 
     for name in strategies:
         strategy_class(name)  # an unknown name fails before hours of runs
         if tuned is not None and name not in tuned:
             raise LegendError(f"--tuned has no settings for {name} (it has {', '.join(tuned)}): tune {name} too, or leave it out of --strategies")
+    runs = [(f"{name} seed {seed} -> {run_dir(out, name, seed)}",
+             override_config(config, [*(f"{key}={value}" for key, value in (tuned or {}).get(name, {}).items()), f"strategy.name={name}", f"seed={seed}"]),
+             run_dir(out, name, seed)) for seed in seeds for name in strategies]
+    check_jobs(jobs, [run_config for _, run_config, _ in runs])
     out.mkdir(parents=True, exist_ok=True)
     plan = {"config": config.model_dump(mode="json"), "strategies": strategies, "seeds": seeds}
     if tuned is not None:
@@ -48,11 +52,7 @@ def compare(config: Config, out: Path, strategies: list[str], seeds: list[int], 
     started = saved["started"] if saved else datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), Python {platform.python_version()}"
     (out / PLAN).write_text(json.dumps({**plan, "command": command, "started": started, "machine": machine}, indent=1) + "\n")
-    for seed in seeds:
-        for name in strategies:
-            on_run(name, seed)
-            own = [f"{key}={value}" for key, value in (tuned or {}).get(name, {}).items()]
-            run_resumable(override_config(config, [*own, f"strategy.name={name}", f"seed={seed}"]), run_dir(out, name, seed), on_round)
+    run_side_by_side(runs, jobs, on_run, on_round)
     return write_report(out)
 
 

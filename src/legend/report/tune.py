@@ -48,9 +48,9 @@ def overrides(setting: dict[str, Any]) -> list[str]:
 
 
 def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[str]], seeds: list[int], command: str,
-         on_run: Callable[[str, dict, int], None] = lambda strategy, setting, seed: None) -> dict[str, Any]:
-    """Run every (strategy, setting, seed) not yet finished; write and return OUT/tuned.json's content."""
-    from legend.engine.simulation import run_resumable
+         on_run: Callable[[str], None] = lambda label: None, jobs: int = 1) -> dict[str, Any]:
+    """Run every (strategy, setting, seed) not yet finished, ``jobs`` at a time; write and return OUT/tuned.json's content."""
+    from legend.report.side_by_side import check_jobs, run_side_by_side
     from legend.strategies import strategy_class
 
     if config.data.val_size <= 0:
@@ -60,25 +60,26 @@ def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[
     points = settings(grid)
     for name in strategies:
         strategy_class(name)  # a bad name or setting fails before hours of runs
-    for point in points:
-        override_config(config, overrides(point))
+    runs = {}  # (strategy, setting's index, seed) -> (label, config, folder)
+    for name in strategies:
+        for index, point in enumerate(points):
+            for seed in seeds:
+                run_dir = out / "runs" / name / f"setting{index}-seed{seed}"
+                run_config = override_config(config, [*overrides(point), f"strategy.name={name}", f"seed={seed}"])
+                runs[name, index, seed] = (f"{name} {' '.join(overrides(point))} seed {seed} -> {run_dir}", run_config, run_dir)
+    check_jobs(jobs, [run_config for _, run_config, _ in runs.values()])
     out.mkdir(parents=True, exist_ok=True)
     plan = {"config": config.model_dump(mode="json"), "strategies": strategies, "grid": grid, "seeds": seeds}
     saved = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
     if saved and {k: saved[k] for k in plan} != plan:
         raise LegendError(f"{out} holds a tuning run with another config, strategies, grid or seeds: use a new --out, or the same arguments to resume it")
     (out / PLAN).write_text(json.dumps({**plan, "command": command}, indent=1) + "\n")
+    run_side_by_side(list(runs.values()), jobs, on_run)
     chosen = {}
     for name in strategies:
         tried = []
         for index, point in enumerate(points):
-            scores = []
-            for seed in seeds:
-                on_run(name, point, seed)
-                run = override_config(config, [*overrides(point), f"strategy.name={name}", f"seed={seed}"])
-                run_dir = out / "runs" / name / f"setting{index}-seed{seed}"
-                run_resumable(run, run_dir)
-                scores.append(score(run_dir))
+            scores = [score(runs[name, index, seed][2]) for seed in seeds]
             tried.append({"settings": point, "score": sum(scores) / len(scores), "per_seed": scores})
         best = max(tried, key=lambda t: t["score"])  # the first of equals: grid order
         chosen[name] = {"settings": best["settings"], "score": best["score"], "tried": tried}
