@@ -106,7 +106,7 @@ def run_naive(overrides: list[str]) -> dict:
 
     from legend.config import load_config
     from legend.core import Update
-    from legend.data import load_task, subsample
+    from legend.data.tasks import load_task, subsample
     from legend.data.table import column
     from legend.engine.client import derived_seed, local_step_count, training_batches
     from legend.engine.simulation import _received, build_experiment, device_view, sample_clients

@@ -3,10 +3,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from legend.config import DataConfig
-from legend.data import encode, load_task, partition_indices
+from legend.data.batching import encode
+from legend.data.partition import partition_indices
+from legend.data.tasks import load_task
 from legend.data.partition import top_up
 from legend.errors import LegendError
-from legend.models import resolve_model
+from legend.models.resolve import resolve_model
 from tests.conftest import DATA
 
 
@@ -93,7 +95,7 @@ def test_too_little_data_for_the_minimum_is_one_clear_error():
 
 
 def test_validation_is_a_stratified_seeded_hold_out_of_the_training_data():
-    from legend.data import subsample
+    from legend.data.tasks import subsample
 
     config = DataConfig(task="agnews", path=str(DATA / "agnews"), val_size=1000)
     task = load_task(config)

@@ -14,7 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from legend.config import DevicesConfig, load_config
 from legend.core import numel
-from legend.devices import Batches, ModelSpec, RoundTime, build_fleet, layout_numel, synchronous_round, training_flops
+from legend.devices.clock import RoundTime, synchronous_round
+from legend.devices.cost import Batches, ModelSpec, layout_numel, training_flops
+from legend.devices.fleet import build_fleet
 from legend.devices.calibrate import BlockTimer
 from legend.devices.capacity import lora_numel
 from legend.devices.cost import block_backward_flops, block_forward_flops, require_fits, training_memory_bytes
@@ -23,7 +25,7 @@ from legend.devices.profiles import CATALOG
 from legend.engine.simulation import _check_quantized, run_experiment
 from legend.errors import LegendError
 from legend.lora import AdapterLayout
-from legend.models import SharedModel
+from legend.models.shared import SharedModel
 from legend.models.placement import QUANTIZED_BYTES
 from legend.strategies.registry import strategy_class
 from legend.wire import wire_bytes

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from legend.cli import app
 from legend.config import load_config
-from legend.data import encode, load_task, subsample
+from legend.data.batching import encode
+from legend.data.tasks import load_task, subsample
 from legend.engine.checkpoint import read_checkpoint
 from legend.engine.client import forward_passes
 from legend.engine.simulation import run_experiment

@@ -6,12 +6,13 @@ from tests.conftest import DATA, ROOT, tiny_overrides
 
 from legend.config import load_config
 from legend.core import ModelInfo
-from legend.data import encode, load_task
+from legend.data.batching import encode
+from legend.data.tasks import load_task
 from legend.engine.simulation import run_experiment
 from legend.errors import LegendError
 from legend.lora import AdapterLayout
 from legend.lora.init import federa_factors
-from legend.models import SharedModel
+from legend.models.shared import SharedModel
 from legend.strategies.flora import FLoRA
 
 LEGEND_RAMP = (2, 5, 8, 10, 13, 16)

@@ -18,7 +18,7 @@ from tests.conftest import ROOT, NodesInThisProcess, tiny_overrides
 
 from legend.config import DevicesConfig, load_config
 from legend.core import ClientPlan, Update
-from legend.devices import build_fleet
+from legend.devices.fleet import build_fleet
 from legend.devices.capacity import CapacityEstimator
 from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.runtime import Job

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from legend.lora import AdapterLayout
-from legend.models import SharedModel
+from legend.models.shared import SharedModel
 
 
 @pytest.fixture(scope="module")

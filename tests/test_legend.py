@@ -15,7 +15,7 @@ from legend.devices.capacity import Capacity, DeviceView
 from legend.devices.cost import Batches, ModelSpec
 from legend.engine.simulation import run_experiment
 from legend.lora.layout import cut_to_layout
-from legend.models import SharedModel
+from legend.models.shared import SharedModel
 from legend.strategies.aggregate import masked_average
 from legend.strategies.legend import Legend, configure, device_layout, estimate_layout, rank_distribution
 

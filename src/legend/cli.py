@@ -173,7 +173,8 @@ def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = 
 
     cfg = load_config(config, overrides or [])
     quiet_libraries()
-    from legend.data import label_histogram, load_task, partition_indices, subsample
+    from legend.data.partition import label_histogram, partition_indices
+    from legend.data.tasks import load_task, subsample
     from legend.data.table import column
 
     task = subsample(load_task(cfg.data), cfg.data, cfg.seed)
@@ -201,7 +202,7 @@ def devices(config: Path = typer.Argument(None, help="experiment config (TOML); 
             overrides: list[str] = OVERRIDES, debug: bool = DEBUG):
     """Show the fleet: each device class with its compute, memory, bandwidth and how many clients it runs."""
     from legend.config import load_config
-    from legend.devices import build_fleet
+    from legend.devices.fleet import build_fleet
 
     cfg = load_config(config, overrides or [])
     fleet = build_fleet(cfg.devices, cfg.fl.num_clients, cfg.seed)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from legend.config import Config, override_config
-from legend.data import encode, length_buckets, load_task, subsample
+from legend.data.batching import encode, length_buckets
+from legend.data.tasks import load_task, subsample
 from legend.data.instructions import encode_conversations
 from legend.data.tasks import task_text_columns
 from legend.engine.checkpoint import CHECKPOINT

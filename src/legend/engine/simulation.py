@@ -21,8 +21,12 @@ import torch
 
 from legend.config import Config
 from legend.core import ClientPlan, State, Update, atomic_write, numel
-from legend.data import EncodedSplit, length_buckets, load_task, partition_indices, subsample
-from legend.devices import Batches, Fleet, ModelSpec, RoundTime, build_fleet, device_time, synchronous_round, training_flops
+from legend.data.batching import EncodedSplit, length_buckets
+from legend.data.partition import partition_indices
+from legend.data.tasks import load_task, subsample
+from legend.devices.clock import RoundTime, device_time, synchronous_round
+from legend.devices.cost import Batches, ModelSpec, training_flops
+from legend.devices.fleet import Fleet, build_fleet
 from legend.devices.activations import KeptActivations
 from legend.devices.capacity import (
     BYTES_DOWN,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from legend.config import Config
 from legend.data.tasks import default_data_path
-from legend.devices import build_fleet
+from legend.devices.fleet import build_fleet
 from legend.errors import LegendError
 from legend.flower.apps import ERROR_FILE
 from legend.records import SUMMARY_FILE
