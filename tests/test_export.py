@@ -1,13 +1,14 @@
 """A run's model taken out: exports load with transformers + PEFT alone and compute legend's own logits.
 
-Each strategy runs two rounds of the tiny config; its export is loaded in a fresh Python process that
-imports only transformers, peft and torch, and its logits on the 64 test sentences are compared with
-those of legend's shared model holding the run's state (the engine's own forward pass).
+Each strategy runs two rounds of the tiny config; its exports are loaded in a fresh Python process that imports
+only transformers, peft and torch (one process for every strategy's), and their logits on the 64 test sentences
+are compared with those of legend's shared model holding the run's state (the engine's own forward pass).
 """
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,14 +18,13 @@ from typer.testing import CliRunner
 
 from legend.cli import app
 from legend.config import load_config
-from legend.data.batching import encode
+from legend.data.batching import encode, model_inputs
 from legend.data.tasks import load_task, subsample
 from legend.engine.checkpoint import read_checkpoint
 from legend.engine.client import forward_passes
 from legend.engine.simulation import run_experiment
 from legend.export import export, load_trained
 from legend.inference import scores
-from legend.data.batching import model_inputs
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 TOLERANCE = 1e-4
@@ -92,31 +92,48 @@ def legend_logits(run, client):
     return logits.numpy(), split.labels, list(test["text"])
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every case run, scored by legend's own forward pass and exported; then every export loaded in one fresh
+    process (its imports of transformers, its pipeline and peft take about 10 s, so once, not once per case)."""
+    cases, texts = {}, None
+    for strategy, (adapter, personal) in CASES.items():
+        folder = tmp_path_factory.mktemp(strategy)
+        run = folder / "run"
+        summary = run_experiment(tiny_config(strategy), run)
+        client = read_checkpoint(run, "test")["metrics"][-1]["clients"][0] if personal else None  # one that trained in the last round
+        ours, labels, case_texts = legend_logits(run, client)
+        assert texts in (None, case_texts)  # every case scores the same test rows
+        texts = case_texts
+        merged = export(run, folder / "merged", merge=True, client=client)
+        cases[strategy] = SimpleNamespace(run=run, out=folder, summary=summary, client=client, ours=ours, labels=labels, merged=merged,
+                                          adapter=export(run, folder / "adapter", client=client) if adapter else None)
+    folders = [f for case in cases.values() for f in (case.merged, case.adapter) if f is not None]
+    loaded = dict(zip(folders, fresh_logits(folders, texts), strict=True))
+    return cases, texts, loaded
+
+
+@pytest.mark.xdist_group("export")  # the fixture above serves every case: on one worker it runs once
 @pytest.mark.parametrize("strategy", list(CASES))
-def test_export_loads_with_transformers_and_peft_alone_and_equals_legend(strategy, tmp_path):
-    adapter, personal = CASES[strategy]
-    run = tmp_path / "run"
-    summary = run_experiment(tiny_config(strategy), run)
-    client = read_checkpoint(run, "test")["metrics"][-1]["clients"][0] if personal else None  # one that trained in the last round
-    ours, labels, texts = legend_logits(run, client)
+def test_export_loads_with_transformers_and_peft_alone_and_equals_legend(strategy, exported):
+    cases, texts, loaded = exported
+    case = cases[strategy]
     assert len(texts) == 64
-    if client is None:  # legend's logits are the global model the run scored: its accuracy is the run's final accuracy
-        assert scores(labels, ours.argmax(-1), 2)["accuracy"] == summary["final_accuracy"]
-    merged_dir = export(run, tmp_path / "merged", merge=True, client=client)
-    if adapter:
-        adapter_dir = export(run, tmp_path / "adapter", client=client)
-        assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
-        (merged, pipeline_labels), (from_adapter, _) = fresh_logits([merged_dir, adapter_dir], texts)
-        assert np.abs(from_adapter - ours).max() <= TOLERANCE
+    if case.client is None:  # legend's logits are the global model the run scored: its accuracy is the run's final accuracy
+        assert scores(case.labels, case.ours.argmax(-1), 2)["accuracy"] == case.summary["final_accuracy"]
+    merged, pipeline_labels = loaded[case.merged]
+    if case.adapter is not None:
+        assert (case.adapter / "adapter_config.json").is_file() and (case.adapter / "adapter_model.safetensors").is_file()
+        from_adapter, _ = loaded[case.adapter]
+        assert np.abs(from_adapter - case.ours).max() <= TOLERANCE
         assert np.abs(from_adapter - merged).max() <= TOLERANCE
     else:
-        result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "adapter")])
+        result = CliRunner().invoke(app, ["export", str(case.run), "--out", str(case.out / "adapter")])
         assert result.exit_code == 2 and "--merge" in result.stderr
-        assert not (tmp_path / "adapter").exists()
-        [(merged, pipeline_labels)] = fresh_logits([merged_dir], texts)
-    assert np.abs(merged - ours).max() <= TOLERANCE
-    assert pipeline_labels == [str(i) for i in ours[:4].argmax(-1)]  # sst2's labels are named "0" and "1"
-    card = (merged_dir / "README.md").read_text()
+        assert not (case.out / "adapter").exists()
+    assert np.abs(merged - case.ours).max() <= TOLERANCE
+    assert pipeline_labels == [str(i) for i in case.ours[:4].argmax(-1)]  # sst2's labels are named "0" and "1"
+    card = (case.merged / "README.md").read_text()
     assert f"`{strategy}`" in card and "2 of 2" in card and '"rounds": 2' in card
 
 
