@@ -62,9 +62,8 @@ def test_compare_refuses_a_folder_of_another_comparison(tmp_path):
 
 
 def test_compare_from_the_command_line_names_a_bad_strategy_before_running(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "legend", "compare", str(QUICKSTART), "--strategies", "legend,fedfoo", "--out", str(tmp_path)],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "strategy.name 'fedfoo' is unknown" in result.stderr and not (tmp_path / "runs").exists()
+    result = CliRunner().invoke(app, ["compare", str(QUICKSTART), "--strategies", "legend,fedfoo", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "strategy.name 'fedfoo' is unknown" in result.stderr and not (tmp_path / "runs").exists()
     result = CliRunner().invoke(app, ["tune", str(QUICKSTART), "data.val_size=100", "engine.threads=0", "--grid", "train.lr=1e-3",
                                       "--jobs", "2", "--out", str(tmp_path / "tune")])
     assert result.exit_code == 2 and "give each its share, e.g. engine.threads=1" in result.output and not (tmp_path / "tune").exists()

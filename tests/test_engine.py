@@ -10,7 +10,9 @@ import time
 import pytest
 import torch
 from tests.conftest import ROOT, tiny_overrides
+from typer.testing import CliRunner
 
+from legend.cli import app
 from legend.config import Config, load_config
 from legend.engine.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from legend.engine.simulation import build_experiment, run_experiment
@@ -112,9 +114,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(tmp_path):
 
 def test_resume_refuses_another_config(tmp_path):
     run_tiny(tmp_path, **{"fl.rounds": 1})
-    result = subprocess.run([sys.executable, "-m", "legend", "run", str(QUICKSTART), *tiny_overrides(**{"train.local_steps": 3}),
-                             "--out", str(tmp_path), "--resume"], capture_output=True, text=True)
-    assert result.returncode == 2
+    result = CliRunner().invoke(app, ["run", str(QUICKSTART), *tiny_overrides(**{"train.local_steps": 3}), "--out", str(tmp_path), "--resume"])
+    assert result.exit_code == 2
     assert "was run with a different config (train.local_steps)" in result.stderr
 
 
