@@ -4,9 +4,8 @@ from transformers import AutoTokenizer
 
 from legend.config import DataConfig
 from legend.data.batching import encode
-from legend.data.partition import partition_indices
+from legend.data.partition import partition_indices, top_up
 from legend.data.tasks import load_task
-from legend.data.partition import top_up
 from legend.errors import LegendError
 from legend.models.resolve import resolve_model
 from tests.conftest import DATA

@@ -14,13 +14,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from legend.config import DevicesConfig, load_config
 from legend.core import numel
-from legend.devices.clock import RoundTime, synchronous_round
-from legend.devices.cost import Batches, ModelSpec, layout_numel, training_flops
-from legend.devices.fleet import build_fleet
 from legend.devices.calibrate import BlockTimer
 from legend.devices.capacity import lora_numel
-from legend.devices.cost import block_backward_flops, block_forward_flops, require_fits, training_memory_bytes
-from legend.devices.fleet import Link
+from legend.devices.clock import RoundTime, synchronous_round
+from legend.devices.cost import (Batches, ModelSpec, block_backward_flops, block_forward_flops, layout_numel, require_fits, training_flops,
+                                 training_memory_bytes)
+from legend.devices.fleet import Link, build_fleet
 from legend.devices.profiles import CATALOG
 from legend.engine.simulation import _check_quantized, run_experiment
 from legend.errors import LegendError

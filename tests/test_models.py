@@ -5,8 +5,7 @@ import pytest
 from legend.config import load_config
 from legend.engine.simulation import run_experiment
 from legend.errors import LegendError
-from legend.models.resolve import resolve_model
-from legend.models.resolve import _new_partial, _publish
+from legend.models.resolve import _new_partial, _publish, resolve_model
 from tests.conftest import ROOT, tiny_overrides
 
 

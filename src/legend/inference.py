@@ -19,9 +19,8 @@ import torch
 
 from legend.config import Config, override_config
 from legend.data.batching import encode, length_buckets
-from legend.data.tasks import load_task, subsample
 from legend.data.instructions import encode_conversations
-from legend.data.tasks import task_text_columns
+from legend.data.tasks import load_task, subsample, task_text_columns
 from legend.engine.checkpoint import CHECKPOINT
 from legend.errors import LegendError
 from legend.export import LEGEND_FILE, load_trained

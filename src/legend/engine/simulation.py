@@ -24,9 +24,6 @@ from legend.core import ClientPlan, State, Update, atomic_write, numel
 from legend.data.batching import EncodedSplit, length_buckets
 from legend.data.partition import partition_indices
 from legend.data.tasks import load_task, subsample
-from legend.devices.clock import RoundTime, device_time, synchronous_round
-from legend.devices.cost import Batches, ModelSpec, training_flops
-from legend.devices.fleet import Fleet, build_fleet
 from legend.devices.activations import KeptActivations
 from legend.devices.capacity import (
     BYTES_DOWN,
@@ -39,7 +36,10 @@ from legend.devices.capacity import (
     DeviceView,
     estimate_round,
 )
-from legend.devices.cost import applied_ranks, kept_memory_bytes, layout_numel, lowest_trained_block, require_fits
+from legend.devices.clock import RoundTime, device_time, synchronous_round
+from legend.devices.cost import (Batches, ModelSpec, applied_ranks, kept_memory_bytes, layout_numel, lowest_trained_block, require_fits,
+                                 training_flops)
+from legend.devices.fleet import Fleet, build_fleet
 from legend.engine.attacks import MALICIOUS
 from legend.engine.checkpoint import CHECKPOINT, device_state, load_checkpoint, save_checkpoint
 from legend.engine.client import FORWARD_BACKWARD_S, PEAK_MEMORY_MB, Evaluation, batch_shapes, client_batches, derived_seed, evaluate
