@@ -54,6 +54,14 @@ def rows_without_wall_time(out):
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The embedded engine's run of the deployments' config (THREE_NODES), run once for every test that compares with it."""
+    out = tmp_path_factory.mktemp("embedded")
+    run_experiment(load_config(QUICKSTART, tiny_overrides(**THREE_NODES)), out)
+    return out
+
+
 def test_messages_carry_jobs_and_updates_unchanged():
     layout = AdapterLayout("lora", (0, 0, 2, 4, 8, 16), train_head=True)
     plan = ClientPlan(3, layout, {"a": torch.randn(2, 5), "empty": torch.zeros(0, 5)}, 0.003)
@@ -91,21 +99,20 @@ def test_a_node_that_states_its_memory_and_bandwidth_replaces_its_class_figures_
         advertised_figures({"memory-gb": "lots"}, 1)
 
 
-def test_deploy_local_gives_the_embedded_result_and_stops_its_processes(tmp_path):
+def test_deploy_local_gives_the_embedded_result_and_stops_its_processes(tmp_path, embedded):
     """3 real SuperNodes, 2 rounds of LEGEND: the same metrics and adapter as the embedded engine."""
     run = deploy(tmp_path / "flower")
     output, _ = run.communicate(timeout=540)
     assert run.returncode == 0, output
-    run_experiment(load_config(QUICKSTART, tiny_overrides(**THREE_NODES)), tmp_path / "embedded")
-    assert rows_without_wall_time(tmp_path / "flower") == rows_without_wall_time(tmp_path / "embedded")
+    assert rows_without_wall_time(tmp_path / "flower") == rows_without_wall_time(embedded)
     flower = torch.load(tmp_path / "flower" / CHECKPOINT, weights_only=True)["global_state"]
-    embedded = torch.load(tmp_path / "embedded" / CHECKPOINT, weights_only=True)["global_state"]
-    assert flower.keys() == embedded.keys()
-    assert max((flower[k] - embedded[k]).abs().max().item() for k in flower) <= 1e-5
+    same = torch.load(embedded / CHECKPOINT, weights_only=True)["global_state"]
+    assert flower.keys() == same.keys()
+    assert max((flower[k] - same[k]).abs().max().item() for k in flower) <= 1e-5
     assert flower_processes() == []
 
 
-def test_secure_aggregation_gives_the_embedded_summary(tmp_path):
+def test_secure_aggregation_gives_the_embedded_summary(tmp_path, embedded):
     """flower.secure_aggregation: Flower's SecAgg+ between real processes; the server sums masked, quantised updates.
 
     LEGEND only: its devices send different depths and ranks, the harder case; FedIT's same-shaped updates go
@@ -113,24 +120,22 @@ def test_secure_aggregation_gives_the_embedded_summary(tmp_path):
     run = deploy(tmp_path / "secure", **{"flower.secure_aggregation": "true"})  # THREE_NODES: LEGEND
     output, _ = run.communicate(timeout=540)
     assert run.returncode == 0, output
-    run_experiment(load_config(QUICKSTART, tiny_overrides(**THREE_NODES)), tmp_path / "embedded")
-    secure, embedded = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("secure", "embedded"))
-    assert secure.keys() == embedded.keys()
+    secure, plain = (json.loads((folder / "summary.json").read_text()) for folder in (tmp_path / "secure", embedded))
+    assert secure.keys() == plain.keys()
     for key in secure.keys() - set(MEASURED):
-        assert secure[key] == (pytest.approx(embedded[key], abs=1e-5) if isinstance(embedded[key], float) else embedded[key]), key
+        assert secure[key] == (pytest.approx(plain[key], abs=1e-5) if isinstance(plain[key], float) else plain[key]), key
     rows = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["secure_aggregation"]["bytes_up"] > row["bytes_up"] for row in rows[1:])  # masked int64 words, padded, with weights
     assert flower_processes() == []
 
 
-def test_flowers_simulation_runtime_gives_the_embedded_result(tmp_path):
+def test_flowers_simulation_runtime_gives_the_embedded_result(tmp_path, embedded):
     """`legend deploy simulation`: the same apps, their SuperNodes virtual (Ray actors); needs the bench extra."""
     pytest.importorskip("ray", reason="Flower's simulation runtime needs Ray: pip install -e '.[bench]'")
     run = deploy(tmp_path / "simulated", how="simulation")
     output, _ = run.communicate(timeout=540)
     assert run.returncode == 0, output
-    run_experiment(load_config(QUICKSTART, tiny_overrides(**THREE_NODES)), tmp_path / "embedded")
-    assert rows_without_wall_time(tmp_path / "simulated") == rows_without_wall_time(tmp_path / "embedded")
+    assert rows_without_wall_time(tmp_path / "simulated") == rows_without_wall_time(embedded)
     assert flower_processes() == []
 
 
