@@ -17,6 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core and one more. The Flower deployment tests mostly wait (Flower's 3-second polls,
+    a process start per message: a deployment takes ~100 s and ~30 s of CPU); the spare worker trains meanwhile."""
+    return len(os.sched_getaffinity(0)) + 1
+
+
 @pytest.fixture(scope="session", autouse=True)
 def quiet_libraries():
     import datasets
