@@ -14,6 +14,7 @@ from tests.conftest import ROOT, tiny_overrides
 from legend.config import load_config
 from legend.core import ModelInfo, Update
 from legend.engine.checkpoint import CHECKPOINT
+from legend.errors import LegendError
 from legend.engine.simulation import run_experiment
 from legend.records import MEASURED
 from legend.strategies import STRATEGIES
@@ -174,3 +175,16 @@ def test_flora_sends_pending_stacks_until_dense_w_is_smaller():
     # client 3 has merged nothing: rounds 1 and 2 stacked (2 x 24 numbers) exceed W (36): it gets W
     assert plans[3].wire.keys() == {"head", MODULE_W}
     assert torch.equal(plans[3].wire[MODULE_W], history[2])
+
+
+def test_learning_rate_warms_up_linearly_then_follows_the_schedule():
+    fedit = STRATEGIES["fedit"](load_config(None, ["fl.rounds=10", "train.lr=0.01", "train.lr_schedule=cosine", "train.lr_min_ratio=0.1",
+                                                   "train.warmup_rounds=3"]), INFO)
+    rates = [fedit.lr(r) for r in range(1, 11)]
+    assert rates[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])  # round r <= 3: lr * r / 4, then the full rate
+    assert rates[-1] == pytest.approx(0.001)  # the cosine runs over rounds 4-10 and ends at lr_min_ratio * lr
+    assert all(a > b for a, b in zip(rates[3:], rates[4:]))
+    constant = STRATEGIES["fedit"](load_config(None, ["fl.rounds=10", "train.lr=0.01", "train.warmup_rounds=1"]), INFO)
+    assert [constant.lr(r) for r in (1, 2, 10)] == pytest.approx([0.005, 0.01, 0.01])
+    with pytest.raises(LegendError, match=r"train.warmup_rounds \(10\) must be below fl.rounds \(10\)"):
+        load_config(None, ["fl.rounds=10", "train.warmup_rounds=10"])

@@ -117,6 +117,8 @@ class TrainConfig(Section):
     lr: float | None = Field(None, gt=0, description="local AdamW learning rate; default: the strategy's (LoRA 3e-3, full fine-tuning 5e-5)")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over rounds: constant, or cosine decay to lr_min_ratio * lr at the last round")
     lr_min_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a share of lr, for the cosine schedule")
+    warmup_rounds: int = Field(0, ge=0, description="linear warm-up: round r <= warmup_rounds trains at lr * r / (warmup_rounds + 1), "
+                                                    "then lr_schedule runs over the remaining rounds (Hugging Face's warmup_steps, counted in rounds)")
     batch_size: int = Field(16, gt=0, description="local batch size")
     local_steps: int = Field(10, ge=0, description="local optimizer steps per round (ignored when local_epochs > 0)")
     local_epochs: int = Field(0, ge=0, description="local epochs per round instead of a fixed step count")
@@ -273,6 +275,11 @@ def validate_config(raw: dict[str, Any]) -> Config:
         raise LegendError(f"config: legend.r_min ({config.legend.r_min}) exceeds legend.r_max ({config.legend.r_max}): the ranks grow toward the output")
     if config.privacy.noise_multiplier > 0 and config.privacy.clip_norm <= 0:
         raise LegendError("config: privacy.noise_multiplier needs privacy.clip_norm > 0: the noise is scaled to the clipping norm")
+    if config.train.warmup_rounds >= config.fl.rounds:
+        raise LegendError(
+            f"config: train.warmup_rounds ({config.train.warmup_rounds}) must be below fl.rounds ({config.fl.rounds}): "
+            "the warm-up would take every round; shorten it"
+        )
     if config.fl.clients_per_round > config.fl.num_clients:
         raise LegendError(
             f"config: fl.clients_per_round ({config.fl.clients_per_round}) exceeds fl.num_clients "

@@ -57,12 +57,14 @@ class Strategy(ABC):
         self.info = info
 
     def lr(self, round_number: int) -> float:
-        """The clients' learning rate this round: train.lr (or the strategy's default) under train.lr_schedule."""
+        """The clients' learning rate this round: train.lr (or the strategy's default), warmed up over train.warmup_rounds, then under train.lr_schedule."""
         train = self.config.train
         base = train.lr or self.default_lr
+        if round_number <= train.warmup_rounds:
+            return base * round_number / (train.warmup_rounds + 1)
         if train.lr_schedule == "constant":
             return base
-        progress = (round_number - 1) / max(self.config.fl.rounds - 1, 1)
+        progress = (round_number - 1 - train.warmup_rounds) / max(self.config.fl.rounds - 1 - train.warmup_rounds, 1)
         return base * (train.lr_min_ratio + (1 - train.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     @property
