@@ -19,7 +19,8 @@ DATA = ROOT.parent / "shared" / "data"
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per core and one more. The Flower deployment tests mostly wait (Flower's 3-second polls,
-    a process start per message: a deployment takes ~100 s and ~30 s of CPU); the spare worker trains meanwhile."""
+    a process start per message: a deployment takes ~100 s and ~30 s of CPU), on whichever workers get them, side by
+    side (each checks only its own processes); the spare worker trains meanwhile."""
     return len(os.sched_getaffinity(0)) + 1
 
 

@@ -5,7 +5,6 @@ It must give the embedded engine's result (same config, same seed) and survive a
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from legend.errors import LegendError
 from legend.lora.layout import AdapterLayout
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
-pytestmark = pytest.mark.xdist_group("flower")  # one deployment at a time: each test checks that no Flower process outlives it
+from legend.flower.deploy import marked_processes  # noqa: E402
 from legend.flower.messages import decode_job, decode_update, encode_job, encode_update  # noqa: E402
 from legend.flower.runtime import advertised_figures  # noqa: E402
 from legend.records import MEASURED
@@ -42,10 +41,19 @@ def deploy(out, *extra_args, how="local", **extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def flower_processes():
-    """Live Flower processes (a zombie is dead: it only waits for an init that may not reap it in a container)."""
-    table = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in table if re.search("flower-super|flwr-", line) and line.split()[1][0] != "Z"]
+def deployment_processes(out):
+    """Live processes of the deployment writing to ``out``: every one inherits its own FLWR_HOME, so deployments in
+    parallel test workers do not see each other's (a zombie is dead: it only waits for an init that may not reap it)."""
+    return marked_processes(f"FLWR_HOME={(out / 'flower' / 'home').resolve()}")
+
+
+def supernode_of(out, client):
+    """The process id of the deployment's SuperNode that runs ``client``."""
+    for pid in deployment_processes(out):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")  # the interpreter, then the script
+        if any(Path(arg).name == "flower-supernode" for arg in argv[:2]) and f"client-id={client} " in " ".join(argv):
+            return pid
+    return None
 
 
 def rows_without_wall_time(out):
@@ -109,7 +117,7 @@ def test_deploy_local_gives_the_embedded_result_and_stops_its_processes(tmp_path
     same = torch.load(embedded / CHECKPOINT, weights_only=True)["global_state"]
     assert flower.keys() == same.keys()
     assert max((flower[k] - same[k]).abs().max().item() for k in flower) <= 1e-5
-    assert flower_processes() == []
+    assert deployment_processes(tmp_path / "flower") == set()
 
 
 def test_secure_aggregation_gives_the_embedded_summary(tmp_path, embedded):
@@ -126,7 +134,7 @@ def test_secure_aggregation_gives_the_embedded_summary(tmp_path, embedded):
         assert secure[key] == (pytest.approx(plain[key], abs=1e-5) if isinstance(plain[key], float) else plain[key]), key
     rows = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["secure_aggregation"]["bytes_up"] > row["bytes_up"] for row in rows[1:])  # masked int64 words, padded, with weights
-    assert flower_processes() == []
+    assert deployment_processes(tmp_path / "secure") == set()
 
 
 def test_flowers_simulation_runtime_gives_the_embedded_result(tmp_path, embedded):
@@ -136,7 +144,7 @@ def test_flowers_simulation_runtime_gives_the_embedded_result(tmp_path, embedded
     output, _ = run.communicate(timeout=540)
     assert run.returncode == 0, output
     assert rows_without_wall_time(tmp_path / "simulated") == rows_without_wall_time(embedded)
-    assert flower_processes() == []
+    assert deployment_processes(tmp_path / "simulated") == set()
 
 
 def test_a_supernode_killed_during_a_round_is_lost_and_the_run_finishes(tmp_path):
@@ -147,9 +155,9 @@ def test_a_supernode_killed_during_a_round_is_lost_and_the_run_finishes(tmp_path
     deadline = time.monotonic() + 300
     while not (node_log.is_file() and "Receiving: train message" in node_log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    node = subprocess.run(["pgrep", "-f", "client-id=1 device"], capture_output=True, text=True).stdout.split()
+    node = supernode_of(out, 1)
     assert node, "the SuperNode of client 1 is not running"
-    os.killpg(int(node[0]), signal.SIGKILL)  # the node and its ClientApp, as if its machine went down
+    os.killpg(node, signal.SIGKILL)  # the node and its ClientApp, as if its machine went down (each SuperNode leads its own session)
     output, _ = run.communicate(timeout=540)
     assert run.returncode == 0, output
     summary = json.loads((out / "summary.json").read_text())
@@ -159,7 +167,7 @@ def test_a_supernode_killed_during_a_round_is_lost_and_the_run_finishes(tmp_path
     assert 1 not in [t["client"] for t in rows[1]["devices"]] and rows[2]["accuracy"] is not None
     measured = rows[1]["devices"][0]  # the measured clock: the node's own training seconds, and the rest of its round trip
     assert measured["compute_s"] > 0 and measured["download_s"] >= 0 and rows[1]["round_time_s"] >= measured["compute_s"]
-    assert flower_processes() == []
+    assert deployment_processes(out) == set()
 
 
 def test_a_node_that_restarts_under_a_new_id_takes_its_client_back(tmp_path, server_identity):

@@ -119,7 +119,7 @@ def _processes() -> Iterator[Callable[..., subprocess.Popen]]:
             process.wait()
             process.log.close()
         for _ in range(100):  # at most ~10 s: a helper may still be starting one of its own
-            marked = _marked(marker)
+            marked = marked_processes(marker)
             if not marked:
                 break
             for pid in marked:
@@ -132,8 +132,8 @@ def _signal(pid: int, sig: int, group: bool) -> None:
         os.killpg(pid, sig) if group else os.kill(pid, sig)
 
 
-def _marked(marker: str) -> set[int]:
-    """Live processes whose environment holds ``marker`` (from /proc; empty where there is none)."""
+def marked_processes(marker: str) -> set[int]:
+    """Live processes whose environment holds ``marker``, a whole NAME=value entry (from /proc; empty where there is none)."""
     needle, found = marker.encode() + b"\0", set()
     for environ in Path("/proc").glob("[0-9]*/environ"):
         with contextlib.suppress(OSError):
