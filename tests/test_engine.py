@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from tests.conftest import ROOT, tiny_overrides
@@ -142,3 +143,26 @@ def test_a_validation_split_is_scored_beside_the_test_split_and_judges_the_targe
 
     for target in sorted({r["val_accuracy"] for r in rows[1:]}):  # each reached first where validation (not test) first reaches it
         assert summarize("fedit", rows, target)["round_to_target"] == next(r["round"] for r in rows[1:] if r["val_accuracy"] >= target)
+
+
+def test_logit_adjustment_adds_each_client_its_own_label_log_prior_in_local_training():
+    """train.logit_adjustment=1 (balanced softmax): a client's offsets are the log of its add-one smoothed label
+    frequencies, and local training reaches the loss through them: a client holding only positive sentences starts
+    with the positive logit already ahead by log(41/1), so its training loss is a fraction of plain cross-entropy's."""
+    from legend.engine.runtime import Job, local_training
+    from legend.engine.simulation import derived_seed, device_view
+
+    losses = {}
+    for adjustment in (0, 1):
+        config = load_config(QUICKSTART, tiny_overrides(**{"train.logit_adjustment": adjustment}))
+        exp = build_experiment(config)
+        exp.partitions[0] = np.flatnonzero(exp.train.labels == 1)[:40]
+        plan = exp.strategy.plan(1, [0], exp.strategy.initial_state(exp.model), device_view(exp, 1, [0])[1])[0]
+        losses[adjustment] = local_training(exp, Job(1, plan, derived_seed(config.seed, 1, 0))).metrics["train_loss"]
+    assert exp.objective.logit_offsets(exp.train, exp.partitions[0]).tolist() == pytest.approx(np.log([1 / 42, 41 / 42]).tolist())
+    assert losses[1] < losses[0] / 4
+
+
+def test_logit_adjustment_is_a_classification_setting():
+    with pytest.raises(LegendError, match=r"train.logit_adjustment needs data.format='classification'"):
+        load_config(ROOT / "configs" / "instruct-sst2.toml", ["train.logit_adjustment=1"])

@@ -23,15 +23,16 @@ def largest_difference(a, b):
     return max(float((a[key] - b[key]).abs().max()) for key in a)
 
 
-@pytest.mark.parametrize("strategy", ["fedit", "legend", "hetlora"])
-def test_four_clients_at_once_give_the_global_adapter_of_one_by_one(tmp_path, strategy):
+@pytest.mark.parametrize("strategy, extra", [("fedit", {}), ("legend", {}), ("hetlora", {}), ("fedit", {"train.logit_adjustment": 1})])
+def test_four_clients_at_once_give_the_global_adapter_of_one_by_one(tmp_path, strategy, extra):
     """Four clients per round (LEGEND's at their own depths and ranks, HetLoRA's at their ranks with its
-    regulariser), two rounds: every tensor of the global state within 1e-4, the same bytes and accuracy.
+    regulariser, FedIT's with each client's own logit offsets), two rounds: every tensor of the global state within
+    1e-4, the same bytes and accuracy.
 
     The bound is float rounding after AdamW, which divides by each gradient's running scale and so enlarges
     rounding differences of small gradients: up to 1e-5 on an AMD EPYC, 2.6e-5 on an Intel Xeon with AMX. The
     same bound as the fault test below, where one client on the wrong labels moves the state by 1e-3."""
-    overrides = tiny_overrides(**{"strategy.name": strategy, "fl.clients_per_round": 4})
+    overrides = tiny_overrides(**{"strategy.name": strategy, "fl.clients_per_round": 4, **extra})
     (alone, first), (together, second) = run(tmp_path / "one", 1, overrides), run(tmp_path / "four", 4, overrides)
     assert largest_difference(first, second) < 1e-4
     for key in ("bytes_up", "bytes_down", "virtual_time_s", "final_accuracy", "rounds"):

@@ -119,6 +119,9 @@ class TrainConfig(Section):
     lr_min_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a share of lr, for the cosine schedule")
     warmup_rounds: int = Field(0, ge=0, description="linear warm-up: round r <= warmup_rounds trains at lr * r / (warmup_rounds + 1), "
                                                     "then lr_schedule runs over the remaining rounds (Hugging Face's warmup_steps, counted in rounds)")
+    logit_adjustment: float = Field(0.0, ge=0, description="classification: local training adds this times the log of the client's own label frequencies "
+                                                           "(add-one smoothed) to the logits (balanced softmax, as FedLC calibrates under label skew); "
+                                                           "evaluation reads the plain logits (0 = off)")
     batch_size: int = Field(16, gt=0, description="local batch size")
     local_steps: int = Field(10, ge=0, description="local optimizer steps per round (ignored when local_epochs > 0)")
     local_epochs: int = Field(0, ge=0, description="local epochs per round instead of a fixed step count")
@@ -280,6 +283,8 @@ def validate_config(raw: dict[str, Any]) -> Config:
             f"config: train.warmup_rounds ({config.train.warmup_rounds}) must be below fl.rounds ({config.fl.rounds}): "
             "the warm-up would take every round; shorten it"
         )
+    if config.train.logit_adjustment > 0 and config.data.format == "instruct":
+        raise LegendError("config: train.logit_adjustment needs data.format='classification': an instruct model has no class logits; set it to 0")
     if config.fl.clients_per_round > config.fl.num_clients:
         raise LegendError(
             f"config: fl.clients_per_round ({config.fl.clients_per_round}) exceeds fl.num_clients "

@@ -17,7 +17,7 @@ from legend.data.batching import EncodedSplit
 from legend.engine.prefix_cache import PrefixView
 from legend.models.placement import peak_memory_mb, reset_peak_memory
 from legend.models.shared import SharedModel
-from legend.objectives import Objective
+from legend.objectives import LOGIT_OFFSETS, Objective
 from legend.strategies.base import DeviceSide
 
 FORWARD_BACKWARD_S = "forward_backward_s"  # metric: seconds of local training spent in forward and backward passes (the rest is overhead)
@@ -98,13 +98,22 @@ def forward_passes(model: SharedModel, rows: np.ndarray, prefix: PrefixView | No
         yield
 
 
+def with_logit_offsets(batch: dict[str, torch.Tensor], offsets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The batch with ``offsets`` ((classes,) for every row, or (rows, classes)) under ``LOGIT_OFFSETS``; unchanged for None."""
+    if offsets is not None:
+        batch[LOGIT_OFFSETS] = offsets.expand(len(batch["input_ids"]), -1)
+    return batch
+
+
 def train_client(model: SharedModel, objective: Objective, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray], num_samples: int,
-                 cfg: TrainConfig, seed: int, prefix: PrefixView | None = None, device: DeviceSide | None = None, own: State | None = None) -> Update:
+                 cfg: TrainConfig, seed: int, prefix: PrefixView | None = None, device: DeviceSide | None = None, own: State | None = None,
+                 logit_offsets: torch.Tensor | None = None) -> Update:
     """Local AdamW on the objective's loss over ``batches``, starting from the plan's tensors and the device's own (together the
     whole global state).
 
     ``device``: the strategy's device-side hooks (an extra loss term, metrics to report); none by default.
-    ``own``: the tensors the device keeps between rounds (``DeviceSide.kept``), as its runtime stored them."""
+    ``own``: the tensors the device keeps between rounds (``DeviceSide.kept``), as its runtime stored them.
+    ``logit_offsets``: what this client adds to its logits (``Objective.logit_offsets`` of its labels); None: nothing."""
     device, own = device or DeviceSide(), own or {}
     model.load({**plan.weights, **own})
     optimizer = LocalOptimizer(model.set_trainable(plan.layout), plan.lr, cfg, model)
@@ -116,7 +125,7 @@ def train_client(model: SharedModel, objective: Objective, plan: ClientPlan, dat
     for rows in batches:
         step_started = time.perf_counter()
         with forward_passes(model, rows, prefix):
-            loss = objective.loss(model.module, model.on_device(data.batch(rows)))
+            loss = objective.loss(model.module, model.on_device(with_logit_offsets(data.batch(rows), logit_offsets)))
         losses.append(loss.item())
         if (extra := device.extra_loss(model, plan)) is not None:
             loss = loss + extra

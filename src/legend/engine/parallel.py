@@ -24,7 +24,7 @@ from torch import nn
 from legend.config import TrainConfig
 from legend.core import ClientPlan, State, Update
 from legend.data.batching import EncodedSplit
-from legend.engine.client import FORWARD_BACKWARD_S, PEAK_MEMORY_MB, LocalOptimizer, forward_passes
+from legend.engine.client import FORWARD_BACKWARD_S, PEAK_MEMORY_MB, LocalOptimizer, forward_passes, with_logit_offsets
 from legend.engine.prefix_cache import PrefixView
 from legend.errors import LegendError
 from legend.lora.layout import LORA_FACTOR, lora_modules
@@ -36,12 +36,14 @@ from legend.strategies.base import DeviceSide
 
 @dataclass(frozen=True)
 class ClientWork:
-    """One client's part of a group: its plan, its batches (row indices), its data size, and its own kept tensors."""
+    """One client's part of a group: its plan, its batches (row indices), its data size, its own kept tensors, and what
+    it adds to its logits (``train_client``'s ``logit_offsets``)."""
 
     plan: ClientPlan
     batches: list[np.ndarray]
     num_samples: int
     own: State
+    logit_offsets: torch.Tensor | None = None
 
 
 class ClientView:
@@ -157,9 +159,10 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
             active = [k for k, w in enumerate(work) if step < len(w.batches)]
             group.sizes = [(k, len(work[k].batches[step])) for k in active]
             rows = np.concatenate([work[k].batches[step] for k in active])
+            offsets = None if work[0].logit_offsets is None else torch.cat([work[k].logit_offsets.expand(n, -1) for k, n in group.sizes])
             step_started = time.perf_counter()
             with forward_passes(model, rows, prefix):
-                sums, counts = objective.row_losses(model.module, model.on_device(data.batch(rows)))
+                sums, counts = objective.row_losses(model.module, model.on_device(with_logit_offsets(data.batch(rows), offsets)))
             total, sizes = 0, [rows for _, rows in group.sizes]
             for k, row_sums, row_counts in zip(active, sums.split(sizes), counts.split(sizes), strict=True):
                 loss = row_sums.sum() / row_counts.sum()  # the client's own mean, as one-by-one training computes it

@@ -74,18 +74,21 @@ def local_training(exp: Experiment, job: Job, own: State | None = None, crash_at
 
     ``crash_at_step``, ``data``: the simulation's fault injection; training raises DeviceCrash when it reaches that step,
     and reads ``data`` (the same examples, other labels) instead of the training split."""
-    indices = exp.partitions[job.plan.client]
+    indices, data = exp.partitions[job.plan.client], data or exp.train
     batches = client_batches(exp.train, indices, exp.config.train, job.seed)
     if crash_at_step is not None:
         batches = _crash_at(batches, crash_at_step)
-    return train_client(exp.model, exp.objective, job.plan, data or exp.train, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"),
-                        exp.strategy.device_side(), own)
+    return train_client(exp.model, exp.objective, job.plan, data, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"),
+                        exp.strategy.device_side(), own, exp.objective.logit_offsets(data, indices))
 
 
 def local_training_together(exp: Experiment, jobs: list[Job], owns: list[State]) -> list[Update]:
     """``local_training`` of several devices in one pass per step (``engine/parallel.py``): the same updates."""
-    work = [ClientWork(job.plan, client_batches(exp.train, exp.partitions[job.plan.client], exp.config.train, job.seed),
-                       len(exp.partitions[job.plan.client]), own) for job, own in zip(jobs, owns, strict=True)]
+    work = []
+    for job, own in zip(jobs, owns, strict=True):
+        indices = exp.partitions[job.plan.client]
+        work.append(ClientWork(job.plan, client_batches(exp.train, indices, exp.config.train, job.seed), len(indices), own,
+                               exp.objective.logit_offsets(exp.train, indices)))
     return train_together(exp.model, exp.objective, work, exp.train, exp.config.train, jobs[0].seed, exp.prefix_view("train"), exp.strategy.device_side())
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from legend.config import Config
-from legend.objectives.base import Objective, Scored
+from legend.objectives.base import LOGIT_OFFSETS, Objective, Scored
 from legend.objectives.classification import Classification
 from legend.objectives.instruct import Instruct
 
-__all__ = ["Classification", "Instruct", "Objective", "Scored", "objective_for"]
+__all__ = ["LOGIT_OFFSETS", "Classification", "Instruct", "Objective", "Scored", "objective_for"]
 
 
 def objective_for(config: Config, label_names: tuple[str, ...], tokenizer) -> Objective:

@@ -25,9 +25,17 @@ class Scored(NamedTuple):
     correct: int | None  # None: the answers are generated and scored by ``exact_matches``
 
 
+LOGIT_OFFSETS = "logit_offsets"  # batch key: (B, classes) added to each row's logits in local training (``Objective.logit_offsets``)
+
+
 class Objective(ABC):
     causal_lm: bool  # the model is an AutoModelForCausalLM (else AutoModelForSequenceClassification with num_labels)
     label_names: tuple[str, ...]
+
+    def logit_offsets(self, split, rows: np.ndarray) -> torch.Tensor | None:
+        """(classes,) what a client whose data is these ``rows`` of ``split`` adds to its logits in local training, put in
+        each batch under ``LOGIT_OFFSETS``; None: nothing (objectives without class logits)."""
+        return None
 
     @abstractmethod
     def encode(self, table: datasets.Dataset, max_length: int):
