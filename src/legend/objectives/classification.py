@@ -1,8 +1,8 @@
 """Sequence classification: the model's own classifier head over the task's labels, cross-entropy per sequence.
 
 With ``train.logit_adjustment`` = tau, local training adds tau * log(the client's own label frequencies) to the logits
-(balanced softmax; FedLC's calibration under label skew): a client whose data is mostly one class no longer pushes the
-shared head and adapters toward that class, since its prior already accounts for it. Evaluation reads the plain logits.
+(balanced softmax; FedLC's calibration under label skew): its loss no longer rewards predicting its own majority class
+for being common there, since its prior already accounts for it. Evaluation reads the plain logits.
 """
 
 from __future__ import annotations
