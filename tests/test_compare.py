@@ -91,7 +91,11 @@ def test_tune_picks_each_strategys_best_on_validation_and_compare_applies_it(tmp
     for name in ("fedit", "legend"):  # each strategy ran with its own chosen learning rate
         saved = torch.load(tmp_path / "compare" / "runs" / f"{name}-seed0" / "checkpoint.pt", weights_only=True)["config"]
         assert saved["train"]["lr"] == float(tuned[name]["train.lr"])
-    assert "Tuned per strategy on the validation split" in report.read_text()
+    text = report.read_text()
+    assert "Tuned per strategy on the validation split" in text and "| validation, final | validation, best |" in text
+    for name in ("fedit", "legend"):  # validation beside test, each from the run's own summary
+        summary = json.loads((tmp_path / "compare" / "runs" / f"{name}-seed0" / "summary.json").read_text())
+        assert f"| {name} | {summary['final_accuracy']:.3f} | {summary['best_accuracy']:.3f} | {summary['final_val_accuracy']:.3f} | " in text
     with pytest.raises(LegendError, match="set data.val_size"):
         tune(load_config(QUICKSTART, tiny_overrides()), tmp_path / "novalidation", ["fedit"], grid, [0], "x")
     with pytest.raises(LegendError, match="--tuned has no settings for hetlora"):

@@ -73,18 +73,28 @@ def _peak_memory(rows: list[list[dict]]) -> float | None:
 
 
 def _table(finished: list[Runs], target: float) -> list[str]:
-    lines = ["| strategy | final accuracy | best accuracy | virtual time to target | MB to target | reached | peak device memory GB (estimate) | rounds | wall min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    validated = _validated(finished)
+    accuracy_columns = ["test accuracy, final", "test, best", *(["validation, final", "validation, best"] if validated else [])]
+    lines = ["| strategy | " + " | ".join(accuracy_columns) + " | virtual time to target | MB to target | reached | "
+             "peak device memory GB (estimate) | rounds | wall min |", "|---|" + "---|" * (len(accuracy_columns) + 6)]
     scale, unit = _seconds([x["virtual_time_s"] for r in finished for x in r.summaries])
     for r in finished:
         s = r.summaries
-        time_to, bytes_to = _mean([x["time_to_target_s"] for x in s]), _mean([x["bytes_to_target"] for x in s])
-        memory = _peak_memory(r.rows)
-        lines.append(f"| {r.strategy} | {_spread([x['final_accuracy'] for x in s])} | {_spread([x['best_accuracy'] for x in s])} | "
-                     f"{'-' if time_to is None else f'{time_to / scale:.1f} {unit}'} | {'-' if bytes_to is None else f'{bytes_to / 1e6:.1f}'} | "
+        keys = ["final_accuracy", "best_accuracy", *(["final_val_accuracy", "best_val_accuracy"] if validated else [])]
+        accuracies = [_spread([x[key] for x in s]) if all(x.get(key) is not None for x in s) else "-" for key in keys]
+        times, bytes_to = [x["time_to_target_s"] for x in s], _mean([x["bytes_to_target"] for x in s])
+        time_to, memory = _mean(times), _peak_memory(r.rows)
+        time_cell = "-" if time_to is None else f"{time_to / scale:.1f} {unit}" + (
+            f" ({min(times) / scale:.1f}-{max(times) / scale:.1f})" if len(times) > 1 else "")
+        lines.append(f"| {r.strategy} | {' | '.join(accuracies)} | {time_cell} | {'-' if bytes_to is None else f'{bytes_to / 1e6:.1f}'} | "
                      f"{sum(x['time_to_target_s'] is not None for x in s)}/{len(s)} | {'-' if memory is None else f'{memory:.2f}'} | "
                      f"{s[0]['rounds']} | {statistics.fmean(x['wall_s'] for x in s) / 60:.1f} |")
     return lines
+
+
+def _validated(finished: list[Runs]) -> bool:
+    """Whether the runs held out a validation split, so the report shows its accuracy beside the test split's."""
+    return any(x.get("final_val_accuracy") is not None for r in finished for x in r.summaries)
 
 
 def _relative(finished: list[Runs]) -> list[str]:
@@ -127,9 +137,9 @@ def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float,
     if unfinished:
         lines += [f"Not finished yet: {', '.join(unfinished)}.", ""]
     lines += [f"## Results (target accuracy {target:g})", "", *_table(finished, target), "",
-              "Accuracy: mean ± standard deviation over seeds, on the test split. Time and bytes to target: the first evaluation at or above "
-              f"the target on the {_target_split(finished)}, on the virtual clock of the devices, averaged over the seeds (shown only when every "
-              "seed reached it). Virtual time and peak device memory are the cost model's estimates for the fleet's devices (`docs/devices.md`), not measurements.", "",
+              "Accuracy: mean ± standard deviation over seeds, on the split each column names. Time and bytes to target: the first evaluation "
+              f"at or above the target on the {_target_split(finished)}, on the virtual clock of the devices, averaged over the seeds (shown only "
+              "when every seed reached it; in brackets the fastest and slowest seed). Virtual time and peak device memory are the cost model's estimates for the fleet's devices (`docs/devices.md`), not measurements.", "",
               "## Relative to each other", "", "Row against column: the row's speedup in virtual time to target (the column's mean time over the row's; with "
               "several seeds, the range of the per-seed speedups, each seed against the same seed), and the bytes it sent to reach the target, against the column's.", "",
               *_relative(finished), ""]
@@ -157,36 +167,41 @@ def _target_split(finished: list[Runs]) -> str:
 
 
 def _plot_curves(out: Path, finished: list[Runs], target: float) -> None:
+    """Accuracy on the split the target is judged on (solid, with the target line); where that is validation, test dotted beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scale, unit = _seconds([x["virtual_time_s"] for r in finished for x in r.summaries])
+    validated = _validated(finished)
+    curves = [("val_accuracy", "-", "validation"), ("accuracy", ":", "test")] if validated else [("accuracy", "-", "test")]
     for name, x_of, label in (("accuracy_vs_time.png", lambda row, acc: row["virtual_time_s"] / scale, f"virtual time ({unit})"),
                               ("accuracy_vs_bytes.png", lambda row, acc: acc / 1e6, "bytes sent, up and down (MB)")):
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for r in finished:
-            xs, ys = _mean_curve(r.rows, x_of)
-            ax.plot(xs, ys, marker=".", label=r.strategy)
-        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+        for index, r in enumerate(finished):
+            for key, style, split in curves:
+                xs, ys = _mean_curve(r.rows, x_of, key)
+                ax.plot(xs, ys, linestyle=style, marker="." if style == "-" else None, color=f"C{index}",
+                        label=f"{r.strategy}, {split}" if validated else r.strategy)
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g} ({curves[0][2]})")
         ax.set(xlabel=label, ylabel="accuracy", title=PLOTS[name])
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
 
 
-def _mean_curve(runs: list[list[dict]], x_of) -> tuple[list[float], list[float]]:
-    """Per evaluated round (common to all seeds): mean x and mean accuracy over the seeds."""
+def _mean_curve(runs: list[list[dict]], x_of, key: str) -> tuple[list[float], list[float]]:
+    """Per evaluated round (common to all seeds): mean x and mean accuracy (``key``: test or validation) over the seeds."""
     per_seed = []
     for rows in runs:
         sent, points = 0, {}
         for row in rows:
             sent += row["bytes_up"] + row["bytes_down"]
-            if row["accuracy"] is not None:
-                points[row["round"]] = (x_of(row, sent), row["accuracy"])
+            if row.get(key) is not None:
+                points[row["round"]] = (x_of(row, sent), row[key])
         per_seed.append(points)
     rounds = sorted(set.intersection(*(set(p) for p in per_seed)))
     return ([statistics.fmean(p[r][0] for p in per_seed) for r in rounds], [statistics.fmean(p[r][1] for p in per_seed) for r in rounds])
