@@ -45,8 +45,8 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: config: unknown key 'fl.roundz'"), result.stderr
 
 
-def test_readme_config_reference_is_current():
+def test_docs_config_reference_is_current():
     from legend.config import reference_markdown
 
-    readme = (ROOT / "README.md").read_text()
-    assert reference_markdown() in readme, "README's config reference is stale: paste the output of `legend reference`"
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert reference_markdown() in page, "docs/config.md's config reference is stale: paste the output of `legend reference`"
