@@ -1,7 +1,7 @@
 """Experiment config: nested pydantic models, loaded from TOML plus dotted command-line overrides.
 
-Every field carries its help text once (``description``); ``legend run --help`` and the README's
-config reference are both made from the same fields. Validation happens once, at load.
+Every field carries its help text once (``description``); ``legend run --help`` and the config reference
+(docs/config.md) are both made from the same fields. Validation happens once, at load.
 """
 
 from __future__ import annotations
