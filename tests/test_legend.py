@@ -14,10 +14,11 @@ from legend.core import ModelInfo, Update
 from legend.devices.capacity import Capacity, DeviceView
 from legend.devices.cost import Batches, ModelSpec
 from legend.engine.simulation import run_experiment
+from legend.errors import LegendError
 from legend.lora.layout import cut_to_layout
 from legend.models.shared import SharedModel
 from legend.strategies.aggregate import masked_average
-from legend.strategies.legend import Legend, configure, device_layout, estimate_layout, rank_distribution
+from legend.strategies.legend import Legend, Worth, configure_depth, configure_joint, device_layout, estimate_layout, greedy_path, rank_distribution
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
@@ -46,7 +47,7 @@ def test_ranks_are_zero_below_the_depth_and_never_decrease_toward_the_output(sha
 
 def test_plans_fit_the_target_time_and_memory_and_faster_devices_go_deeper():
     devices = view([80e9, 120e9, 250e9, 500e9, 2000e9])
-    plan = configure(devices, list(range(5)), GLOBAL, slack=0.2, rank_cap=False)
+    plan = configure_depth(devices, list(range(5)), GLOBAL, slack=0.2, rank_cap=False)
     global_layout = device_layout(GLOBAL, 6, 16)
     depth_one = [estimate_layout(devices, c, device_layout(GLOBAL, 1, 16), global_layout).total_s for c in range(5)]
     target = 1.2 * max(depth_one)
@@ -58,16 +59,16 @@ def test_plans_fit_the_target_time_and_memory_and_faster_devices_go_deeper():
 
 
 def test_memory_limits_depth_even_when_time_allows():
-    roomy = configure(view([2000e9, 80e9]), [0, 1], GLOBAL, 0.2, False)[0]
+    roomy = configure_depth(view([2000e9, 80e9]), [0, 1], GLOBAL, 0.2, False)[0]
     tight_memory = roomy.estimate.memory_bytes / 1e9 - 1e-3  # just below what its deepest plan needs
-    tight = configure(view([2000e9, 80e9], memory_gb=tight_memory), [0, 1], GLOBAL, 0.2, False)[0]
+    tight = configure_depth(view([2000e9, 80e9], memory_gb=tight_memory), [0, 1], GLOBAL, 0.2, False)[0]
     assert roomy.depth == 6 and tight.depth < 6 and tight.estimate.memory_bytes <= tight_memory * 1e9
 
 
 def test_rank_cap_lets_a_device_short_of_bandwidth_go_deeper():
     slow_link = view([2000e9, 2000e9], uplink=2e4)  # 160 kbit/s up: the upload dominates
-    uncapped = configure(slow_link, [0, 1], GLOBAL, 0.2, rank_cap=False)[0]
-    capped = configure(slow_link, [0, 1], GLOBAL, 0.2, rank_cap=True)[0]
+    uncapped = configure_depth(slow_link, [0, 1], GLOBAL, 0.2, rank_cap=False)[0]
+    capped = configure_depth(slow_link, [0, 1], GLOBAL, 0.2, rank_cap=True)[0]
     assert capped.depth > uncapped.depth and capped.cap < 16
     assert capped.layout.rank_by_block == tuple(min(r, capped.cap) if i >= 6 - capped.depth else 0 for i, r in enumerate(GLOBAL))
 
@@ -160,3 +161,120 @@ def test_each_block_is_scaled_as_legend_scaling_says(scaling, expected):
 def test_global_depth_defaults_to_the_top_two_thirds(blocks, max_depth, depth):
     legend = Legend(load_config(None, [f"legend.max_depth={max_depth}"]), ModelInfo("bert", blocks, 384, ("query", "value")))
     assert legend.global_layout().depth == depth and legend.global_ranks[-1] == 16
+
+
+WORTH = Worth(depth_decay=0.6, rank_scale=4.0)
+PAPER_RANKS = (0, 0, 2, 4, 8, 16)  # the default global ranks on MiniLM
+
+
+def non_decreasing_within(ranks, global_ranks):
+    trained = [r for r in ranks if r > 0]
+    return trained == sorted(trained) and all(r <= g for r, g in zip(ranks, global_ranks, strict=True)) and ranks[-1] >= 1
+
+
+def test_joint_planner_gives_each_device_leading_slices_of_the_global_ranks_within_one_deadline():
+    devices = view([80e9, 120e9, 250e9, 500e9, 2000e9])
+    plan = configure_joint(devices, list(range(5)), PAPER_RANKS, WORTH)
+    paths = {c: greedy_path(devices, c, PAPER_RANKS, WORTH) for c in range(5)}
+    deadline = max(a.estimate.total_s for a in plan.values())
+    assert deadline >= max(path[0].estimate.total_s for path in paths.values())  # every device trains at least its smallest layout
+    for client, a in plan.items():
+        assert non_decreasing_within(a.layout.rank_by_block, PAPER_RANKS) and a.estimate.total_s <= deadline
+        later = paths[client][paths[client].index(a) + 1 :]
+        assert not later or later[0].estimate.total_s > deadline  # it stopped only where its next step overran the deadline
+    worths = [WORTH.of(plan[c].layout.rank_by_block) for c in range(5)]
+    assert worths == sorted(worths) and worths[0] < worths[-1]  # faster devices get layouts worth more
+    assert deadline < max(a.estimate.total_s for a in configure_depth(devices, list(range(5)), PAPER_RANKS, 0.2, False).values())
+
+
+def test_joint_planner_picks_the_deadline_of_most_progress_per_second():
+    devices = view([80e9, 250e9, 2000e9])
+    plan = configure_joint(devices, [0, 1, 2], PAPER_RANKS, WORTH)
+    paths = [greedy_path(devices, c, PAPER_RANKS, WORTH) for c in range(3)]
+    floor = max(path[0].estimate.total_s for path in paths)
+
+    def reached(path, deadline):  # walk the path until a step overruns the deadline
+        point = path[0]
+        for step in path[1:]:
+            if step.estimate.total_s > deadline:
+                break
+            point = step
+        return point
+
+    def rate(deadline):  # the workloads are equal, so the progress is the plain mean of the worths reached
+        return sum(WORTH.of(reached(path, deadline).layout.rank_by_block) for path in paths) / 3 / deadline
+
+    chosen = max(a.estimate.total_s for a in plan.values())
+    candidates = {p.estimate.total_s for path in paths for p in path if p.estimate.total_s >= floor}
+    assert all(rate(chosen) >= rate(t) - 1e-12 for t in candidates)
+
+
+def test_joint_planner_never_exceeds_a_devices_memory():
+    roomy = greedy_path(view([2000e9]), 0, PAPER_RANKS, WORTH)[-1]
+    tight_gb = roomy.estimate.memory_bytes / 1e9 - 1e-3  # just below its largest layout's need
+    tight = view([2000e9, 2000e9], memory_gb=tight_gb)
+    plan = configure_joint(tight, [0, 1], PAPER_RANKS, WORTH)
+    assert all(a.estimate.memory_bytes <= tight_gb * 1e9 for a in plan.values())
+    assert all(a.layout != roomy.layout for a in plan.values())
+    assert all(p.estimate.memory_bytes <= tight_gb * 1e9 for p in greedy_path(tight, 0, PAPER_RANKS, WORTH))
+
+
+def test_a_device_with_a_slower_link_gets_no_larger_ranks_than_an_equal_device_with_a_faster_one():
+    for uplink in (1e5, 3e5, 1.25e6):
+        devices = view([500e9, 500e9, 80e9])
+        slow = Capacity("slow-link", 500e9, uplink / 10, uplink / 5, 8.0)
+        capacity = {**devices.capacity, 0: Capacity("fast-link", 500e9, uplink, 2 * uplink, 8.0), 1: slow}
+        plan = configure_joint(DeviceView(SPEC, capacity, devices.workload, "float32"), [0, 1, 2], PAPER_RANKS, WORTH)
+        fast_ranks, slow_ranks = plan[0].layout.rank_by_block, plan[1].layout.rank_by_block
+        assert all(s <= f for s, f in zip(slow_ranks, fast_ranks, strict=True)), (uplink, slow_ranks, fast_ranks)
+        assert plan[1].estimate.bytes_up <= plan[0].estimate.bytes_up
+
+
+def test_joint_planner_gives_equal_devices_the_same_layout():
+    for flops in (80e9, 500e9, 2000e9):
+        plan = configure_joint(view([flops] * 6), list(range(6)), PAPER_RANKS, WORTH)
+        assert len({a.layout for a in plan.values()}) == 1
+
+
+def test_ranks_only_planner_keeps_the_global_depth():
+    plan = configure_joint(view([80e9, 2000e9]), [0, 1], PAPER_RANKS, WORTH, fixed_depth=True)
+    assert all(a.depth == 4 and non_decreasing_within(a.layout.rank_by_block, PAPER_RANKS) for a in plan.values())
+    assert plan[0].layout.rank_by_block != plan[1].layout.rank_by_block
+
+
+def test_samples_times_steps_weights_are_the_formula():
+    from legend.strategies.aggregate import sample_step_weights
+
+    updates = [Update(0, {}, 30, {"steps": 5}), Update(1, {}, 10, {"steps": 2}), Update(2, {}, 20, {"steps": 5})]
+    assert sample_step_weights(updates) == pytest.approx([150 / 270, 20 / 270, 100 / 270])
+
+
+def test_legend_weights_samples_steps_changes_only_the_weights_of_the_masked_mean():
+    info = ModelInfo("bert", 3, 4, ("m",), "layers")
+    key = "layers.2.m.lora_A.default.weight"
+    state = {key: torch.zeros(2, 4)}
+    updates = [Update(0, {key: torch.ones(2, 4)}, 30, {"steps": 1}), Update(1, {key: 3 * torch.ones(1, 4)}, 10, {"steps": 6})]
+    plain = Legend(load_config(None, ["legend.max_depth=2"]), info).aggregate(1, state, updates)
+    stepped = Legend(load_config(None, ["legend.max_depth=2", "legend.weights=samples_steps"]), info).aggregate(1, state, updates)
+    torch.testing.assert_close(plain[key][0], torch.full((4,), 0.75 * 1 + 0.25 * 3))  # samples: 30 against 10
+    torch.testing.assert_close(stepped[key][0], torch.full((4,), (30 * 1 + 60 * 3) / 90))  # samples x steps: 30 against 60
+    torch.testing.assert_close(stepped[key][1], torch.ones(4))  # a row only the first device trained keeps its value
+
+
+def test_rank_by_block_sets_the_global_ranks_and_a_wrong_length_is_one_clear_error():
+    info = ModelInfo("bert", 3, 4, ("m",))
+    assert Legend(load_config(None, ["legend.rank_by_block=[0,4,8]"]), info).global_ranks == (0, 4, 8)
+    with pytest.raises(LegendError, match="one rank >= 0 for each of the model's 3 blocks"):
+        Legend(load_config(None, ["legend.rank_by_block=[4,8]"]), info)
+
+
+def test_legend_run_with_the_joint_planner_trains_per_device_depths_and_ranks(tmp_path):
+    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "legend.planner": "joint", "fl.clients_per_round": 4,
+                                                       "devices.fleet": "jetson-mix-80"}))
+    summary = run_experiment(config, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    layouts = [tuple(d["rank_by_block"]) for row in rows[1:] for d in row["devices"]]
+    assert all(non_decreasing_within(r, PAPER_RANKS) for r in layouts) and len(set(layouts)) > 1
+    head, per_rank = 2 * H + 2, 2 * (H + H)
+    assert all(d["bytes_up"] == 4 * (per_rank * sum(d["rank_by_block"]) + head) for row in rows[1:] for d in row["devices"])
+    assert summary["final_accuracy"] is not None

@@ -95,6 +95,18 @@ class LegendConfig(Section):
         "uniform", description="LEGEND: LoRA scaling per block: 'uniform' = lora.alpha / lora.r in every block (FedIT's), 'rank' = lora.alpha / r_l (PEFT's)")
     rank_cap: bool = Field(False, description="LEGEND: a device may also cap its ranks (nested truncation) to go deeper within T*")
     replan_every: int = Field(1, gt=0, description="LEGEND: refresh the capacity estimates the planner uses every this many rounds")
+    planner: Literal["depth", "joint", "ranks", "global"] = Field(
+        "depth", description="LEGEND: per device, 'depth' = the deepest top-block region within T* (ranks global), 'joint' = depth and ranks "
+                             "per block by worth per second within a planner-chosen deadline, 'ranks' = the joint planner at the global "
+                             "depth (ranks only), 'global' = every device trains the whole global layout (docs/legend.md)")
+    depth_decay: float = Field(0.6, gt=0, le=1, description="LEGEND joint planner: worth of a block relative to the block above it (gamma)")
+    rank_scale: float = Field(4.0, gt=0, description="LEGEND joint planner: rank at which a block's worth reaches 1 - 1/e of its most (rho)")
+    rank_by_block: list[int] = Field(
+        default_factory=list, description="LEGEND: the global ranks per block, input first (e.g. [0, 0, 2, 4, 8, 16]); empty = the ramp of "
+                                          "legend.ranks from r_min to r_max over max_depth blocks")
+    weights: Literal["samples", "samples_steps"] = Field(
+        "samples", description="LEGEND aggregation: each coordinate's mean over the devices that trained it, weighted by samples n_k "
+                               "or by samples x local steps run n_k t_k")
 
 
 class StrategyConfig(Section):

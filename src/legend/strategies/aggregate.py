@@ -13,6 +13,14 @@ def sample_weights(updates: list[Update]) -> list[float]:
     return [u.num_samples / total for u in updates]
 
 
+def sample_step_weights(updates: list[Update]) -> list[float]:
+    """p_k = n_k t_k / sum_j n_j t_j, with t_k the local steps device k ran (its ``steps`` metric): a device that took
+    fewer steps this round (a small partition under train.local_epochs, a crash) moved its tensors less, and weighs less."""
+    mass = [u.num_samples * u.metrics["steps"] for u in updates]
+    total = sum(mass)
+    return [m / total for m in mass]
+
+
 def weighted_average(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     out = torch.zeros_like(tensors[0], dtype=torch.float32)
     for tensor, weight in zip(tensors, weights, strict=True):

@@ -1,12 +1,13 @@
-"""LEGEND (arXiv 2412.20004): LoRA depth per device from its capacity, ranks that grow toward the output.
+"""LEGEND (arXiv 2412.20004): per device, a LoRA depth counted from the output and a rank distribution over those blocks.
 
-The global rank vector r_0..r_{N-1} is zero below the deepest LoRA block and non-decreasing toward
-the output. A device of depth d trains blocks N-d..N-1 at those ranks (optionally capped, nested
-truncation) and applies the current global adapters below its region, frozen. Each round the sampled
-devices are configured greedily: T* = the slowest one's estimated depth-1 time x (1 + slack); each
-takes the deepest depth (then the largest rank cap) whose estimated time fits T* and whose memory
-fits. The server averages each coordinate over the devices that trained it. docs/legend.md has every
-design choice and its knob.
+The global ranks R_0..R_{N-1} are zero below the deepest LoRA block and non-decreasing toward the output;
+every device's ranks are leading slices of them, so aggregation stays aligned per block and per rank row.
+Planners (``legend.planner``): 'depth' gives each device the deepest top-block region whose estimated time fits
+T* = the slowest device's depth-1 time x (1 + slack), at the global ranks; 'joint' configures depth and ranks
+together: each device greedily adds the (block, rank rows) increment of highest worth per second of its estimated
+round, and the round's deadline is the one that buys the most estimated progress per second ('ranks' keeps the global
+depth, 'global' plans nothing). The server averages each coordinate over the devices that trained it.
+docs/legend.md has the problem, the algorithm and every design choice with its knob.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from legend.devices.clock import RoundTime
 from legend.devices.cost import applied_ranks
 from legend.errors import LegendError
 from legend.lora.layout import AdapterLayout, cut_to_layout
-from legend.strategies.aggregate import masked_average, robust_updates, sample_weights
+from legend.strategies.aggregate import masked_average, robust_updates, sample_step_weights, sample_weights
 from legend.strategies.base import Strategy
 from legend.strategies.registry import register
 from legend.wire import wire_bytes
@@ -39,6 +40,22 @@ def rank_distribution(num_blocks: int, depth: int, r_min: int, r_max: int, shape
     else:  # geometric
         ramp = r_min * (r_max / r_min) ** steps
     return (0,) * (num_blocks - depth) + tuple(int(round(r)) for r in ramp)
+
+
+def global_ranks_of(config, num_blocks: int) -> tuple[int, ...]:
+    """legend.rank_by_block as given, or the ramp of legend.ranks over the global depth."""
+    cfg = config.legend
+    if cfg.rank_by_block:
+        ranks = tuple(cfg.rank_by_block)
+        if len(ranks) != num_blocks or min(ranks) < 0 or max(ranks) == 0:
+            raise LegendError(f"legend.rank_by_block {list(ranks)} must give one rank >= 0 for each of the model's {num_blocks} blocks, "
+                              "input first, not all 0: e.g. " + str([0] * (num_blocks - 2) + [8, 16]))
+        return ranks
+    top = config.lora.top_blocks
+    if cfg.max_depth and top and cfg.max_depth != top:
+        raise LegendError(f"legend.max_depth ({cfg.max_depth}) and lora.top_blocks ({top}) both set LEGEND's global depth: set one of them")
+    depth = min(cfg.max_depth or top or math.ceil(2 * num_blocks / 3), num_blocks)  # 0: MiniLM's 6 blocks -> 4
+    return rank_distribution(num_blocks, depth, cfg.r_min, cfg.r_max, cfg.ranks)
 
 
 def device_layout(global_ranks: tuple[int, ...], depth: int, cap: int) -> AdapterLayout:
@@ -65,7 +82,7 @@ def estimate_layout(view: DeviceView, client: int, layout: AdapterLayout, global
     return estimate_round(view, client, layout, applied, down, up)
 
 
-def configure(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], slack: float, rank_cap: bool) -> dict[int, Assignment]:
+def configure_depth(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], slack: float, rank_cap: bool) -> dict[int, Assignment]:
     """Greedy depth (and rank cap) per device within T* = slowest depth-1 time x (1 + slack) and its memory."""
     global_layout = AdapterLayout("lora", global_ranks)
     caps = sorted({r for r in global_ranks if r > 0}, reverse=True)
@@ -85,6 +102,86 @@ def configure(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...
     return plan
 
 
+@dataclass(frozen=True)
+class Worth:
+    """The joint planner's model of what a layout is worth to a round: sum over blocks of
+    gamma^(N-1-l) (1 - exp(-r_l / rho)). A block nearer the output is worth more (gamma <= 1), and each block's
+    worth saturates in its rank (rho): the coupled depth-and-rank study in docs/legend.md is where they come from."""
+
+    depth_decay: float
+    rank_scale: float
+
+    def of(self, ranks: tuple[int, ...]) -> float:
+        top = len(ranks) - 1
+        return sum(self.depth_decay ** (top - block) * (1.0 - math.exp(-rank / self.rank_scale)) for block, rank in enumerate(ranks))
+
+
+def greedy_path(view: DeviceView, client: int, global_ranks: tuple[int, ...], worth: Worth, fixed_depth: bool = False) -> list[Assignment]:
+    """One device's layouts from the smallest (the top block at rank 1; with ``fixed_depth`` every global block at rank 1)
+    upward, each step the increment of highest worth per estimated second that fits its memory: one more rank row in a
+    block of its region (ranks stay non-decreasing toward the output and within the global ones), or one more block below
+    it at any rank up to the block above's. The path ends when nothing more fits or every rank is global."""
+    global_layout = AdapterLayout("lora", global_ranks)
+    memory = view.capacity[client].memory_gb * 1e9
+    n = len(global_ranks)
+    start = tuple(min(1, r) for r in global_ranks) if fixed_depth else (0,) * (n - 1) + (1,)
+
+    def assign(ranks: tuple[int, ...]) -> Assignment:
+        layout = AdapterLayout("lora", ranks)
+        return Assignment(layout.depth, max(ranks), layout, estimate_layout(view, client, layout, global_layout))
+
+    path = [assign(start)]
+    while True:
+        ranks = path[-1].layout.rank_by_block
+        lowest = n - path[-1].depth
+        steps = [ranks[:b] + (ranks[b] + 1,) + ranks[b + 1:] for b in range(lowest, n)
+                 if ranks[b] < global_ranks[b] and (b == n - 1 or ranks[b] < ranks[b + 1])]
+        if not fixed_depth and lowest > 0 and global_ranks[lowest - 1] > 0:
+            below = lowest - 1
+            steps += [ranks[:below] + (r,) + ranks[below + 1:] for r in range(1, min(global_ranks[below], ranks[lowest]) + 1)]
+        here, here_worth = path[-1].estimate.total_s, worth.of(ranks)
+        best, best_rate = None, -math.inf
+        for candidate in map(assign, steps):
+            if candidate.estimate.memory_bytes > memory:
+                continue
+            gain, cost = worth.of(candidate.layout.rank_by_block) - here_worth, candidate.estimate.total_s - here
+            rate = math.inf if cost <= 0 else gain / cost
+            if rate > best_rate:
+                best, best_rate = candidate, rate
+        if best is None:
+            return path
+        path.append(best)
+
+
+def within(path: list[Assignment], deadline: float) -> Assignment:
+    """The furthest point of a device's path reached before any step overruns the deadline (at least its first)."""
+    reached = path[0]
+    for point in path[1:]:
+        if point.estimate.total_s > deadline:
+            break
+        reached = point
+    return reached
+
+
+def configure_joint(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], worth: Worth,
+                    fixed_depth: bool = False) -> dict[int, Assignment]:
+    """Depth and ranks per device, and the round's deadline T*: among the times the devices' paths reach, the one that
+    maximises the round's estimated progress per second, (sum_k n_k worth_k(T) / sum_k n_k) / T, where n_k is the
+    number of sequences the device trains this round; T* is never below the slowest device's smallest layout (every device trains)."""
+    paths = {c: greedy_path(view, c, global_ranks, worth, fixed_depth) for c in clients}
+    samples = {c: max(view.workload[c].sequences, 1) for c in clients}
+    floor = max(path[0].estimate.total_s for path in paths.values())
+    deadlines = sorted({p.estimate.total_s for path in paths.values() for p in path if p.estimate.total_s >= floor})
+
+    def progress_per_second(deadline: float) -> float:
+        reached = {c: within(path, deadline) for c, path in paths.items()}
+        mean = sum(samples[c] * worth.of(a.layout.rank_by_block) for c, a in reached.items()) / sum(samples.values())
+        return mean / deadline
+
+    deadline = max(deadlines, key=progress_per_second)  # ties: the earliest (max keeps the first)
+    return {c: within(path, deadline) for c, path in paths.items()}
+
+
 @register
 class Legend(Strategy):
     name = "legend"
@@ -92,12 +189,7 @@ class Legend(Strategy):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        cfg = config.legend
-        top = config.lora.top_blocks
-        if cfg.max_depth and top and cfg.max_depth != top:
-            raise LegendError(f"legend.max_depth ({cfg.max_depth}) and lora.top_blocks ({top}) both set LEGEND's global depth: set one of them")
-        depth = min(cfg.max_depth or top or math.ceil(2 * info.num_blocks / 3), info.num_blocks)  # 0: MiniLM's 6 blocks -> 4
-        self.global_ranks = rank_distribution(info.num_blocks, depth, cfg.r_min, cfg.r_max, cfg.ranks)
+        self.global_ranks = global_ranks_of(config, info.num_blocks)
         self.snapshot: dict[int, Capacity] = {}  # the estimates of the last re-plan
 
     def global_layout(self) -> AdapterLayout:
@@ -114,17 +206,27 @@ class Legend(Strategy):
         if (round_number - 1) % cfg.replan_every == 0 or not self.snapshot:
             self.snapshot = dict(devices.capacity)
         view = DeviceView(devices.spec, self.snapshot, devices.workload, devices.wire_dtype)
-        assignments = configure(view, clients, self.global_ranks, cfg.slack, cfg.rank_cap)
+        layouts = {c: a.layout for c, a in self.configure(view, clients).items()}
         lr = self.lr(round_number)
         # the whole global state goes down (the device applies every global adapter), its region cut to its ranks
-        return {c: ClientPlan(c, a.layout, cut_to_layout(global_state, a.layout, self.info.block_of), lr) for c, a in assignments.items()}
+        return {c: ClientPlan(c, layout, cut_to_layout(global_state, layout, self.info.block_of), lr) for c, layout in layouts.items()}
+
+    def configure(self, view: DeviceView, clients: list[int]) -> dict[int, Assignment]:
+        """Each sampled device's layout by legend.planner."""
+        cfg = self.config.legend
+        if cfg.planner == "depth":
+            return configure_depth(view, clients, self.global_ranks, cfg.slack, cfg.rank_cap)
+        if cfg.planner == "global":
+            layout = self.global_layout()
+            return {c: Assignment(layout.depth, max(self.global_ranks), layout, estimate_layout(view, c, layout, layout)) for c in clients}
+        return configure_joint(view, clients, self.global_ranks, Worth(cfg.depth_decay, cfg.rank_scale), fixed_depth=cfg.planner == "ranks")
 
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
         """Each coordinate: the sample-weighted mean (or fl.aggregator's robust rule) over the devices that trained it; the rest keeps its value."""
         fl = self.config.fl
         if fl.aggregator != "mean":
             return {**global_state, **robust_updates(global_state, updates, fl.aggregator, fl.trim_fraction)}
-        weights = sample_weights(updates)
+        weights = sample_weights(updates) if self.config.legend.weights == "samples" else sample_step_weights(updates)
         new = dict(global_state)
         for key in {k for u in updates for k in u.weights}:
             covering = [(u.weights[key], w) for u, w in zip(updates, weights, strict=True) if key in u.weights]
