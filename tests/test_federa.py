@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from tests.conftest import DATA, ROOT, tiny_overrides
 
 from legend.config import load_config
 from legend.core import ModelInfo
 from legend.data.batching import encode
 from legend.data.tasks import load_task
-from legend.engine.simulation import run_experiment
+from legend.engine.simulation import build_model, run_experiment
 from legend.errors import LegendError
 from legend.lora import AdapterLayout
 from legend.lora.init import federa_factors
@@ -77,13 +78,41 @@ def test_decoder_model_keeps_its_logits():
 
 def test_federa_init_on_a_strategy_without_lora_is_one_error_line():
     with pytest.raises(LegendError, match="lora.init 'federa' initialises LoRA adapters"):
-        adapted("minilm-l6", AdapterLayout("bitfit"), "federa")
+        build_model(load_config(ROOT / "configs" / "quickstart.toml", ["strategy.name=bitfit", "lora.init=federa"]), ("0", "1"))
 
 
 def test_legend_with_federa_init_trains_per_block_ranks_end_to_end(tmp_path):
     overrides = tiny_overrides(**{"strategy.name": "legend", "lora.init": '"federa"', "fl.rounds": 1})
     summary = run_experiment(load_config(ROOT / "configs" / "quickstart.toml", overrides), tmp_path)
     assert summary["rounds"] == 1 and 0.0 <= summary["final_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("scaling", ["uniform", "rank"])
+def test_legend_with_federa_init_keeps_the_function_and_each_block_holds_its_own_rank_factors(scaling):
+    """LEGEND's global layout (ranks rising toward the output, none below its depth) under lora.init=federa: the model computes
+    the base model's logits, and every adapted layer of block l holds B = U_r diag(sqrt(S_r / s)), A = diag(sqrt(S_r / s)) V_r^T and
+    W_res = W - s B A, with that block's own rank r_l and scaling s_l (the SVD of the pre-trained W, in float64)."""
+    config = load_config(ROOT / "configs" / "quickstart.toml", tiny_overrides(**{"strategy.name": "legend", "lora.init": '"federa"',
+                                                                                "legend.scaling": f'"{scaling}"'}))
+    model, _, legend = build_model(config, ("0", "1"))
+    base = SharedModel.build("minilm-l6", num_labels=2, seed=config.seed)  # the same head, drawn from the same seed; no adapters
+    batch = sentences(base)
+    assert (logits(model, batch) - logits(base, batch)).abs().max() <= 1e-4
+    layers = {name: layer for name, layer in model.module.named_modules() if isinstance(layer, LoraLayer)}
+    assert {model.info.block_of(name + ".") for name in layers} == {b for b, r in enumerate(legend.global_ranks) if r > 0}
+    for name, layer in layers.items():
+        block = model.info.block_of(name + ".")
+        rank, s = layer.r["default"], layer.scaling["default"]
+        assert rank == legend.global_ranks[block]
+        assert s == pytest.approx(config.lora.alpha / (config.lora.r if scaling == "uniform" else rank))
+        weight = base.params[name + ".weight"].double()
+        u, singular, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = torch.sqrt(singular[:rank] / s)
+        a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        sign = torch.where((b * u[:, :rank]).sum(0) < 0, -1.0, 1.0).double()  # an exact SVD fixes each singular pair up to its sign
+        assert torch.allclose(b, u[:, :rank] * root * sign, atol=1e-5), name
+        assert torch.allclose(a, (root * sign)[:, None] * vh[:rank], atol=1e-5), name
+        assert torch.allclose(layer.get_base_layer().weight.double(), weight - s * b @ a, atol=1e-5), name
 
 
 def test_flora_refuses_federa_init():

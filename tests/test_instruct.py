@@ -1,6 +1,7 @@
 """Instruction tuning of a decoder (data.format = "instruct"): what a batch holds, the response-only loss, the chat
 and plain templates, answer scoring, the frozen-prefix cache under causal attention, every LoRA strategy, and export."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -143,6 +144,24 @@ def test_open_instruction_data_is_scored_by_generated_answers(tiny_decoder, sst2
     assert refused.exit_code == 2 and "data.partition='iid'" in refused.stderr
 
 
+def test_exact_match_scores_an_answer_equal_to_its_reference_1_and_any_other_0(tiny_decoder, sst2_as_instructions):
+    """The scorer against references set from the model's own greedy answers: the answer itself, or written as the
+    normalisation forgives (another case, an article, punctuation, spacing), counts 1; the answer with a word more counts 0."""
+    overrides = {"data.task": "instructions", "data.path": f'"{sst2_as_instructions}"', "data.partition": "iid", "data.test_size": 0,
+                 "eval.max_new_tokens": 3, "strategy.name": "fedit"}
+    exp = build_experiment(instruct_config(tiny_decoder, **overrides))
+    module, split, rows = exp.model.module.eval(), exp.test, np.arange(4)
+    answers = exp.objective.generate(module, [split.input_ids[i][: split.prompt_lengths[i]] for i in rows], split.pad_token_id)
+    assert any(normalise_answer(answer) for answer in answers)  # the comparison is of words, not of empty strings
+    forgiven = [f"  The {answer.upper()} ." for answer in answers]
+    one_word_more = [f"{answer} indeed" for answer in answers]
+    with torch.no_grad():
+        mixed = ((forgiven[:2] + one_word_more[2:], 2), (one_word_more[:3] + forgiven[3:], 1))
+        for references, expected in ((answers, 4), (forgiven, 4), (one_word_more, 0), *mixed):
+            known = dataclasses.replace(split, references=references + split.references[len(rows):])
+            assert exp.objective.exact_matches(module, known, rows) == expected  # the same batch of prompts: the same answers
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"data.label_words": '["positive review", "positive"]'}, "start with the same token"),
     ({"data.label_words": '["positive"]'}, "one word per class"),
@@ -154,26 +173,35 @@ def test_bad_instruct_settings_get_one_line_and_exit_2(tiny_decoder, overrides, 
     assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+# Runs in a fresh interpreter: each folder loaded with transformers (a merged model) or transformers and peft (an adapter) only.
 FRESH_PROCESS = """
-import json, sys
+import json, os, sys
 import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM
-folder, ids = sys.argv[1], json.loads(sys.stdin.read())
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(folder).base_model_name_or_path), folder).eval()
-with torch.no_grad():
-    logits = model(input_ids=torch.tensor(ids)).logits[:, -1]
+ids, results = json.loads(sys.stdin.read()), {}
+for folder in sys.argv[1:]:
+    if os.path.exists(os.path.join(folder, "adapter_config.json")):
+        base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(folder).base_model_name_or_path)
+        model = PeftModel.from_pretrained(base, folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        results[folder] = model.eval()(input_ids=torch.tensor(ids)).logits[:, -1].tolist()
 assert not any(name == "legend" or name.startswith("legend.") for name in sys.modules)
-print(json.dumps(logits.tolist()))
+print(json.dumps(results))
 """
 
 
-def test_a_causal_lm_run_exports_an_adapter_that_transformers_and_peft_load_alone(tiny_decoder, tmp_path):
+def test_a_causal_lm_run_exports_an_adapter_and_a_merged_model_that_transformers_and_peft_load_alone(tiny_decoder, tmp_path):
+    """Both exports of a LEGEND run on the decoder, loaded in a fresh process, give the run's own logits within 1e-4."""
     config = instruct_config(tiny_decoder, **{"strategy.name": "legend"})
     run = tmp_path / "run"
     summary = run_experiment(config, run)
-    folder = export(run, tmp_path / "adapter")
+    folder, merged = export(run, tmp_path / "adapter"), export(run, tmp_path / "merged", merge=True)
     assert json.loads((folder / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    assert not (merged / "adapter_config.json").exists()
+    assert json.loads((merged / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     exp = build_experiment(config)
     exp.model.load(torch.load(run / CHECKPOINT, weights_only=True)["global_state"])
     exp.model.module.eval()
@@ -182,10 +210,13 @@ def test_a_causal_lm_run_exports_an_adapter_that_transformers_and_peft_load_alon
     ids = [p[:width].tolist() for p in prompts]  # one length: no padding in the comparison
     with torch.no_grad():
         ours = exp.model.module(input_ids=torch.tensor(ids)).logits[:, -1].numpy()
-    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(folder)], input=json.dumps(ids), capture_output=True, text=True, check=False,
+    fresh = [sys.executable, "-c", FRESH_PROCESS, str(folder), str(merged)]
+    done = subprocess.run(fresh, input=json.dumps(ids), capture_output=True, text=True, check=False,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert np.abs(np.asarray(json.loads(done.stdout.strip().splitlines()[-1])) - ours).max() <= 1e-4
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert np.abs(np.asarray(loaded[str(folder)]) - ours).max() <= 1e-4
+    assert np.abs(np.asarray(loaded[str(merged)]) - ours).max() <= 1e-4
     result = CliRunner().invoke(app, ["evaluate", str(folder), "--json"])
     assert result.exit_code == 0, result.output
     scored = json.loads(result.stdout.strip().splitlines()[-1])
