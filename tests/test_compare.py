@@ -107,7 +107,7 @@ def test_the_relative_table_pairs_each_seed_with_the_same_seed():
     from legend.report.document import Runs, _relative
 
     def runs(name, times, sent):
-        return Runs(name, [{"time_to_target_s": t, "bytes_to_target": b} for t, b in zip(times, sent, strict=True)], [])
+        return Runs(name, [{"time_to_target_held_s": t, "bytes_to_target_held": b} for t, b in zip(times, sent, strict=True)], [])
 
     lines = _relative([runs("legend", [10.0, 20.0], [1e6, 1e6]), runs("fedit", [20.0, 30.0], [2e6, 2e6])])
     assert lines[2] == "| legend |  | 1.67x (per seed 1.50-2.00x), 50% fewer bytes |"

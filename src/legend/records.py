@@ -59,13 +59,59 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines() if line]
 
 
+def target_key(rows: list[dict[str, Any]]) -> str:
+    """The metrics key the target is judged on: validation accuracy where the run held a split out (data.val_size), else test."""
+    return "val_accuracy" if any(r.get("val_accuracy") is not None for r in rows) else "accuracy"
+
+
+def _evaluations(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The rounds after training began that were evaluated (a round without evaluation has ``key`` null)."""
+    return [r for r in rows if r["round"] > 0 and r.get(key) is not None]
+
+
+def first_crossing(rows: list[dict[str, Any]], key: str, target: float) -> dict[str, Any] | None:
+    """The first evaluation at or above ``target``, even one the next evaluation falls back from."""
+    return next((r for r in _evaluations(rows, key) if r[key] >= target), None)
+
+
+def held_crossing(rows: list[dict[str, Any]], key: str, target: float) -> dict[str, Any] | None:
+    """The first evaluation i with acc_i >= target and, where it is not the run's last evaluation, acc_(i+1) >= target.
+
+    Under label skew accuracy swings a few points between evaluations, so one evaluation that spikes above the target
+    and falls back is noise, not the target reached; a run that ends on an evaluation at or above it has reached it."""
+    evaluations = _evaluations(rows, key)
+    following = [*evaluations[1:], None]
+    held = (r for r, after in zip(evaluations, following, strict=True) if r[key] >= target and (after is None or after[key] >= target))
+    return next(held, None)
+
+
+def bytes_through(rows: list[dict[str, Any]], round_number: int) -> int:
+    """Bytes up and down sent in rounds 1 to ``round_number``."""
+    return sum(r["bytes_up"] + r["bytes_down"] for r in rows if 0 < r["round"] <= round_number)
+
+
+def accuracy_within(rows: list[dict[str, Any]], key: str, seconds: float | None = None, sent: int | None = None) -> float:
+    """``key`` at the last evaluation at or before ``seconds`` of virtual time and ``sent`` bytes (up and down; None: no bound).
+
+    Round 0, the evaluation before training (0 s, 0 bytes), is within any budget."""
+    within, total = rows[0].get(key), 0
+    for r in rows[1:]:
+        total += r["bytes_up"] + r["bytes_down"]
+        if (seconds is not None and r["virtual_time_s"] > seconds) or (sent is not None and total > sent):
+            break
+        if r.get(key) is not None:
+            within = r[key]
+    return within
+
+
 def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float) -> dict[str, Any]:
     """Row 0 is the evaluation before training; later rows are rounds. With a validation split, the target is
-    judged on validation accuracy (``target_split``); ``*_accuracy`` are on the test split either way."""
+    judged on validation accuracy (``target_split``); ``*_accuracy`` are on the test split either way. ``*_to_target``:
+    the first crossing (``first_crossing``); ``*_to_target_held``: the crossing the next evaluation holds (``held_crossing``)."""
     evaluated = [r for r in rows if r["accuracy"] is not None]
     validated = [r["val_accuracy"] for r in evaluated if r.get("val_accuracy") is not None]
-    judged = "val_accuracy" if validated else "accuracy"
-    reached = next((r for r in evaluated if r["round"] > 0 and r[judged] >= target_accuracy), None)
+    judged = target_key(rows)
+    reached, held = first_crossing(rows, judged, target_accuracy), held_crossing(rows, judged, target_accuracy)
     rounds = [r for r in rows if r["round"] > 0]
     return {
         "strategy": strategy,
@@ -92,5 +138,8 @@ def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float)
         "target_split": "validation" if validated else "test",
         "round_to_target": reached["round"] if reached else None,
         "time_to_target_s": reached["virtual_time_s"] if reached else None,
-        "bytes_to_target": sum(r["bytes_up"] + r["bytes_down"] for r in rounds if r["round"] <= reached["round"]) if reached else None,
+        "bytes_to_target": bytes_through(rows, reached["round"]) if reached else None,
+        "round_to_target_held": held["round"] if held else None,
+        "time_to_target_held_s": held["virtual_time_s"] if held else None,
+        "bytes_to_target_held": bytes_through(rows, held["round"]) if held else None,
     }
