@@ -96,11 +96,14 @@ def test_report_gives_held_time_to_target_first_crossing_beside_it_and_quality_u
             "virtual time to target (held) | MB to target (held) | reached (held) | virtual time to target, first crossing | "
             "peak device memory GB (estimate) | rounds | wall min |") in text
     # held: fedit on its last evaluation (30 s, 36 s); hetlora at round 4 on seed 0 (60 s), 3 on seed 1 (45 s); first crossing 15 s, 45 s
-    assert "| fedit | 0.650 ± 0.071 | 0.650 ± 0.071 | 0.850 ± 0.071 | 0.850 ± 0.071 | 33.0 s (30.0-36.0) | 300.0 | 2/2 | 33.0 s (30.0-36.0) |" in text
-    assert "| hetlora | 0.700 ± 0.071 | 0.700 ± 0.071 | 0.900 ± 0.071 | 0.900 ± 0.071 | 52.5 s (45.0-60.0) | 175.0 | 2/2 | 30.0 s (15.0-45.0) |" in text
+    assert ("| fedit | 0.650 ± 0.071 | 0.650 ± 0.071 | 0.850 ± 0.071 | 0.850 ± 0.071 | "
+            "33.0 s (30.0-36.0) | 300.0 | 2/2 | 33.0 s (30.0-36.0) |") in text
+    assert ("| hetlora | 0.700 ± 0.071 | 0.700 ± 0.071 | 0.900 ± 0.071 | 0.900 ± 0.071 | "
+            "52.5 s (45.0-60.0) | 175.0 | 2/2 | 30.0 s (15.0-45.0) |") in text
     budget = text.split("## Quality under budget\n\n")[1].split("\n\n")[0].splitlines()
-    assert budget[0] == "| strategy | validation accuracy within fedit's virtual time (33.0 s) | validation accuracy within fedit's bytes (300.0 MB) |"
+    assert budget[0] == ("| strategy | validation accuracy within fedit's virtual time (33.0 s) | "
+                         "validation accuracy within fedit's bytes (300.0 MB) |")
     assert budget[2] == "| fedit | 0.850 ± 0.071 | 0.850 ± 0.071 |"  # its own final evaluations
-    assert budget[3] == "| hetlora | 0.770 ± 0.071 | 0.900 ± 0.071 |"  # at 30 s: 0.82 (round 2 not evaluated), at 36 s: 0.72; all its bytes fit
+    assert budget[3] == "| hetlora | 0.770 ± 0.071 | 0.900 ± 0.071 |"  # 30 s: 0.82 (round 2 not evaluated), 36 s: 0.72; all bytes fit
     relative = text.split("## Relative to each other\n\n")[1].split("\n\n")[1].splitlines()
     assert relative[2] == "| fedit |  | 1.59x (per seed 1.25-2.00x), 71% more bytes |"  # 52.5 s / 33 s; 300 MB against 175 MB
