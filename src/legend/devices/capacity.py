@@ -126,20 +126,25 @@ def estimate_round(view: DeviceView, client: int, layout: AdapterLayout, applied
 def ranks_by_capacity(view: DeviceView, clients: list[int], r_min: int, r_max: int, top: int = 0) -> dict[int, int]:
     """HetLoRA's and FlexLoRA's per-device rank: in proportion to the device's estimated speed against the whole fleet.
 
-    t_j(W) = estimated round time of LoRA at r_max on every block (the top ``top``: lora.top_blocks) on device j with
-    workload W; r_k = floor(r_max x min_j t_j(W_k) / t_k(W_k)) over every device j of the fleet (its current estimate),
-    clipped to [r_min, r_max]: a device as fast as the fleet's fastest gets r_max, one three times slower a third of
-    it, whichever devices the round happens to sample with it.
+    r_k = floor(r_max x min_j t_j(W_k) / t_k(W_k)) (``round_times``), clipped to [r_min, r_max]: a device as fast as the
+    fleet's fastest gets r_max, one three times slower a third of it, whichever devices the round happens to sample with it.
     """
+    times = round_times(view, clients, r_max, top)
+    return {client: max(r_min, min(r_max, int(r_max * fastest / own))) for client, (fastest, own) in times.items()}
+
+
+def round_times(view: DeviceView, clients: list[int], r_max: int, top: int = 0) -> dict[int, tuple[float, float]]:
+    """Per client k: (min_j t_j(W_k), t_k(W_k)), where t_j(W) = the estimated round time of LoRA at r_max on every block (the
+    top ``top``: lora.top_blocks) on device j with workload W, over every device j of the fleet (its current estimate).
+    The ratio of the two is how much of a full round device k can do in the time the fleet's fastest does it all."""
     layout = AdapterLayout.uniform_lora(view.spec.num_blocks, r_max, top)
     size = wire_bytes(lora_numel(view.spec, layout.rank_by_block), view.wire_dtype)
 
     def seconds(capacity: Capacity, flops: float) -> float:
         return size / capacity.downlink + flops / capacity.flops_per_s + size / capacity.uplink
 
-    ranks = {}
+    times = {}
     for client in clients:
         flops = training_flops(view.spec, layout, view.workload[client], layout.rank_by_block)
-        fastest = min(seconds(capacity, flops) for capacity in view.capacity.values())
-        ranks[client] = max(r_min, min(r_max, int(r_max * fastest / seconds(view.capacity[client], flops))))
-    return ranks
+        times[client] = (min(seconds(capacity, flops) for capacity in view.capacity.values()), seconds(view.capacity[client], flops))
+    return times

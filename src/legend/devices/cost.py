@@ -144,6 +144,12 @@ def input_needs_gradient(layout: AdapterLayout) -> bool:
     return layout.method in ("full", "bitfit")
 
 
+def held_blocks(spec: ModelSpec, layout: AdapterLayout) -> list[int]:
+    """The blocks the device's model holds and runs: every block but the layout's skipped ones."""
+    skipped = set(layout.skipped_blocks)
+    return [i for i in range(spec.num_blocks) if i not in skipped]
+
+
 @dataclass(frozen=True)
 class KeptPrefix:
     """A round's work below the global LoRA region on a device that keeps its activations there (``devices/activations.py``)."""
@@ -161,17 +167,18 @@ def training_flops(spec: ModelSpec, layout: AdapterLayout, batches: Batches, app
     applied_ranks: the ranks of the adapters in the forward pass (default: the layout's own); a LEGEND
     device also applies the frozen global adapters below its own region.
     kept: on a device that keeps its activations, the blocks below ``kept.edge`` run only on the rows it has not stored.
+    The layout's skipped blocks cost nothing: the device's model leaves them out.
     """
     ranks = layout.rank_by_block or (0,) * spec.num_blocks
     applied = applied_ranks or ranks
     full = layout.method == "full"
     edge = kept.edge if kept else 0
-    flops = sum(block_forward_flops(spec, kept.computed if i < edge else batches, adapter_params(spec, layout.method, applied[i]))
-                for i in range(spec.num_blocks))
+    held = held_blocks(spec, layout)
+    flops = sum(block_forward_flops(spec, kept.computed if i < edge else batches, adapter_params(spec, layout.method, applied[i])) for i in held)
     lowest = lowest_trained_block(spec, layout)
     flops += sum(
         block_backward_flops(spec, batches, adapter_params(spec, layout.method, ranks[i]), full, lowest=i == lowest and not input_needs_gradient(layout))
-        for i in range(lowest, spec.num_blocks)
+        for i in held if i >= lowest
     )
     passes = 2 if spec.frozen_output else 3  # forward and input gradient (the head passes the gradient down), and a trained head's weight gradient
     return flops + passes * 2 * batches.outputs * spec.outside_linear_params
@@ -192,13 +199,15 @@ def training_memory_bytes(spec: ModelSpec, layout: AdapterLayout, batches: Batch
     and AdamW state.
 
     Activations per token and trained block: 8 h + 2 ffn floats plus heads x T for the attention
-    probabilities (Korthikanti et al. 2022, arXiv 2205.05198, without dropout masks).
+    probabilities (Korthikanti et al. 2022, arXiv 2205.05198, without dropout masks). A skipped block's linear weights are
+    not held and it keeps no activations (its biases and norms, under 1% of it, stay counted).
     """
-    depth = spec.num_blocks - lowest_trained_block(spec, layout)
+    held = held_blocks(spec, layout)
+    depth = sum(1 for i in held if i >= lowest_trained_block(spec, layout))
     per_block = FLOAT_BYTES * (batches.peak_tokens * (8 * spec.hidden + 2 * spec.ffn) + batches.peak_token_pairs * spec.heads)
     logits = FLOAT_BYTES * 2 * batches.peak_outputs * spec.output_features
     quantizable = spec.num_blocks * spec.block_linear_params
-    weights = FLOAT_BYTES * (spec.total_params - quantizable) + spec.block_weight_bytes * quantizable
+    weights = FLOAT_BYTES * (spec.total_params - quantizable) + spec.block_weight_bytes * (len(held) * spec.block_linear_params)
     return weights + depth * per_block + logits + ADAMW_BYTES_PER_PARAM * trainable_params(spec, layout)
 
 

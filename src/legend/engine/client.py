@@ -89,11 +89,13 @@ class LocalOptimizer:
 
 
 @contextlib.contextmanager
-def forward_passes(model: SharedModel, rows: np.ndarray, prefix: PrefixView | None = None) -> Iterator[None]:
-    """Inside: the model's forward passes on these rows run at its compute dtype, from the frozen-prefix cache when given one."""
+def forward_passes(model: SharedModel, rows: np.ndarray, prefix: PrefixView | None = None, skipped: tuple[int, ...] = ()) -> Iterator[None]:
+    """Inside: the model's forward passes on these rows run at its compute dtype, from the frozen-prefix cache when given one,
+    without the ``skipped`` blocks (a device's layout's, in local training only: the global model is scored whole)."""
     with contextlib.ExitStack() as stack:
         if prefix is not None:
             stack.enter_context(model.starting_at(prefix.boundary, prefix.hidden(rows)))
+        stack.enter_context(model.skipping(skipped))
         stack.enter_context(model.autocast())
         yield
 
@@ -124,7 +126,7 @@ def train_client(model: SharedModel, objective: Objective, plan: ClientPlan, dat
     started = time.perf_counter()
     for rows in batches:
         step_started = time.perf_counter()
-        with forward_passes(model, rows, prefix):
+        with forward_passes(model, rows, prefix, plan.layout.skipped_blocks):
             loss = objective.loss(model.module, model.on_device(with_logit_offsets(data.batch(rows), logit_offsets)))
         losses.append(loss.item())
         if (extra := device.extra_loss(model, plan)) is not None:

@@ -354,11 +354,13 @@ def kept_keys(exp: Experiment, layout) -> set[str]:
 
 def _check_plan(exp: Experiment, plan: ClientPlan, global_state: State, work: Batches) -> int:
     """The memory the plan needs on its device (bytes). A plan must fit that memory, and carry every global tensor
-    the device does not keep itself: a device loads its plan and its own tensors, nothing else."""
+    the device does not keep itself or skip (its layout's skipped blocks never run): a device loads its plan and its own
+    tensors, nothing else."""
     device = exp.fleet.device_of(plan.client)
     extra = kept_memory_bytes(exp.spec, work) if keeps_activations(exp, plan.client) else 0
     needed = require_fits(exp.spec, plan.layout, work, device.profile.memory_gb, f"client {plan.client} ({device.kind})", extra)
-    missing = global_state.keys() - plan.weights.keys() - kept_keys(exp, plan.layout)
+    skipped = {key for key in global_state if exp.model.block_of(key) in plan.layout.skipped_blocks}
+    missing = global_state.keys() - plan.weights.keys() - kept_keys(exp, plan.layout) - skipped
     if missing:
         raise RuntimeError(f"{exp.strategy.name}: the plan of client {plan.client} leaves out global tensors {sorted(missing)[:3]}")
     return needed

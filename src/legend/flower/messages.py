@@ -28,7 +28,8 @@ def job_meta(job: Job) -> dict:
 
 def job_from_meta(meta: dict, weights: State) -> Job:
     layout = meta["layout"]
-    layout = AdapterLayout(layout["method"], tuple(layout["rank_by_block"]), tuple(layout["train_factors"]), layout["train_head"])
+    layout = AdapterLayout(layout["method"], tuple(layout["rank_by_block"]), tuple(layout["train_factors"]), layout["train_head"],
+                           tuple(layout["skipped_blocks"]))
     return Job(meta["round"], ClientPlan(meta["client"], layout, weights, meta["lr"]), meta["seed"])
 
 

@@ -41,12 +41,15 @@ class AdapterLayout:
             bottleneck width for "adapter".
     train_factors: the LoRA factors that receive gradients (FFA-LoRA trains only "lora_B").
     train_head: whether the classification head is trained (and sent).
+    skipped_blocks: blocks the device's model leaves out while it trains (FedRA's shallower local model): each passes
+            its input on unchanged and costs nothing, forward or backward. Evaluation never skips.
     """
 
     method: Literal["lora", "adapter", "bitfit", "full"]
     rank_by_block: tuple[int, ...] = ()
     train_factors: tuple[str, ...] = ("lora_A", "lora_B")
     train_head: bool = True
+    skipped_blocks: tuple[int, ...] = ()
 
     @classmethod
     def uniform_lora(cls, num_blocks: int, rank: int, top: int = 0, **kwargs) -> AdapterLayout:

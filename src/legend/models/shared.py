@@ -238,6 +238,22 @@ class SharedModel:
             setattr(parent, attribute, blocks)
             handle.remove()
 
+    @contextlib.contextmanager
+    def skipping(self, skipped: Sequence[int]) -> Iterator[None]:
+        """Inside: a forward pass leaves out the blocks in ``skipped`` (FedRA's shallower local model), so the next block
+        reads what the one before them wrote and nothing is computed in them, forward or backward (a block-list swap)."""
+        if not skipped:
+            yield
+            return
+        parent_name, _, attribute = self.blocks_prefix.rpartition(".")
+        parent, blocks = self.module.get_submodule(parent_name), self._blocks()
+        left_out = set(skipped)
+        setattr(parent, attribute, nn.ModuleList([block for i, block in enumerate(blocks) if i not in left_out]))
+        try:
+            yield
+        finally:
+            setattr(parent, attribute, blocks)
+
     def _blocks(self) -> nn.ModuleList:
         return self.module.get_submodule(self.blocks_prefix)
 
