@@ -107,3 +107,10 @@ def test_report_gives_held_time_to_target_first_crossing_beside_it_and_quality_u
     assert budget[3] == "| hetlora | 0.770 ± 0.071 | 0.900 ± 0.071 |"  # 30 s: 0.82 (round 2 not evaluated), 36 s: 0.72; all bytes fit
     relative = text.split("## Relative to each other\n\n")[1].split("\n\n")[1].splitlines()
     assert relative[2] == "| fedit |  | 1.59x (per seed 1.25-2.00x), 71% more bytes |"  # 52.5 s / 33 s; 300 MB against 175 MB
+
+
+def test_a_tuning_grids_settings_carry_their_time_and_bytes_to_the_held_target():
+    from legend.report.tune import to_target
+
+    assert to_target(curve([0.5, 0.85, 0.7, 0.82, 0.83]), TARGET) == (30.0, 3 * 100_000_000)  # round 3, not the spike at 1
+    assert to_target(curve([0.5, 0.85, 0.7]), TARGET) == (None, None)

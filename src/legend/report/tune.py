@@ -20,7 +20,7 @@ from typing import Any
 
 from legend.config import Config, override_config
 from legend.errors import LegendError
-from legend.records import read_metrics
+from legend.records import bytes_through, held_crossing, read_metrics, target_key
 
 TUNED = "tuned.json"
 PLAN = "tune.json"
@@ -80,7 +80,9 @@ def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[
         tried = []
         for index, point in enumerate(points):
             scores = [score(runs[name, index, seed][2]) for seed in seeds]
-            tried.append({"settings": point, "score": sum(scores) / len(scores), "per_seed": scores})
+            reached = [to_target(read_metrics(runs[name, index, seed][2]), config.eval.target_accuracy) for seed in seeds]
+            tried.append({"settings": point, "score": sum(scores) / len(scores), "per_seed": scores,
+                          "time_to_target_held_s": [t for t, _ in reached], "bytes_to_target_held": [b for _, b in reached]})
         best = max(tried, key=lambda t: t["score"])  # the first of equals: grid order
         chosen[name] = {"settings": best["settings"], "score": best["score"], "tried": tried}
     result = {"selected_on": f"validation accuracy, mean of the last {LAST_EVALUATIONS} evaluations and of seeds {seeds}", "grid": grid, "strategies": chosen}
@@ -91,6 +93,13 @@ def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[
 def score(run_dir: Path) -> float:
     """Mean validation accuracy of a finished run's last evaluations."""
     return validation_score(read_metrics(run_dir))
+
+
+def to_target(rows: list[dict[str, Any]], target: float) -> tuple[float | None, int | None]:
+    """Virtual seconds and bytes to the held crossing of ``target`` (None where the run never held it): what a tuning grid
+    over a method's own options (an ablation) is compared by, beside its validation score."""
+    held = held_crossing(rows, target_key(rows), target)
+    return (held["virtual_time_s"], bytes_through(rows, held["round"])) if held else (None, None)
 
 
 def validation_score(rows: list[dict[str, Any]]) -> float:
