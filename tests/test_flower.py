@@ -120,15 +120,17 @@ def test_deploy_local_gives_the_embedded_result_and_stops_its_processes(tmp_path
     assert deployment_processes(tmp_path / "flower") == set()
 
 
-def test_secure_aggregation_gives_the_embedded_summary(tmp_path, embedded):
+def test_secure_aggregation_gives_the_embedded_summary(tmp_path):
     """flower.secure_aggregation: Flower's SecAgg+ between real processes; the server sums masked, quantised updates.
 
     LEGEND only: its devices send different depths and ranks, the harder case; FedIT's same-shaped updates go
-    through the same messages in test_secure_aggregation.py, in one process (a deployment here costs 1-2 minutes)."""
-    run = deploy(tmp_path / "secure", **{"flower.secure_aggregation": "true"})  # THREE_NODES: LEGEND
+    through the same messages in test_secure_aggregation.py, in one process (a deployment here costs 1-2 minutes).
+    The embedded run applies the coverage guard that secure aggregation applies (fl.min_coverage=2)."""
+    run = deploy(tmp_path / "secure", **{"flower.secure_aggregation": "true", "fl.min_clients": 2})  # THREE_NODES: LEGEND
+    run_experiment(load_config(QUICKSTART, tiny_overrides(**THREE_NODES, **{"fl.min_coverage": 2, "fl.min_clients": 2})), tmp_path / "guarded")
     output, _ = run.communicate(timeout=540)
     assert run.returncode == 0, output
-    secure, plain = (json.loads((folder / "summary.json").read_text()) for folder in (tmp_path / "secure", embedded))
+    secure, plain = (json.loads((folder / "summary.json").read_text()) for folder in (tmp_path / "secure", tmp_path / "guarded"))
     assert secure.keys() == plain.keys()
     for key in secure.keys() - set(MEASURED):
         assert secure[key] == (pytest.approx(plain[key], abs=1e-5) if isinstance(plain[key], float) else plain[key]), key

@@ -6,6 +6,7 @@ process, so the test can read every message the server receives.
 """
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -17,18 +18,21 @@ from legend.core import Update
 from legend.engine.runtime import InProcess
 from legend.engine.simulation import build_experiment, run_experiment, run_round
 from legend.errors import LegendError
+from legend.lora.layout import AdapterLayout
 from legend.strategies.aggregate import add_masked_terms
+from legend.strategies.coverage import covered_layouts
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from legend.flower.runtime import FlowerRuntime
 from legend.flower.secure import MODULUS
+from legend.records import MEASURED
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
-THREE = {"data.train_size": 300, "fl.num_clients": 3, "fl.clients_per_round": 3}
+THREE = {"data.train_size": 300, "fl.num_clients": 3, "fl.clients_per_round": 3, "fl.min_clients": 2}
 
 
 @pytest.mark.parametrize("strategy", ["legend", "fedit"])
@@ -43,7 +47,7 @@ def test_the_server_receives_only_masked_vectors_whose_sum_is_the_embedded_aggre
     grid.received.clear()  # the nodes' adverts
     secure_state, row = run_round(exp, runtime, 1, start, 0.0)
 
-    plain = load_config(QUICKSTART, tiny_overrides(**THREE, **{"strategy.name": strategy}))
+    plain = load_config(QUICKSTART, tiny_overrides(**THREE, **{"strategy.name": strategy, "fl.min_coverage": 2}))  # secure aggregation's guard
     embedded = build_experiment(plain)
     embedded_state, embedded_row = run_round(embedded, InProcess(plain.faults), 1, embedded.strategy.initial_state(embedded.model), 0.0)
 
@@ -73,7 +77,7 @@ def test_the_server_receives_only_masked_vectors_whose_sum_is_the_embedded_aggre
     ({}, "flower.secure_aggregation runs on a Flower deployment"),
 ])
 def test_secure_aggregation_refuses_what_needs_each_update_and_the_embedded_engine(tmp_path, overrides, message):
-    config = load_config(QUICKSTART, tiny_overrides(**{"flower.secure_aggregation": "true", **overrides}))
+    config = load_config(QUICKSTART, tiny_overrides(**{"flower.secure_aggregation": "true", "fl.min_clients": 2, **overrides}))
     with pytest.raises(LegendError, match=message):
         run_experiment(config, tmp_path) if not overrides else build_experiment(config)
 
@@ -101,3 +105,145 @@ def test_aggregating_from_sums_is_the_strategys_own_mean():
         direct = exp.strategy.aggregate(1, state, updates)
         summed = exp.strategy.aggregate_sums(1, state, totals, masses)
         assert max((direct[k] - summed[k]).abs().max().item() for k in state) <= 1e-5
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"fl.clients_per_round": 1}, r"fl.clients_per_round \(1\) is below 2, the fewest devices a secure round sums"),
+    ({"fl.clients_per_round": 2, "flower.secure_min_coverage": 3}, r"fl.clients_per_round \(2\) is below 3"),
+    ({"fl.min_clients": 1}, r"fl.min_clients \(1\) would let a secure round aggregate one device's update"),
+])
+def test_a_secure_run_is_refused_where_a_round_could_sum_one_device(overrides, message):
+    with pytest.raises(LegendError, match=message):
+        load_config(QUICKSTART, tiny_overrides(**{"flower.secure_aggregation": "true", "fl.min_clients": 2, **overrides}))
+
+
+def in_process_runtime(config, exp, tmp_path, clients):
+    """legend's FlowerRuntime over the in-process grid, with a node for each of ``clients``."""
+    nodes = {1000 + c: {"client-id": c, "device": exp.fleet.device_of(c).kind, "state-dir": str(tmp_path)} for c in clients}
+    grid = NodesInThisProcess(nodes, {"experiment": json.dumps(config.model_dump(mode="json"))})
+    runtime = FlowerRuntime(grid, config.flower, Context(1, 0, {}, RecordDict(), {}))
+    runtime.connect(exp)
+    grid.received.clear()  # the nodes' adverts
+    return grid, runtime
+
+
+def test_a_secure_round_with_one_reachable_client_is_skipped_before_anyone_trains(tmp_path, server_identity):
+    config = load_config(QUICKSTART, tiny_overrides(**THREE, **{"flower.secure_aggregation": "true", "flower.connect_timeout_s": 0.5}))
+    exp = build_experiment(config)
+    grid, runtime = in_process_runtime(config, exp, tmp_path, [1])  # the other two clients' nodes never connect
+    start = exp.strategy.initial_state(exp.model)
+    state, row = run_round(exp, runtime, 1, start, 0.0)
+    assert row["skipped"] and row["clients"] == [] and row["lost"] == [] and grid.received == []  # no job went out
+    assert all(torch.equal(state[key], start[key]) for key in start)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_every_rank_row_block_and_head_left_is_trained_by_k_devices_and_only_those_are_cut(k):
+    rng = random.Random(k)
+    for _ in range(200):
+        layouts = {}
+        for client in range(rng.randint(1, 6)):
+            method = rng.choice(["lora", "lora", "adapter"]) if client == 0 else layouts[0].method
+            layouts[client] = AdapterLayout(method, tuple(rng.choice([0, 0, 2, 4, 8]) for _ in range(4)), train_head=rng.random() < 0.8)
+        cut = covered_layouts(layouts, k)
+        for block in range(4):
+            ranks = [layout.rank_by_block[block] for layout in cut.values()]
+            rows = range(max(ranks)) if layouts[0].method == "lora" else range(min(max(ranks), 1))  # a bottleneck block trains whole
+            assert all(sum(rank > row for rank in ranks) >= k for row in rows)
+            for client, layout in layouts.items():  # nothing that k devices trained was cut
+                before = [other.rank_by_block[block] for other in layouts.values()]
+                if layout.method == "lora":
+                    kept = min(layout.rank_by_block[block], sorted(before, reverse=True)[k - 1] if len(before) >= k else 0)
+                else:
+                    kept = layout.rank_by_block[block] if sum(r > 0 for r in before) >= k else 0
+                assert cut[client].rank_by_block[block] == kept
+        heads = sum(layout.train_head for layout in layouts.values())
+        assert [layout.train_head for layout in cut.values()] == [layout.train_head and heads >= k for layout in layouts.values()]
+
+
+# LEGEND capping ranks, without slack: client 2 trains (0, 0, 8, 10, 10, 10), deeper and with more rank rows than
+# clients 1 (0, 0, 0, 8, 8, 8) and 0 (0, 0, 0, 0, 8, 8): block 2 and rows 8-9 of blocks 3-5 would be its own.
+DEEP = {**THREE, "strategy.name": "legend", "legend.rank_cap": "true", "legend.slack": 0, "legend.r_min": 8}
+
+
+def private_regions(row, block_of, state):
+    """Per tensor, the slices of coordinates some device's plan held that the coverage guard cut: rank rows (of A; columns
+    of B) from the rank it trained up to the rank it was planned, in each block where the two differ."""
+    regions = []
+    for cut in row["withheld"]:
+        for key in state:
+            block = block_of(key)
+            if block is None or ".lora_" not in key or cut["rank_by_block"][block] == cut["planned_rank_by_block"][block]:
+                continue
+            rows = slice(cut["rank_by_block"][block], cut["planned_rank_by_block"][block])
+            regions.append((key, (rows, slice(None)) if ".lora_A." in key else (slice(None), rows)))
+    return regions
+
+
+def test_the_coverage_guard_keeps_one_devices_rank_rows_out_of_the_secure_sum_and_gives_the_embedded_summary(tmp_path, server_identity):
+    config = load_config(QUICKSTART, tiny_overrides(**DEEP, **{"flower.secure_aggregation": "true"}))
+    exp = build_experiment(config)
+    grid, runtime = in_process_runtime(config, exp, tmp_path, range(3))
+    states = []
+    summary = run_experiment(config, tmp_path / "secure", experiment=exp, runtime=runtime,
+                             on_round=lambda row: states.append(torch.load(tmp_path / "secure" / "checkpoint.pt", weights_only=True)["global_state"]))
+    rows = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["withheld"][0] == {"client": 2, "planned_rank_by_block": [0, 0, 8, 10, 10, 10], "planned_head": True,
+                                      "rank_by_block": [0, 0, 0, 8, 8, 8], "head": True}
+    for row, before, after in zip(rows[1:], states, states[1:]):
+        assert row["lost"] == [] and len(grid.received) > 0
+        regions = private_regions(row, exp.model.info.block_of, before)
+        assert regions or row["round"] > 1
+        for key, region in regions:  # what one device alone would have trained keeps its value, bit for bit
+            assert torch.equal(after[key][region], before[key][region]), key
+        assert max((after[key] - before[key]).abs().max().item() for key in before) > 1e-4  # the round trained the rest
+
+    plain = load_config(QUICKSTART, tiny_overrides(**DEEP, **{"fl.min_coverage": 2}))
+    embedded = run_experiment(plain, tmp_path / "embedded")
+    assert summary.keys() == embedded.keys()
+    for key in summary.keys() - set(MEASURED):
+        assert summary[key] == (pytest.approx(embedded[key], abs=1e-5) if isinstance(embedded[key], float) else embedded[key]), key
+    embedded_rows = [json.loads(line) for line in (tmp_path / "embedded" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["withheld"] for row in embedded_rows] == [row["withheld"] for row in rows]
+
+
+class DroppingAfterMasking(NodesInThisProcess):
+    """The in-process grid where one node's reply to SecAgg+'s masked-vector stage never arrives (the node died there)."""
+
+    def __init__(self, node_configs, run_config, dead: int):
+        super().__init__(node_configs, run_config)
+        self.dead = dead
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            configs = message.content.config_records.get(RECORD_KEY_CONFIGS) if message.has_content() else None
+            if message.metadata.dst_node_id == self.dead and configs is not None and configs[Key.STAGE] == Stage.COLLECT_MASKED_VECTORS:
+                message.metadata.__dict__["_message_id"] = f"lost-{len(self.replies)}"
+                self.replies[message.metadata.message_id] = Message(Error(0, "node died"), reply_to=message)
+                ids.append(message.metadata.message_id)
+            else:
+                ids += super().push_messages([message])
+        return ids
+
+
+@pytest.mark.parametrize(("dead", "unmasked"), [(0, True), (1, False)])
+def test_a_device_lost_after_masking_stops_the_unmasking_where_it_leaves_rows_to_one_survivor(tmp_path, server_identity, dead, unmasked):
+    """After the guard the plans are (0, 0, 0, 0, 8, 8), (0, 0, 0, 8, 8, 8), (0, 0, 0, 8, 8, 8): without client 0 every row
+    is still trained by two survivors; without client 1, block 3 would be client 2's alone."""
+    config = load_config(QUICKSTART, tiny_overrides(**DEEP, **{"flower.secure_aggregation": "true"}))
+    exp = build_experiment(config)
+    nodes = {1000 + c: {"client-id": c, "device": exp.fleet.device_of(c).kind, "state-dir": str(tmp_path)} for c in range(3)}
+    grid = DroppingAfterMasking(nodes, {"experiment": json.dumps(config.model_dump(mode="json"))}, dead=1000 + dead)
+    runtime = FlowerRuntime(grid, config.flower, Context(1, 0, {}, RecordDict(), {}))
+    runtime.connect(exp)
+    start = exp.strategy.initial_state(exp.model)
+    state, row = run_round(exp, runtime, 1, start, 0.0)
+    lost = {entry["client"]: entry["reason"] for entry in row["lost"]}
+    if unmasked:
+        assert list(lost) == [dead] and not row["skipped"]
+        assert max((state[key] - start[key]).abs().max().item() for key in start) > 1e-3
+    else:
+        assert sorted(lost) == [0, 1, 2] and row["skipped"]
+        assert "left coordinates of clients [2] to fewer than flower.secure_min_coverage=2 survivors" in lost[0]
+        assert all(torch.equal(state[key], start[key]) for key in start)

@@ -123,6 +123,8 @@ class FlConfig(Section):
     aggregator: Literal["mean", "trimmed_mean", "median"] = Field(
         "mean", description="how coordinate-mean strategies combine updates: the sample-weighted 'mean', or per coordinate (unweighted) the 'trimmed_mean' or 'median', which poisoned updates move less")
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share of the updates covering a coordinate dropped at each end (floor of it), e.g. 0.2 of 8 drops 1 lowest and 1 highest")
+    min_coverage: int = Field(0, ge=0, description="coverage guard: cut each round's plans so that every coordinate the server updates is trained by at least "
+                                                   "this many of the round's devices, and sample at least this many (0 or 1 = off; docs/deployment.md)")
 
 
 class TrainConfig(Section):
@@ -235,6 +237,8 @@ class FlowerConfig(Section):
                                                       "(a node whose update leaves it refuses to send, and is lost); smaller is finer (quantised to 2^31 / 2^ceil(log2 clients) levels)")
     secure_shares: float = Field(1.0, gt=0, description="SecAgg+ num_shares: each node's secrets are shared with this fraction of the round's nodes (<= 1), or this many (> 1, odd, >= 3)")
     secure_threshold: float = Field(0.5, gt=0, le=1, description="SecAgg+ reconstruction threshold as a fraction of the shares: more is more private, fewer lost nodes tolerated")
+    secure_min_coverage: int = Field(2, ge=1, description="with secure_aggregation: every coordinate the server updates is trained by at least this many of "
+                                                         "the round's devices, so no sum is one device's value (fl.min_coverage's guard; 3 recommended, 1 = off)")
 
 
 class Config(Section):
@@ -302,7 +306,21 @@ def validate_config(raw: dict[str, Any]) -> Config:
             f"config: fl.clients_per_round ({config.fl.clients_per_round}) exceeds fl.num_clients "
             f"({config.fl.num_clients}): lower it or add clients"
         )
+    _check_coverage(config)
     return config
+
+
+def _check_coverage(config: Config) -> None:
+    """A secure round sums at least two devices, and every round at least as many as the coverage guard asks for."""
+    fl, flower = config.fl, config.flower
+    fewest = max(2, flower.secure_min_coverage, fl.min_coverage) if flower.secure_aggregation else fl.min_coverage
+    if fl.clients_per_round < fewest:
+        what = ("the fewest devices a secure round sums (two, and flower.secure_min_coverage and fl.min_coverage)" if flower.secure_aggregation
+                else "fl.min_coverage, the devices that must train each coordinate the server updates")
+        raise LegendError(f"config: fl.clients_per_round ({fl.clients_per_round}) is below {fewest}, {what}: raise fl.clients_per_round")
+    if flower.secure_aggregation and fl.min_clients < 2:
+        raise LegendError(f"config: fl.min_clients ({fl.min_clients}) would let a secure round aggregate one device's update, which the sum reveals: "
+                          "set fl.min_clients=2 or more")
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

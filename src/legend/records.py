@@ -42,6 +42,7 @@ class RoundRecord:
     unreachable: list[int] = field(default_factory=list)  # devices online by the fleet that the runtime could not reach (Flower: no live node)
     malicious: list[int] = field(default_factory=list)  # devices that sent a poisoned update (simulated: faults.malicious)
     skipped: bool = False
+    withheld: list[dict[str, Any]] = field(default_factory=list)  # coverage guard: devices whose plan it cut (strategies/coverage.py)
     secure_aggregation: dict[str, Any] | None = None  # on Flower with flower.secure_aggregation: the protocol's measured bytes and seconds
     wall_s: float = 0.0
     forward_backward_s: float = 0.0

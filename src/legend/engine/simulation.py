@@ -53,6 +53,7 @@ from legend.models.shared import SharedModel
 from legend.objectives import Objective, objective_for
 from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, summarize
 from legend.strategies import STRATEGIES, Strategy, strategy_class
+from legend.strategies.coverage import enough_clients, guarded, withheld
 from legend.wire import through_wire, wire_bytes
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def build_model(config: Config, label_names: tuple[str, ...]) -> tuple[SharedMod
                               resolve_precision(config.engine.precision, device), causal_lm=config.data.format == "instruct",
                               quantize=config.model.quantize, device=device)
     objective = objective_for(config, label_names, model.tokenizer)
-    strategy = strategy_class(config.strategy.name)(config, model.info)
+    strategy = guarded(strategy_class(config.strategy.name)(config, model.info), config)  # the coverage guard, where asked
     _check_quantized(config, strategy)
     _check_top_blocks(config, strategy, model.info.num_blocks)
     model.add_adapters(strategy.global_layout(), strategy.lora_alpha, config.lora.dropout, config.seed, strategy.lora_init)
@@ -259,6 +260,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
     online = exp.fleet.available(round_number, config.seed)
     available = runtime.reachable(online)
     clients = sample_clients(config.seed, round_number, available, config.fl.clients_per_round)
+    clients = enough_clients(clients, config, round_number)  # none when fewer than secure aggregation or the coverage guard needs
     batches, view = device_view(exp, round_number, clients)
     plans = exp.strategy.plan(round_number, clients, global_state, view) if clients else {}
     memory = {c: _check_plan(exp, plans[c], global_state, view.workload[c]) for c in clients}
@@ -323,6 +325,7 @@ def run_round(exp: Experiment, runtime: Runtime, round_number: int, global_state
         unreachable=sorted(set(online) - set(available)),
         malicious=sorted(u.client for u, _ in results if u.metrics.get(MALICIOUS)),
         skipped=skipped,
+        withheld=withheld(exp.strategy, round_number),
         secure_aggregation=None if summed is None else {"bytes_down": summed.bytes_down, "bytes_up": summed.bytes_up, "seconds": round(summed.seconds, 4)},
         wall_s=round(time.perf_counter() - started, 4),
         forward_backward_s=round(forward_backward_s, 4),

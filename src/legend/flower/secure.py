@@ -38,7 +38,9 @@ from legend.core import SecureSum, Update
 from legend.engine.runtime import ROUND_TRIP_S, SENT_NUMEL, Job
 from legend.errors import LegendError
 from legend.flower.messages import job_from_meta, job_meta
+from legend.lora.layout import AdapterLayout
 from legend.strategies.aggregate import add_masked_terms
+from legend.strategies.coverage import thinly_covered
 from legend.wire import through_wire
 
 JOB = "legend-job"  # the FitIns config entry holding the job's meta (JSON); its tensors are the FitIns parameters, by sorted name
@@ -116,6 +118,21 @@ class SumCollector(FlowerStrategy):
         return None
 
 
+class CoveredSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+, which unmasks the sum only if the devices whose masked vectors arrived still cover every coordinate
+    one of them trained k times: the coverage guard plans for every sampled device, and SecAgg+ unmasks over the survivors,
+    so a device lost after its plan could leave a coordinate to one survivor. Then the round halts (every update lost)."""
+
+    def __init__(self, *args, layouts: dict[int, AdapterLayout], k: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layouts, self.k = layouts, k  # node -> its plan's layout
+        self.thin: list[int] = []  # the surviving nodes that held a coordinate fewer than k survivors trained
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        self.thin = thinly_covered({node: self.layouts[node] for node in state.active_node_ids}, self.k)
+        return not self.thin and super().unmask_stage(grid, context, state)
+
+
 class MeteredGrid:
     """The grid as the workflow sees it, counting the bytes of every message's content each way and each node's errors."""
 
@@ -159,12 +176,17 @@ def secure_round(grid: Grid, context: Context, cfg: FlowerConfig, jobs: list[Job
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_number})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     shares = cfg.secure_shares if cfg.secure_shares <= 1 else int(cfg.secure_shares)
-    workflow = SecAggPlusWorkflow(shares, cfg.secure_threshold, max_weight=1.0, clipping_range=cfg.secure_clip,
-                                  quantization_range=quantization_range(len(jobs)), modulus_range=MODULUS, timeout=cfg.round_timeout_s)
+    workflow = CoveredSecAggPlus(shares, cfg.secure_threshold, max_weight=1.0, clipping_range=cfg.secure_clip,
+                                 quantization_range=quantization_range(len(jobs)), modulus_range=MODULUS, timeout=cfg.round_timeout_s,
+                                 layouts={node_of[job.plan.client]: job.plan.layout for job in jobs}, k=cfg.secure_min_coverage)
     metered, started = MeteredGrid(grid), time.monotonic()
     workflow(metered, legacy)
     seconds = time.monotonic() - started
     reports = {client_of[proxy.node_id]: json.loads(str(fitres.metrics[REPORT])) for proxy, fitres in collector.results}
+    halted = "no masked update (node lost or too slow), or the protocol halted"
+    if workflow.thin:
+        halted = (f"devices lost after masking left coordinates of clients {sorted(client_of[n] for n in workflow.thin)} to fewer than "
+                  f"flower.secure_min_coverage={cfg.secure_min_coverage} survivors, so their sum was not unmasked")
     outcome: dict[int, Update | str] = {}
     for job in jobs:
         client = job.plan.client
@@ -172,8 +194,7 @@ def secure_round(grid: Grid, context: Context, cfg: FlowerConfig, jobs: list[Job
             report = reports[client]
             outcome[client] = Update(client, {}, int(report["num_samples"]), {**report["metrics"], ROUND_TRIP_S: seconds})
         else:
-            why = metered.errors.get(node_of[client], "no masked update (node lost or too slow), or the protocol halted")
-            outcome[client] = f"secure aggregation: {why}"
+            outcome[client] = f"secure aggregation: {metered.errors.get(node_of[client], halted)}"
     if not collector.results:
         return outcome, None
     summed = [torch.from_numpy(np.asarray(a) * len(collector.results)).float() for a in parameters_to_ndarrays(collector.results[0][1].parameters)]
