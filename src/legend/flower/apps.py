@@ -25,10 +25,12 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import Grid, ServerApp
 
 from legend.config import validate_config
@@ -43,10 +45,21 @@ def _secure(content: RecordDict) -> bool:
     return RECORD_KEY_CONFIGS in content.config_records
 
 
+def recode_masked(message: Message, dtype) -> Message:
+    """A SecAgg+ reply with its masked vectors in ``dtype`` words (every other message untouched). SecAgg+ masks in int64
+    words modulo 2^32 (flower/secure.py's MODULUS): a node sends them as uint32, half the bytes, and the server widens them
+    back to int64 before it adds them (their sum would overflow 32 bits)."""
+    configs = None if message.has_error() else message.content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is not None and Key.MASKED_PARAMETERS in configs:
+        configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(bytes_to_ndarray(b).astype(dtype)) for b in configs[Key.MASKED_PARAMETERS]]
+    return message
+
+
 def secure_when_asked(msg: Message, context: Context, call_next):
-    """ClientApp mod: Flower's ``secaggplus_mod`` for the messages of its protocol; every other message passes untouched."""
+    """ClientApp mod: Flower's ``secaggplus_mod`` for the messages of its protocol, its masked vectors sent in 32-bit words;
+    every other message passes untouched."""
     if _secure(msg.content):
-        return secaggplus_mod(msg, context, call_next)
+        return recode_masked(secaggplus_mod(msg, context, call_next), np.uint32)
     return call_next(msg, context)
 
 

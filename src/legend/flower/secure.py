@@ -1,16 +1,18 @@
 """Secure aggregation on Flower (``flower.secure_aggregation``): Flower's own SecAgg+ carries legend's updates.
 
 The ServerApp never receives an update, only the sum over the round's devices: each device adds its update,
-padded to the global layout, as weight x value, and beside it the weight on the coordinates it trained
-(``strategies.aggregate.add_masked_terms``); the strategy divides the two sums (``Strategy.aggregate_sums``).
-That is LEGEND's masked average, and FedIT's mean where every device trains every coordinate.
+padded to the global layout, as weight x value, and beside it its weight where it trained, at the granularity that
+varies (per rank row of a LoRA factor, per other tensor: ``coverage_numel``); the server spreads the weights' sum over
+the coordinates and the strategy divides the two sums (``Strategy.aggregate_sums``). That is LEGEND's masked average,
+and FedIT's mean where every device trains every coordinate.
 
 Flower's ``SecAggPlusWorkflow`` drives the four stages (keys, shares, masked vectors, unmasking) through its
 legacy-Strategy interface, which ``SumCollector`` speaks; on the node Flower's ``secaggplus_mod`` quantises and
 masks what legend's ClientApp returns. No cryptography here is ours. SecAgg+ sums integers: a node sends each
 number quantised to 2^31 / 2^ceil(log2 clients) levels over [-flower.secure_clip, flower.secure_clip] (stochastic rounding,
-seeded per job so the run is deterministic), as int64 words, twice the global layout's numbers: that, with the key
-exchange, is the cost each round's ``secure_aggregation`` record measures.
+seeded per job so the run is deterministic), masked modulo 2^32 and sent in 32-bit words (``apps.recode_masked``): the
+global layout's numbers and the weights, with the key exchange, are the cost each round's ``secure_aggregation``
+record measures.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from legend.config import FlowerConfig
-from legend.core import SecureSum, Update
+from legend.core import SecureSum, State, Update
 from legend.engine.runtime import ROUND_TRIP_S, SENT_NUMEL, Job
 from legend.errors import LegendError
+from legend.flower.apps import recode_masked
 from legend.flower.messages import job_from_meta, job_meta
-from legend.lora.layout import AdapterLayout
+from legend.lora.layout import LORA_FACTOR, AdapterLayout
 from legend.strategies.aggregate import add_masked_terms
 from legend.strategies.coverage import thinly_covered
 from legend.wire import through_wire
@@ -66,18 +69,47 @@ def read_job(content: RecordDict) -> tuple[Job, float, dict[str, tuple[int, ...]
     return job_from_meta(meta, weights), float(meta["weight_scale"]), {key: tuple(shape) for key, shape in meta["shapes"].items()}
 
 
+def rank_axis(key: str, shape: tuple[int, ...]) -> int | None:
+    """The axis along which a device trains a leading slice of this global tensor: a LoRA factor's rank (A's rows, B's
+    columns); None for a tensor a device trains whole or not at all (the head, a bottleneck adapter, a bias)."""
+    factor = LORA_FACTOR.search(key)
+    return None if factor is None or len(shape) != 2 else (0 if factor.group(1) == "lora_A" else 1)
+
+
+def coverage_numel(key: str, shape: tuple[int, ...]) -> int:
+    """How many numbers a device's weight on this tensor takes: one per rank row of a LoRA factor, else one."""
+    axis = rank_axis(key, shape)
+    return 1 if axis is None else shape[axis]
+
+
+def spread_masses(global_shapes: dict[str, tuple[int, ...]], masses: torch.Tensor) -> State:
+    """The per-coordinate weight sums from the compact vector ``summand`` sends (per tensor by sorted name, per rank row)."""
+    out, start = {}, 0
+    for key in sorted(global_shapes):
+        shape, axis, size = global_shapes[key], rank_axis(key, global_shapes[key]), coverage_numel(key, global_shapes[key])
+        rows = masses[start : start + size]
+        start += size
+        out[key] = rows.expand(shape).clone() if axis is None else (rows[:, None] if axis == 0 else rows[None, :]).expand(shape).clone()
+    return out
+
+
 def summand(update: Update, global_shapes: dict[str, tuple[int, ...]], weight_scale: float, wire_dtype: str, clip: float, seed: int) -> RecordDict:
-    """What the node hands to SecAgg+: per global tensor (sorted by name), weight x value and weight on the coordinates it
-    trained, zero elsewhere; its report as a metric. Refuses numbers outside the clipping range: SecAgg+ would clip them
-    silently, and the sum would be wrong."""
+    """What the node hands to SecAgg+: per global tensor (sorted by name) weight x value on the coordinates it trained,
+    zero elsewhere, then one vector of its weight at the granularity it varies (``coverage_numel``: per rank row of a
+    LoRA factor, per other tensor); its report as a metric. Refuses numbers outside the clipping range: SecAgg+ would
+    clip them silently, and the sum would be wrong."""
     weight = update.num_samples / weight_scale
     sent = through_wire(update.weights, wire_dtype)  # what the server would have received in the clear
-    arrays = []
+    arrays, masses = [], []
     for key in sorted(global_shapes):
-        total, mass = torch.zeros(global_shapes[key]), torch.zeros(global_shapes[key])
+        shape, axis = global_shapes[key], rank_axis(key, global_shapes[key])
+        total, mass = torch.zeros(shape), torch.zeros(coverage_numel(key, shape))
         if key in sent:
-            add_masked_terms(total, mass, sent[key], weight)
-        arrays += [total.double().numpy(), mass.double().numpy()]
+            add_masked_terms(total, torch.zeros(shape), sent[key], weight)
+            mass[: 1 if axis is None else sent[key].shape[axis]] = weight
+        arrays.append(total.double().numpy())
+        masses.append(mass.double())
+    arrays.append(torch.cat(masses).numpy())
     largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
     if not math.isfinite(largest) or largest > clip:
         raise LegendError(f"client {update.client}: its update holds {largest:g}, outside flower.secure_clip={clip:g}: raise flower.secure_clip")
@@ -149,6 +181,7 @@ class MeteredGrid:
                 self.errors[reply.metadata.src_node_id] = reply.error.reason
             else:
                 self.bytes_up += content_bytes(reply.content)
+                recode_masked(reply, np.int64)  # the words as SecAgg+ adds them
         return replies
 
     def __getattr__(self, name):
@@ -198,9 +231,8 @@ def secure_round(grid: Grid, context: Context, cfg: FlowerConfig, jobs: list[Job
     if not collector.results:
         return outcome, None
     summed = [torch.from_numpy(np.asarray(a) * len(collector.results)).float() for a in parameters_to_ndarrays(collector.results[0][1].parameters)]
-    keys = sorted(global_shapes)
-    totals = {key: summed[2 * i].reshape(global_shapes[key]) for i, key in enumerate(keys)}
-    masses = {key: summed[2 * i + 1].reshape(global_shapes[key]) for i, key in enumerate(keys)}
+    totals = {key: summed[i].reshape(global_shapes[key]) for i, key in enumerate(sorted(global_shapes))}
+    masses = spread_masses(global_shapes, summed[-1])
     return outcome, SecureSum(totals, masses, metered.bytes_down, metered.bytes_up, seconds)
 
 

@@ -66,7 +66,8 @@ def covered_layouts(layouts: dict[int, AdapterLayout], k: int) -> dict[int, Adap
     if k <= 1 or not layouts:
         return dict(layouts)
     blocks = max(len(layout.rank_by_block) for layout in layouts.values())
-    cuts = [kth_largest([layout.rank_by_block[b] for layout in layouts.values() if b < len(layout.rank_by_block)], k) for b in range(blocks)]
+    ranks = [[layout.rank_by_block[b] for layout in layouts.values() if b < len(layout.rank_by_block)] for b in range(blocks)]
+    cuts = [kth_largest(block_ranks, k) for block_ranks in ranks]
     head = sum(layout.train_head for layout in layouts.values()) >= k
     cut = {}
     for client, layout in layouts.items():
@@ -113,8 +114,9 @@ class CoverageGuard:
             if layouts[client] != plan.layout:
                 if plan.wire is not None:
                     raise RuntimeError(f"{self.strategy.name} sends a compact plan, which the coverage guard cannot cut")
-                rows.append({"client": client, "planned_rank_by_block": list(plan.layout.rank_by_block), "planned_head": plan.layout.train_head,
-                             "rank_by_block": list(layouts[client].rank_by_block), "head": layouts[client].train_head})
+                planned, trained = plan.layout, layouts[client]
+                rows.append({"client": client, "planned_rank_by_block": list(planned.rank_by_block), "planned_head": planned.train_head,
+                             "rank_by_block": list(trained.rank_by_block), "head": trained.train_head})
                 cut[client] = recut(plan, layouts[client], global_state, self.strategy.info.block_of)
         self.withheld = (round_number, rows)
         return cut
