@@ -278,3 +278,28 @@ def test_legend_run_with_the_joint_planner_trains_per_device_depths_and_ranks(tm
     head, per_rank = 2 * H + 2, 2 * (H + H)
     assert all(d["bytes_up"] == 4 * (per_rank * sum(d["rank_by_block"]) + head) for row in rows[1:] for d in row["devices"])
     assert summary["final_accuracy"] is not None
+
+
+def test_region_download_sends_only_the_region_and_zeroes_the_adapters_below_it():
+    info = ModelInfo("bert", 3, 4, ("m",), "layers")
+    legend = Legend(load_config(None, ["legend.r_min=2", "legend.r_max=4", "legend.max_depth=3", "legend.download=region"]), info)
+    keys = [f"layers.{b}.m.lora_{f}.default.weight" for b in range(3) for f in "AB"]
+    state = {k: torch.randn((legend.global_ranks[int(k[7])], 4) if "lora_A" in k else (4, legend.global_ranks[int(k[7])])) for k in keys}
+    state["head"] = torch.randn(2)
+    layout = device_layout(legend.global_ranks, 1, 4)  # the top block only
+    plan = legend.client_plan(0, layout, state, 1e-3)
+    assert plan.weights.keys() == state.keys() and set(plan.wire) == {"layers.2.m.lora_A.default.weight", "layers.2.m.lora_B.default.weight", "head"}
+    assert all(torch.count_nonzero(plan.weights[k]) == 0 for k in keys[:4])  # blocks 0 and 1: zero adapters, not applied
+    assert torch.equal(plan.wire["head"], state["head"]) and torch.equal(plan.weights["layers.2.m.lora_A.default.weight"], state["layers.2.m.lora_A.default.weight"])
+    everything = Legend(load_config(None, ["legend.r_min=2", "legend.r_max=4", "legend.max_depth=3"]), info).client_plan(0, layout, state, 1e-3)
+    assert everything.wire is None and torch.equal(everything.weights[keys[0]], state[keys[0]])
+
+
+def test_region_download_counts_only_the_region_down_in_a_real_run(tmp_path):
+    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "legend.planner": "joint", "legend.download": "region",
+                                                       "fl.clients_per_round": 4, "devices.fleet": "jetson-mix-80"}))
+    run_experiment(config, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    head, per_rank = 2 * H + 2, 2 * (H + H)
+    devices = [d for row in rows[1:] for d in row["devices"]]
+    assert all(d["bytes_down"] == d["bytes_up"] == 4 * (per_rank * sum(d["rank_by_block"]) + head) for d in devices)

@@ -104,6 +104,9 @@ class LegendConfig(Section):
     rank_by_block: list[int] = Field(
         default_factory=list, description="LEGEND: the global ranks per block, input first (e.g. [0, 0, 2, 4, 8, 16]); empty = the ramp of "
                                           "legend.ranks from r_min to r_max over max_depth blocks")
+    download: Literal["all", "region"] = Field(
+        "all", description="LEGEND: what a device downloads: 'all' = every global adapter (it applies those below its region, frozen), "
+                           "'region' = its own region and the head only (zero adapters below it)")
     weights: Literal["samples", "samples_steps"] = Field(
         "samples", description="LEGEND aggregation: each coordinate's mean over the devices that trained it, weighted by samples n_k "
                                "or by samples x local steps run n_k t_k")

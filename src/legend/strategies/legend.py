@@ -17,6 +17,7 @@ from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import Capacity, DeviceView, estimate_round, lora_numel
@@ -74,15 +75,17 @@ class Assignment:
     estimate: RoundTime
 
 
-def estimate_layout(view: DeviceView, client: int, layout: AdapterLayout, global_layout: AdapterLayout) -> RoundTime:
-    """Down: every global adapter the device applies (its region at its own ranks) and the head; up: its region and the head."""
+def estimate_layout(view: DeviceView, client: int, layout: AdapterLayout, global_layout: AdapterLayout, whole: bool = True) -> RoundTime:
+    """Down: every global adapter the device applies (its region at its own ranks) and the head, or with ``whole`` False
+    its region and the head only (legend.download = "region"); up: its region and the head."""
     applied = applied_ranks(layout, global_layout)
-    down = wire_bytes(lora_numel(view.spec, applied), view.wire_dtype)
+    down = wire_bytes(lora_numel(view.spec, applied if whole else layout.rank_by_block), view.wire_dtype)
     up = wire_bytes(lora_numel(view.spec, layout.rank_by_block), view.wire_dtype)
     return estimate_round(view, client, layout, applied, down, up)
 
 
-def configure_depth(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], slack: float, rank_cap: bool) -> dict[int, Assignment]:
+def configure_depth(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], slack: float, rank_cap: bool,
+                    whole: bool = True) -> dict[int, Assignment]:
     """Greedy depth (and rank cap) per device within T* = slowest depth-1 time x (1 + slack) and its memory."""
     global_layout = AdapterLayout("lora", global_ranks)
     caps = sorted({r for r in global_ranks if r > 0}, reverse=True)
@@ -90,7 +93,7 @@ def configure_depth(view: DeviceView, clients: list[int], global_ranks: tuple[in
 
     def assign(client: int, depth: int, cap: int) -> Assignment:
         layout = device_layout(global_ranks, depth, cap)
-        return Assignment(depth, cap, layout, estimate_layout(view, client, layout, global_layout))
+        return Assignment(depth, cap, layout, estimate_layout(view, client, layout, global_layout, whole))
 
     target = (1 + slack) * max(assign(c, 1, caps[0]).estimate.total_s for c in clients)
     plan = {}
@@ -116,7 +119,8 @@ class Worth:
         return sum(self.depth_decay ** (top - block) * (1.0 - math.exp(-rank / self.rank_scale)) for block, rank in enumerate(ranks))
 
 
-def greedy_path(view: DeviceView, client: int, global_ranks: tuple[int, ...], worth: Worth, fixed_depth: bool = False) -> list[Assignment]:
+def greedy_path(view: DeviceView, client: int, global_ranks: tuple[int, ...], worth: Worth, fixed_depth: bool = False,
+                whole: bool = True) -> list[Assignment]:
     """One device's layouts from the smallest (the top block at rank 1; with ``fixed_depth`` every global block at rank 1)
     upward, each step the increment of highest worth per estimated second that fits its memory: one more rank row in a
     block of its region (ranks stay non-decreasing toward the output and within the global ones), or one more block below
@@ -128,7 +132,7 @@ def greedy_path(view: DeviceView, client: int, global_ranks: tuple[int, ...], wo
 
     def assign(ranks: tuple[int, ...]) -> Assignment:
         layout = AdapterLayout("lora", ranks)
-        return Assignment(layout.depth, max(ranks), layout, estimate_layout(view, client, layout, global_layout))
+        return Assignment(layout.depth, max(ranks), layout, estimate_layout(view, client, layout, global_layout, whole))
 
     path = [assign(start)]
     while True:
@@ -164,11 +168,11 @@ def within(path: list[Assignment], deadline: float) -> Assignment:
 
 
 def configure_joint(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], worth: Worth,
-                    fixed_depth: bool = False) -> dict[int, Assignment]:
+                    fixed_depth: bool = False, whole: bool = True) -> dict[int, Assignment]:
     """Depth and ranks per device, and the round's deadline T*: among the times the devices' paths reach, the one that
     maximises the round's estimated progress per second, (sum_k n_k worth_k(T) / sum_k n_k) / T, where n_k is the
     number of sequences the device trains this round; T* is never below the slowest device's smallest layout (every device trains)."""
-    paths = {c: greedy_path(view, c, global_ranks, worth, fixed_depth) for c in clients}
+    paths = {c: greedy_path(view, c, global_ranks, worth, fixed_depth, whole) for c in clients}
     samples = {c: max(view.workload[c].sequences, 1) for c in clients}
     floor = max(path[0].estimate.total_s for path in paths.values())
     deadlines = sorted({p.estimate.total_s for path in paths.values() for p in path if p.estimate.total_s >= floor})
@@ -208,18 +212,29 @@ class Legend(Strategy):
         view = DeviceView(devices.spec, self.snapshot, devices.workload, devices.wire_dtype)
         layouts = {c: a.layout for c, a in self.configure(view, clients).items()}
         lr = self.lr(round_number)
-        # the whole global state goes down (the device applies every global adapter), its region cut to its ranks
-        return {c: ClientPlan(c, layout, cut_to_layout(global_state, layout, self.info.block_of), lr) for c, layout in layouts.items()}
+        return {c: self.client_plan(c, layout, global_state, lr) for c, layout in layouts.items()}
+
+    def client_plan(self, client: int, layout: AdapterLayout, global_state: State, lr: float) -> ClientPlan:
+        """legend.download = "all": the whole global state goes down (the device applies every global adapter below its region,
+        frozen), its region cut to its ranks. "region": only its region and the head go down (``wire``); the adapters below are
+        zero on the device, so it trains on the pre-trained blocks there."""
+        weights = cut_to_layout(global_state, layout, self.info.block_of)
+        if self.config.legend.download == "all":
+            return ClientPlan(client, layout, weights, lr)
+        below = {k for k in weights if (b := self.info.block_of(k)) is not None and layout.rank_by_block[b] == 0}
+        return ClientPlan(client, layout, {k: torch.zeros_like(v) if k in below else v for k, v in weights.items()}, lr,
+                          wire={k: v for k, v in weights.items() if k not in below})
 
     def configure(self, view: DeviceView, clients: list[int]) -> dict[int, Assignment]:
         """Each sampled device's layout by legend.planner."""
         cfg = self.config.legend
+        whole = cfg.download == "all"
         if cfg.planner == "depth":
-            return configure_depth(view, clients, self.global_ranks, cfg.slack, cfg.rank_cap)
+            return configure_depth(view, clients, self.global_ranks, cfg.slack, cfg.rank_cap, whole)
         if cfg.planner == "global":
             layout = self.global_layout()
             return {c: Assignment(layout.depth, max(self.global_ranks), layout, estimate_layout(view, c, layout, layout)) for c in clients}
-        return configure_joint(view, clients, self.global_ranks, Worth(cfg.depth_decay, cfg.rank_scale), fixed_depth=cfg.planner == "ranks")
+        return configure_joint(view, clients, self.global_ranks, Worth(cfg.depth_decay, cfg.rank_scale), cfg.planner == "ranks", whole)
 
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
         """Each coordinate: the sample-weighted mean (or fl.aggregator's robust rule) over the devices that trained it; the rest keeps its value."""
