@@ -76,8 +76,8 @@ def run_ours(overrides: list[str], out: Path) -> dict:
 
         trained: list = []
 
-        def train(self, exp, jobs):
-            returned = super().train(exp, jobs)
+        def train(self, local, jobs):
+            returned = super().train(local, jobs)
             self.trained += [(job, returned[job.plan.client]) for job in jobs if not isinstance(returned[job.plan.client], str)]
             return returned
 
@@ -107,11 +107,12 @@ def run_naive(overrides: list[str]) -> dict:
     import torch
 
     from legend.config import load_config
-    from legend.core import Update
-    from legend.data.tasks import load_task, subsample
+    from legend.core import Update, numel
     from legend.data.table import column
+    from legend.data.tasks import load_task, subsample
     from legend.engine.client import derived_seed, local_step_count, training_batches
-    from legend.engine.simulation import _received, build_experiment, device_view, sample_clients
+    from legend.engine.round import device_view, sample_clients
+    from legend.engine.simulation import build_experiment
     from legend.models.shared import SharedModel
 
     config = load_config(BASE, [*overrides, "engine.cache_mb=0", "train.group_by_length=false"])
@@ -160,11 +161,12 @@ def run_naive(overrides: list[str]) -> dict:
     started = time.perf_counter()
     for round_number in range(1, config.fl.rounds + 1):
         clients = sample_clients(config.seed, round_number, exp.fleet.available(round_number, config.seed), config.fl.clients_per_round)
-        batches, view = device_view(exp, round_number, clients)
+        batches, view = device_view(exp, exp.local(), round_number, clients)
         plans = exp.strategy.plan(round_number, clients, state, view)
         updates = [train_client(plans[c], round_number) for c in clients]
         for c, update in zip(clients, updates, strict=True):  # what the engine's capacity estimates learn from each update
-            exp.capacity.observe(c, _received(exp, round_number, plans[c], view.workload[c], batches[c], update)[0].metrics)
+            report = exp.accounting.received(round_number, plans[c], view.workload[c], batches[c], numel(update.weights))[1]
+            exp.capacity.observe(c, {**update.metrics, **report})
         state = exp.strategy.aggregate(round_number, state, updates)
         final = accuracy(state)
     majority = float(test_labels.bincount().max()) / len(test_labels)

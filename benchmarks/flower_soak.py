@@ -49,9 +49,9 @@ class AsDeployed(InProcess):
         gone = set(self.rows[self.round]["unreachable"])
         return [c for c in clients if c not in gone]
 
-    def train(self, exp, jobs):
+    def train(self, local, jobs):
         lost = {entry["client"]: entry["reason"] for entry in self.rows[self.round]["lost"]}
-        trained = super().train(exp, [job for job in jobs if job.plan.client not in lost])
+        trained = super().train(local, [job for job in jobs if job.plan.client not in lost])
         return {job.plan.client: trained.get(job.plan.client, f"lost on Flower: {lost.get(job.plan.client)}") for job in jobs}
 
 

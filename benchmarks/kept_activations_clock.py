@@ -23,7 +23,7 @@ from pathlib import Path
 from legend.config import load_config
 from legend.core import Update
 from legend.engine.runtime import InProcess, Job
-from legend.engine.simulation import kept_keys, run_experiment
+from legend.engine.simulation import run_experiment
 from legend.quiet import quiet_libraries
 from legend.records import read_metrics, summarize
 
@@ -31,14 +31,14 @@ from legend.records import read_metrics, summarize
 class Untrained(InProcess):
     """Devices that return what they were sent (cut to their layout): the same shapes, bytes and reports, no training."""
 
-    def train(self, exp, jobs: list[Job]) -> dict[int, Update]:
+    def train(self, local, jobs: list[Job]) -> dict[int, Update]:
         out = {}
         for job in jobs:
             plan = job.plan
-            shapes = exp.model.device_shapes(plan.layout)
-            keep = kept_keys(exp, plan.layout)
+            shapes = local.model.device_shapes(plan.layout)
+            keep = local.device.kept(local.model.keys(plan.layout))
             weights = {key: plan.weights[key][tuple(slice(0, n) for n in shape)].clone() for key, shape in shapes.items() if key not in keep}
-            out[plan.client] = Update(plan.client, weights, len(exp.partitions[plan.client]), {"train_loss": 0.0})
+            out[plan.client] = Update(plan.client, weights, len(local.partitions[plan.client]), {"train_loss": 0.0})
         return out
 
 

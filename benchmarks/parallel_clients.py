@@ -30,11 +30,11 @@ class TimedInProcess(InProcess):
     seconds = 0.0
     sequences = 0
 
-    def train(self, exp, jobs):
+    def train(self, local, jobs):
         started = time.perf_counter()
-        results = super().train(exp, jobs)
+        results = super().train(local, jobs)
         self.seconds += time.perf_counter() - started
-        self.sequences += sum(update.metrics["steps"] * exp.config.train.batch_size for update in results.values() if not isinstance(update, str))
+        self.sequences += sum(update.metrics["steps"] * local.cfg.batch_size for update in results.values() if not isinstance(update, str))
         return results
 
 

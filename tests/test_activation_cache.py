@@ -13,7 +13,8 @@ from legend.config import load_config
 from legend.devices.activations import STATE_BYTES, KeptActivations
 from legend.devices.cost import Batches, block_forward_flops
 from legend.engine.checkpoint import CHECKPOINT
-from legend.engine.simulation import build_experiment, build_model, device_view, preview_plans, run_experiment
+from legend.engine.round import device_view, preview_plans
+from legend.engine.simulation import build_experiment, build_model, run_experiment
 from legend.errors import LegendError
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
@@ -39,7 +40,7 @@ def test_a_device_is_charged_the_frozen_blocks_once_then_a_read_and_the_model_is
     edge = 2  # LEGEND's global LoRA region on MiniLM's 6 blocks: 2..5
     first = {d["client"]: d for d in kept_rows[1]["devices"]}
     assert first and all(d["compute_s"] == p["compute_s"] and d["read_s"] == 0 for d, p in zip(kept_rows[1]["devices"], rows[1]["devices"], strict=True))
-    batches, view = device_view(exp, 2, sorted(first))
+    batches, view = device_view(exp, exp.local(), 2, sorted(first))
     for kept, plain in zip(kept_rows[2]["devices"], rows[2]["devices"], strict=True):
         client, profile = kept["client"], exp.fleet.device_of(kept["client"]).profile
         assert set(np.concatenate(batches[client])) == set(exp.partitions[client])  # every example was seen and stored in round 1
@@ -135,17 +136,17 @@ def test_a_flower_node_with_the_cache_trains_from_the_states_it_keeps(tmp_path):
     """The ClientApp's path: a job trained on a node keeps its examples' states in the node's file, and the next job's
     training reads them there (the engine's own rule would not: each example comes back less than 4 times)."""
     pytest.importorskip("flwr", reason="the Flower extra is not installed: pip install -e '.[flower]'")
+    from legend.engine.client import derived_seed
     from legend.engine.runtime import Job, local_training
-    from legend.engine.simulation import derived_seed
     from legend.flower.apps import _keep_activations
 
     config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "devices.activation_cache": "true"}))
     exp = build_experiment(config)
     assert not exp.prefix.trains
     _keep_activations(exp, {"storage-gb": "1"}, tmp_path / "node.prefix", 0)
-    _, view = device_view(exp, 1, [0])
+    _, view = device_view(exp, exp.local(), 1, [0])
     plan = exp.strategy.plan(1, [0], exp.strategy.initial_state(exp.model), view)[0]
-    local_training(exp, Job(1, plan, derived_seed(config.seed, 1, 0)))
+    local_training(exp.local(), Job(1, plan, derived_seed(config.seed, 1, 0)))
     exp.prefix.save()
     assert exp.prefix.trains and exp.prefix.spill_limit == 10**9 and exp.prefix.misses > 0 and exp.prefix.spilled
     again = build_experiment(config)  # the node's next process

@@ -12,20 +12,29 @@ import torch
 from tests.conftest import ROOT, tiny_overrides
 from torch.utils.flop_counter import FlopCounterMode
 
+from legend.compat import check_layout
 from legend.config import DevicesConfig, load_config
 from legend.core import numel
 from legend.devices.calibrate import BlockTimer
 from legend.devices.capacity import lora_numel
 from legend.devices.clock import RoundTime, synchronous_round
-from legend.devices.cost import (Batches, ModelSpec, block_backward_flops, block_forward_flops, layout_numel, require_fits, training_flops,
-                                 training_memory_bytes)
+from legend.devices.cost import (
+    Batches,
+    ModelSpec,
+    block_backward_flops,
+    block_forward_flops,
+    layout_numel,
+    require_fits,
+    training_flops,
+    training_memory_bytes,
+)
 from legend.devices.fleet import Link, build_fleet
 from legend.devices.profiles import CATALOG
-from legend.engine.simulation import _check_quantized, run_experiment
+from legend.engine.simulation import run_experiment
 from legend.errors import LegendError
 from legend.lora import AdapterLayout
-from legend.models.shared import SharedModel
 from legend.models.placement import QUANTIZED_BYTES
+from legend.models.shared import SharedModel
 from legend.strategies.registry import strategy_class
 from legend.wire import wire_bytes
 
@@ -151,7 +160,7 @@ def test_qlora_refuses_strategies_that_touch_the_base_weights(model, strategy):
     """Checked once the strategy exists, on the GPU (on a CPU the missing GPU is the first line)."""
     config = load_config(QUICKSTART, ["model.quantize=4bit", f"strategy.name={strategy}"])
     with contextlib.nullcontext() if strategy == "legend" else pytest.raises(LegendError, match=rf"model.quantize '4bit' keeps the base weights frozen .* and {strategy} "):
-        _check_quantized(config, strategy_class(strategy)(config, model.info))
+        check_layout(config, strategy_class(strategy)(config, model.info), model.info.num_blocks)
 
 
 def test_memory_grows_with_depth_and_a_plan_that_does_not_fit_is_refused(model):

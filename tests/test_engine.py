@@ -149,16 +149,17 @@ def test_logit_adjustment_adds_each_client_its_own_label_log_prior_in_local_trai
     """train.logit_adjustment=1 (balanced softmax): a client's offsets are the log of its add-one smoothed label
     frequencies, and local training reaches the loss through them: a client holding only positive sentences starts
     with the positive logit already ahead by log(41/1), so its training loss is a fraction of plain cross-entropy's."""
+    from legend.engine.client import derived_seed
+    from legend.engine.round import device_view
     from legend.engine.runtime import Job, local_training
-    from legend.engine.simulation import derived_seed, device_view
 
     losses = {}
     for adjustment in (0, 1):
         config = load_config(QUICKSTART, tiny_overrides(**{"train.logit_adjustment": adjustment}))
         exp = build_experiment(config)
         exp.partitions[0] = np.flatnonzero(exp.train.labels == 1)[:40]
-        plan = exp.strategy.plan(1, [0], exp.strategy.initial_state(exp.model), device_view(exp, 1, [0])[1])[0]
-        losses[adjustment] = local_training(exp, Job(1, plan, derived_seed(config.seed, 1, 0))).metrics["train_loss"]
+        plan = exp.strategy.plan(1, [0], exp.strategy.initial_state(exp.model), device_view(exp, exp.local(), 1, [0])[1])[0]
+        losses[adjustment] = local_training(exp.local(), Job(1, plan, derived_seed(config.seed, 1, 0))).metrics["train_loss"]
     assert exp.objective.logit_offsets(exp.train, exp.partitions[0]).tolist() == pytest.approx(np.log([1 / 42, 41 / 42]).tolist())
     assert losses[1] < losses[0] / 4
 

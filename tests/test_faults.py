@@ -57,8 +57,8 @@ class Corrupting(InProcess):
         super().__init__(faults)
         self.corrupt = corrupt
 
-    def train(self, exp, jobs):
-        updates = super().train(exp, jobs)
+    def train(self, local, jobs):
+        updates = super().train(local, jobs)
         if 0 in updates:
             updates[0] = replace(updates[0], weights=self.corrupt(updates[0].weights))
         return updates

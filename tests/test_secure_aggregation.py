@@ -16,7 +16,8 @@ from tests.conftest import ROOT, NodesInThisProcess, tiny_overrides
 from legend.config import load_config
 from legend.core import Update
 from legend.engine.runtime import InProcess
-from legend.engine.simulation import build_experiment, run_experiment, run_round
+from legend.engine.round import run_round
+from legend.engine.simulation import build_experiment, run_experiment
 from legend.errors import LegendError
 from legend.lora.layout import AdapterLayout
 from legend.strategies.aggregate import add_masked_terms

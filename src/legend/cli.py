@@ -174,8 +174,8 @@ def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = 
     cfg = load_config(config, overrides or [])
     quiet_libraries()
     from legend.data.partition import label_histogram, partition_indices
-    from legend.data.tasks import load_task, subsample
     from legend.data.table import column
+    from legend.data.tasks import load_task, subsample
 
     task = subsample(load_task(cfg.data), cfg.data, cfg.seed)
     train = task.train
@@ -269,7 +269,8 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
     cfg = load_config(config, overrides or [])
     quiet_libraries()
-    from legend.engine.simulation import build_experiment, preview_plans
+    from legend.engine.round import preview_plans
+    from legend.engine.simulation import build_experiment
 
     rows = preview_plans(build_experiment(cfg))
     times = [r["round_s"] for r in rows]

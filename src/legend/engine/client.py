@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -107,41 +108,112 @@ def with_logit_offsets(batch: dict[str, torch.Tensor], offsets: torch.Tensor | N
     return batch
 
 
-def train_client(model: SharedModel, objective: Objective, plan: ClientPlan, data: EncodedSplit, batches: Iterable[np.ndarray], num_samples: int,
-                 cfg: TrainConfig, seed: int, prefix: PrefixView | None = None, device: DeviceSide | None = None, own: State | None = None,
-                 logit_offsets: torch.Tensor | None = None) -> Update:
-    """Local AdamW on the objective's loss over ``batches``, starting from the plan's tensors and the device's own (together the
-    whole global state).
+@dataclass(frozen=True)
+class ClientWork:
+    """One client's local training: its plan, its batches (row indices), its data size, its own kept tensors
+    (``DeviceSide.kept``, as its runtime stored them), and what it adds to its logits (``Objective.logit_offsets``
+    of its labels; None: nothing)."""
 
-    ``device``: the strategy's device-side hooks (an extra loss term, metrics to report); none by default.
-    ``own``: the tensors the device keeps between rounds (``DeviceSide.kept``), as its runtime stored them.
-    ``logit_offsets``: what this client adds to its logits (``Objective.logit_offsets`` of its labels); None: nothing."""
-    device, own = device or DeviceSide(), own or {}
-    model.load({**plan.weights, **own})
-    optimizer = LocalOptimizer(model.set_trainable(plan.layout), plan.lr, cfg, model)
-    torch.manual_seed(seed)  # dropout
+    plan: ClientPlan
+    batches: Sequence[np.ndarray] | Iterator[np.ndarray]  # a list, or (a simulated crash) an iterator that raises
+    num_samples: int
+    own: State
+    logit_offsets: torch.Tensor | None = None
+
+
+@dataclass
+class LocalTraining:
+    """What local training needs of a run, and nothing more (``Runtime.train`` takes it): the shared model, the
+    objective, the training split and each client's rows of it, the local settings, the frozen-prefix cache's view
+    of the training split (None: off), the strategy's device-side hooks, and the number of classes (a label-flipping
+    attacker's). Built once per round: each client's batches are drawn once (``batches``), for the round's device
+    view and for its training alike."""
+
+    model: SharedModel
+    objective: Objective
+    data: EncodedSplit
+    partitions: list[np.ndarray]
+    cfg: TrainConfig
+    device: DeviceSide
+    prefix: PrefixView | None = None
+    num_classes: int = 0
+    _drawn: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def batches(self, client: int, seed: int) -> list[np.ndarray]:
+        """The batches the client trains on with this (seed, round, client) seed."""
+        if (client, seed) not in self._drawn:
+            self._drawn[client, seed] = client_batches(self.data, self.partitions[client], self.cfg, seed)
+        return self._drawn[client, seed]
+
+    def work(self, plan: ClientPlan, seed: int, own: State, data: EncodedSplit | None = None) -> ClientWork:
+        """The client's part of local training; ``data``: the same rows with other labels (an attacker's flipped ones)."""
+        indices = self.partitions[plan.client]
+        offsets = self.objective.logit_offsets(data or self.data, indices)
+        return ClientWork(plan, self.batches(plan.client, seed), len(indices), own, offsets)
+
+
+def start_training(model: SharedModel, seed: int) -> None:
+    """Before the first local step: dropout drawn from the seed, the model in training mode, the peak memory reset."""
+    torch.manual_seed(seed)
     model.module.train()
     reset_peak_memory(model.device)
+
+
+def step_loss(loss: torch.Tensor, losses: list[float], device: DeviceSide, model: SharedModel, plan: ClientPlan,
+              optimizer: LocalOptimizer) -> torch.Tensor:
+    """One client's loss of one step as backward takes it: recorded, plus the strategy's extra term, at its loss scale."""
+    losses.append(loss.item())
+    if (extra := device.extra_loss(model, plan)) is not None:
+        loss = loss + extra
+    return optimizer.scaled(loss)
+
+
+def finished(model: SharedModel, work: ClientWork, losses: list[float], wall_s: float, forward_backward_s: float, peak_mb: float,
+             device: DeviceSide, view: ClientView | None = None) -> Update:
+    """The client's update once its steps are done: its trained tensors (in the shared model, or in ``view``, its
+    part of a group), those it keeps apart from those it sends, and its metrics with the strategy's report."""
+    plan = work.plan
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": wall_s,
+               FORWARD_BACKWARD_S: forward_backward_s, "steps": len(losses), PEAK_MEMORY_MB: peak_mb}
+    with torch.no_grad():
+        metrics.update(device.report(model if view is None else view, plan))
+    trained = model.read(plan.layout, None if view is None else view.params)
+    sent = {key: value for key, value in trained.items() if key not in work.own}
+    kept = {key: value for key, value in trained.items() if key in work.own}
+    return Update(plan.client, sent, work.num_samples, metrics, kept, work.own)
+
+
+class ClientView:
+    """The shared model as one client of a group sees it: ``params`` holds that client's own tensors (what a
+    strategy's DeviceSide hooks read); everything else is the shared model's."""
+
+    def __init__(self, model: SharedModel, own: dict[str, torch.Tensor]):
+        self._model = model
+        self.params = {**model.params, **own}
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def train_client(model: SharedModel, objective: Objective, work: ClientWork, data: EncodedSplit, cfg: TrainConfig, seed: int,
+                 prefix: PrefixView | None = None, device: DeviceSide | None = None) -> Update:
+    """Local AdamW on the objective's loss over the client's batches, starting from the plan's tensors and the device's
+    own (together the whole global state). ``device``: the strategy's device-side hooks (an extra loss term, metrics
+    to report); none by default. Several clients at once: ``parallel.train_together``, the same steps."""
+    device, plan = device or DeviceSide(), work.plan
+    model.load({**plan.weights, **work.own})
+    optimizer = LocalOptimizer(model.set_trainable(plan.layout), plan.lr, cfg, model)
+    start_training(model, seed)
     losses, forward_backward_s = [], 0.0
     started = time.perf_counter()
-    for rows in batches:
+    for rows in work.batches:
         step_started = time.perf_counter()
         with forward_passes(model, rows, prefix, plan.layout.skipped_blocks):
-            loss = objective.loss(model.module, model.on_device(with_logit_offsets(data.batch(rows), logit_offsets)))
-        losses.append(loss.item())
-        if (extra := device.extra_loss(model, plan)) is not None:
-            loss = loss + extra
-        optimizer.scaled(loss).backward()
+            loss = objective.loss(model.module, model.on_device(with_logit_offsets(data.batch(rows), work.logit_offsets)))
+        step_loss(loss, losses, device, model, plan, optimizer).backward()
         forward_backward_s += time.perf_counter() - step_started
         optimizer.step()
-    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": time.perf_counter() - started,
-               FORWARD_BACKWARD_S: forward_backward_s, "steps": len(losses), PEAK_MEMORY_MB: peak_memory_mb(model.device)}
-    with torch.no_grad():
-        metrics.update(device.report(model, plan))
-    trained = model.read(plan.layout)
-    sent = {key: value for key, value in trained.items() if key not in own}
-    kept = {key: value for key, value in trained.items() if key in own}
-    return Update(plan.client, sent, num_samples, metrics, kept, own)
+    return finished(model, work, losses, time.perf_counter() - started, forward_backward_s, peak_memory_mb(model.device), device)
 
 
 class Evaluation(NamedTuple):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,40 +21,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from legend.config import TrainConfig
-from legend.core import ClientPlan, State, Update
+from legend.core import State, Update
 from legend.data.batching import EncodedSplit
-from legend.engine.client import FORWARD_BACKWARD_S, PEAK_MEMORY_MB, LocalOptimizer, forward_passes, with_logit_offsets
+from legend.engine.client import (
+    ClientView,
+    ClientWork,
+    LocalOptimizer,
+    finished,
+    forward_passes,
+    start_training,
+    step_loss,
+    with_logit_offsets,
+)
 from legend.engine.prefix_cache import PrefixView
 from legend.errors import LegendError
 from legend.lora.layout import LORA_FACTOR, lora_modules
-from legend.models.placement import peak_memory_mb, reset_peak_memory
+from legend.models.placement import peak_memory_mb
 from legend.models.shared import SharedModel, fill_leading
 from legend.objectives import Objective
 from legend.strategies.base import DeviceSide
-
-
-@dataclass(frozen=True)
-class ClientWork:
-    """One client's part of a group: its plan, its batches (row indices), its data size, its own kept tensors, and what
-    it adds to its logits (``train_client``'s ``logit_offsets``)."""
-
-    plan: ClientPlan
-    batches: list[np.ndarray]
-    num_samples: int
-    own: State
-    logit_offsets: torch.Tensor | None = None
-
-
-class ClientView:
-    """The shared model as one client of the group sees it: ``params`` holds that client's own tensors (what a
-    strategy's DeviceSide hooks read); everything else is the shared model's."""
-
-    def __init__(self, model: SharedModel, own: dict[str, torch.Tensor]):
-        self._model = model
-        self.params = {**model.params, **own}
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
 
 
 def per_client_keys(model: SharedModel) -> list[str]:
@@ -149,9 +133,7 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
     optimizers = [LocalOptimizer({k: t for k, t in own.items() if t.requires_grad}, w.plan.lr, cfg, model) for own, w in zip(tensors, work, strict=True)]
     views = [ClientView(model, own) for own in tensors]
     group = StackedClients(model, tensors)
-    torch.manual_seed(seed)  # dropout: one draw for the group
-    model.module.train()
-    reset_peak_memory(model.device)
+    start_training(model, seed)  # dropout: one draw for the group
     losses: list[list[float]] = [[] for _ in work]
     started, forward_backward_s = time.perf_counter(), 0.0
     with group.active():
@@ -166,23 +148,11 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
             total, sizes = 0, [rows for _, rows in group.sizes]
             for k, row_sums, row_counts in zip(active, sums.split(sizes), counts.split(sizes), strict=True):
                 loss = row_sums.sum() / row_counts.sum()  # the client's own mean, as one-by-one training computes it
-                losses[k].append(loss.item())
-                if (extra := device.extra_loss(views[k], work[k].plan)) is not None:
-                    loss = loss + extra
-                total = total + optimizers[k].scaled(loss)  # each client's loss at its own float16 loss scale
+                total = total + step_loss(loss, losses[k], device, views[k], work[k].plan, optimizers[k])  # each at its own loss scale
             total.backward()
             forward_backward_s += time.perf_counter() - step_started
             for k in active:
                 optimizers[k].step()
     wall_s, peak_mb = time.perf_counter() - started, peak_memory_mb(model.device)
-    updates = []
-    for k, w in enumerate(work):
-        metrics = {"train_loss": float(np.mean(losses[k])) if losses[k] else float("nan"), "train_wall_s": wall_s / len(work),
-                   FORWARD_BACKWARD_S: forward_backward_s / len(work), "steps": len(losses[k]), PEAK_MEMORY_MB: peak_mb}
-        with torch.no_grad():
-            metrics.update(device.report(views[k], w.plan))
-        trained = model.read(w.plan.layout, views[k].params)
-        sent = {key: value for key, value in trained.items() if key not in w.own}
-        kept = {key: value for key, value in trained.items() if key in w.own}
-        updates.append(Update(w.plan.client, sent, w.num_samples, metrics, kept, w.own))
-    return updates
+    share_s, fb_share_s = wall_s / len(work), forward_backward_s / len(work)
+    return [finished(model, w, losses[k], share_s, fb_share_s, peak_mb, device, views[k]) for k, w in enumerate(work)]

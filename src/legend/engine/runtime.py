@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,12 +20,9 @@ from legend.config import FaultsConfig
 from legend.core import ClientPlan, SecureSum, State, Update
 from legend.data.batching import EncodedSplit
 from legend.engine.attacks import MALICIOUS, flipped_labels, is_attacker, poison
-from legend.engine.client import client_batches, local_step_count, train_client
+from legend.engine.client import LocalTraining, local_step_count, train_client
 from legend.engine.client_store import ClientStore
-from legend.engine.parallel import ClientWork, train_together
-
-if TYPE_CHECKING:
-    from legend.engine.simulation import Experiment
+from legend.engine.parallel import train_together
 
 ROUND_TRIP_S = "round_trip_s"  # metric a remote runtime adds: seconds from sending the job to receiving the update
 SENT_NUMEL = "sent_numel"  # metric a device adds under secure aggregation: the numbers its update held (the server never sees them)
@@ -41,11 +38,13 @@ class Job:
 
 
 class Runtime(Protocol):
+    clock: str  # where its devices' round times come from: "virtual" (their profiles) or "measured" (their own reports)
+
     def reachable(self, clients: list[int]) -> list[int]:
         """Those of ``clients`` whose device can be sent a job now."""
 
-    def train(self, exp: Experiment, jobs: list[Job]) -> dict[int, Update | str]:
-        """Each job's update, or why it has none."""
+    def train(self, local: LocalTraining, jobs: list[Job]) -> dict[int, Update | str]:
+        """Each job's update, or why it has none (``local``: what training on the shared model needs of the run)."""
 
     def summed(self) -> SecureSum | None:
         """Under secure aggregation, the sum of the last ``train``'s updates (then those carry no weights); else None."""
@@ -68,28 +67,22 @@ class DeviceCrash(RuntimeError):
     """A simulated crash inside local training (``faults.crash``)."""
 
 
-def local_training(exp: Experiment, job: Job, own: State | None = None, crash_at_step: int | None = None,
+def local_training(local: LocalTraining, job: Job, own: State | None = None, crash_at_step: int | None = None,
                    data: EncodedSplit | None = None) -> Update:
-    """What a device does with a job: draw its batches from its own data, train from the plan and its own tensors.
+    """What a device does with a job: train from the plan and its own tensors on its batches of its own data.
 
     ``crash_at_step``, ``data``: the simulation's fault injection; training raises DeviceCrash when it reaches that step,
     and reads ``data`` (the same examples, other labels) instead of the training split."""
-    indices, data = exp.partitions[job.plan.client], data or exp.train
-    batches = client_batches(exp.train, indices, exp.config.train, job.seed)
+    work = local.work(job.plan, job.seed, own or {}, data)
     if crash_at_step is not None:
-        batches = _crash_at(batches, crash_at_step)
-    return train_client(exp.model, exp.objective, job.plan, data, batches, len(indices), exp.config.train, job.seed, exp.prefix_view("train"),
-                        exp.strategy.device_side(), own, exp.objective.logit_offsets(data, indices))
+        work = replace(work, batches=_crash_at(work.batches, crash_at_step))
+    return train_client(local.model, local.objective, work, data or local.data, local.cfg, job.seed, local.prefix, local.device)
 
 
-def local_training_together(exp: Experiment, jobs: list[Job], owns: list[State]) -> list[Update]:
+def local_training_together(local: LocalTraining, jobs: list[Job], owns: list[State]) -> list[Update]:
     """``local_training`` of several devices in one pass per step (``engine/parallel.py``): the same updates."""
-    work = []
-    for job, own in zip(jobs, owns, strict=True):
-        indices = exp.partitions[job.plan.client]
-        work.append(ClientWork(job.plan, client_batches(exp.train, indices, exp.config.train, job.seed), len(indices), own,
-                               exp.objective.logit_offsets(exp.train, indices)))
-    return train_together(exp.model, exp.objective, work, exp.train, exp.config.train, jobs[0].seed, exp.prefix_view("train"), exp.strategy.device_side())
+    work = [local.work(job.plan, job.seed, own) for job, own in zip(jobs, owns, strict=True)]
+    return train_together(local.model, local.objective, work, local.data, local.cfg, jobs[0].seed, local.prefix, local.device)
 
 
 def _crash_at(batches: list[np.ndarray], step: int) -> Iterator[np.ndarray]:
@@ -109,6 +102,8 @@ class InProcess:
 
     What a device keeps (FedSA-LoRA's B) is stored here once its update is aggregated: a file per client
     under the run's ``client_state/``, the latest ``engine.client_state_mb`` of them also in memory."""
+
+    clock = "virtual"
 
     def __init__(self, faults: FaultsConfig, client_state_mb: float = 64.0, parallel_clients: int = 1):
         self.faults = faults
@@ -141,8 +136,8 @@ class InProcess:
     def summed(self) -> None:
         return None  # the server holds every update
 
-    def train(self, exp: Experiment, jobs: list[Job]) -> dict[int, Update | str]:
-        faults = {job.plan.client: self._faults(exp, job) for job in jobs}
+    def train(self, local: LocalTraining, jobs: list[Job]) -> dict[int, Update | str]:
+        faults = {job.plan.client: self._faults(local, job) for job in jobs}
         running = [job for job in jobs if not isinstance(faults[job.plan.client], str)]
         trains_alone = {job.plan.client for job in running if self.parallel_clients == 1 or faults[job.plan.client].crash_at_step is not None
                         or faults[job.plan.client].flips}
@@ -152,26 +147,26 @@ class InProcess:
         for start in range(0, len(together), self.parallel_clients):
             group = together[start : start + self.parallel_clients]
             owns = [self.own.get(job.plan.client) or self.initial for job in group]
-            results.update((update.client, update) for update in local_training_together(exp, group, owns))
+            results.update((update.client, update) for update in local_training_together(local, group, owns))
         for job in alone:
-            results[job.plan.client] = self._alone(exp, job, faults[job.plan.client])
+            results[job.plan.client] = self._alone(local, job, faults[job.plan.client])
         return {job.plan.client: self._attack(job, results[job.plan.client], faults[job.plan.client]) for job in jobs}
 
-    def _faults(self, exp: Experiment, job: Job) -> DeviceFaults | str:
+    def _faults(self, local: LocalTraining, job: Job) -> DeviceFaults | str:
         """What the device's (seed, round, client) draw does to its job, or why it sends nothing."""
         leaves, crashes, step = np.random.default_rng([job.seed, 17]).random(3)
         if leaves < self.faults.dropout:
             return "dropped out after receiving its plan (faults.dropout)"
-        steps = local_step_count(len(exp.partitions[job.plan.client]), exp.config.train)
+        steps = local_step_count(len(local.partitions[job.plan.client]), local.cfg)
         attacker = is_attacker(self.faults, job.seed)
         return DeviceFaults(int(step * steps) if crashes < self.faults.crash else None, attacker, attacker and self.faults.attack == "label_flip")
 
-    def _alone(self, exp: Experiment, job: Job, faults: DeviceFaults) -> Update | str:
+    def _alone(self, local: LocalTraining, job: Job, faults: DeviceFaults) -> Update | str:
         if faults.flips and self._flipped is None:
-            self._flipped = flipped_labels(exp.train, len(exp.label_names))
+            self._flipped = flipped_labels(local.data, local.num_classes)
         try:
             own = self.own.get(job.plan.client) or self.initial
-            return local_training(exp, job, own, faults.crash_at_step, self._flipped if faults.flips else None)
+            return local_training(local, job, own, faults.crash_at_step, self._flipped if faults.flips else None)
         except DeviceCrash as crash:
             return f"crashed in local training: {crash} (faults.crash)"
 

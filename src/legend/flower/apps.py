@@ -74,11 +74,11 @@ def _experiment(run_config):
     text = str(run_config["experiment"])
     if text not in _experiments:
         quiet_libraries()
-        from legend.engine.simulation import build_experiment, kept_keys
+        from legend.engine.simulation import build_experiment
 
         exp = build_experiment(validate_config(json.loads(text)))
         layout = exp.strategy.global_layout()
-        kept = kept_keys(exp, layout)
+        kept = exp.kept_keys(layout)
         _initial_kept[text] = {key: value for key, value in exp.model.read(layout).items() if key in kept}
         _experiments[text] = exp
     return _experiments[text]
@@ -144,7 +144,7 @@ def train(msg: Message, context: Context) -> Message:
     exp = _experiment(context.run_config)
     path = _kept_file(node, str(context.run_config["experiment"]), client)
     _keep_activations(exp, node, path.with_suffix(".prefix"), client)
-    update = local_training(exp, job, _own(path, job.round_number, _initial_kept[str(context.run_config["experiment"])]))
+    update = local_training(exp.local(), job, _own(path, job.round_number, _initial_kept[str(context.run_config["experiment"])]))
     if update.kept:
         _keep(path, job.round_number, update.kept)
     if exp.prefix is not None:

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 
 from legend.config import FlowerConfig
 from legend.core import SecureSum, Update
+from legend.engine.client import LocalTraining
 from legend.engine.runtime import ROUND_TRIP_S, Job
 from legend.errors import LegendError
 from legend.flower.messages import decode_update, encode_job
@@ -33,6 +34,7 @@ ADVERTISED = {"memory-gb": "memory_gb", "uplink-mbps": "uplink_mbps", "downlink-
 class FlowerRuntime:
     def __init__(self, grid: Grid, cfg: FlowerConfig, context: Context):
         self.grid, self.cfg, self.context = grid, cfg, context
+        self.clock = cfg.clock  # round times from the profiles ('virtual') or the nodes' own ('measured')
         self.node_of: dict[int, int] = {}  # client -> Flower node id
         self.asked: set[int] = set()  # every node asked what it is (a silent one is not asked again)
         self.global_shapes: dict[str, tuple[int, ...]] = {}  # what secure aggregation pads every update to
@@ -102,11 +104,11 @@ class FlowerRuntime:
     def summed(self) -> SecureSum | None:
         return self._summed
 
-    def train(self, exp, jobs: list[Job]) -> dict[int, Update | str]:
+    def train(self, local: LocalTraining, jobs: list[Job]) -> dict[int, Update | str]:
         """Send each job to its client's node; an update that does not come back within the timeout is lost.
         Under secure aggregation the nodes' updates come back only as their sum (``summed``)."""
         if self.cfg.secure_aggregation:
-            scale = float(sum(len(exp.partitions[job.plan.client]) for job in jobs))
+            scale = float(sum(len(local.partitions[job.plan.client]) for job in jobs))
             outcome, self._summed = secure_round(self.grid, self.context, self.cfg, jobs, self.node_of, scale, self.global_shapes) if jobs else ({}, None)
             return outcome
         messages = [Message(encode_job(job), self.node_of[job.plan.client], "train", group_id=str(job.round_number)) for job in jobs]

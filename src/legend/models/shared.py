@@ -130,8 +130,6 @@ class SharedModel:
                      lora_init: str = "default") -> None:
         """Inject the strategy's global layout once (initial adapters drawn from the seed, or FeDeRA's SVD of
         the weights: the same on every client and the server)."""
-        if lora_init == "federa" and layout.method != "lora":
-            raise LegendError(f"lora.init 'federa' initialises LoRA adapters, and this strategy trains '{layout.method}': use a LoRA strategy or lora.init='default'")
         blocks = self._blocks()
         torch.manual_seed(seed)
         if layout.method == "adapter":

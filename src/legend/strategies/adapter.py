@@ -7,6 +7,7 @@ classification head are trained, sent both ways and averaged (FedAvg).
 from __future__ import annotations
 
 from legend.lora.layout import AdapterLayout
+from legend.strategies.base import COORDINATE_MEANS
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 
@@ -14,6 +15,7 @@ from legend.strategies.registry import register
 @register
 class FedAP(FedIT):
     name = "adapter"
+    supports = COORDINATE_MEANS  # it trains no LoRA
 
     def global_layout(self) -> AdapterLayout:
         return AdapterLayout("adapter", (self.config.adapter.size,) * self.info.num_blocks)

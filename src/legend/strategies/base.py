@@ -22,6 +22,16 @@ from legend.lora.layout import AdapterLayout
 from legend.models.shared import SharedModel
 from legend.strategies.aggregate import from_masked_sums
 
+# What a strategy may declare it supports (``Strategy.supports``), read by the rules in ``legend/compat.py``.
+QUANTIZED_BASE = "quantized_base"  # model.quantize: LoRA over base weights it never trains, initialises from or merges into
+ROBUST_AGGREGATION = "robust_aggregation"  # fl.aggregator median / trimmed_mean: each coordinate combined on its own
+SECURE_SUMS = "secure_sums"  # flower.secure_aggregation: the new state follows from sums of the updates (``aggregate_sums``)
+DP = "dp"  # privacy.clip_norm: client-level DP calibrates its noise to a weighted mean of coordinates
+PARALLEL_GROUPS = "parallel_groups"  # engine.parallel_clients: its clients' LoRA adapters train side by side in one pass
+COORDINATE_MEANS = frozenset({ROBUST_AGGREGATION, SECURE_SUMS, DP})  # what aggregating by per-coordinate weighted means allows
+LORA_ONLY = frozenset({QUANTIZED_BASE, PARALLEL_GROUPS})  # what trains LoRA over untouched base weights allows
+
+
 class DeviceSide:
     """What local training asks of a strategy on the device; the default asks nothing (plain local training).
 
@@ -48,9 +58,7 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     default_lr: ClassVar[float] = 3e-3  # LoRA's few parameters take a larger step than full fine-tuning
-    # Aggregates each coordinate as the weighted mean of the updates that carry it (what client-level DP calibrates its noise to).
-    averages_coordinates: ClassVar[bool] = False
-    changes_base_weights: ClassVar[bool] = False  # merges adapters into the pre-trained weights (then they are global state)
+    supports: ClassVar[frozenset[str]] = frozenset()  # the capabilities above that it has: none unless declared
 
     def __init__(self, config: Config, info: ModelInfo):
         self.config = config
@@ -96,8 +104,8 @@ class Strategy(ABC):
     def aggregate_sums(self, round_number: int, global_state: State, totals: State, masses: State) -> State:
         """The new global state from sums alone (secure aggregation): per coordinate, the sum over the round's devices of
         weight x value (``totals``) and of weight where the device trained it (``masses``), as ``add_masked_terms`` builds
-        them. Equal to ``aggregate`` with fl.aggregator='mean' for a strategy that ``averages_coordinates``; no other can."""
-        if not self.averages_coordinates:
+        them. Equal to ``aggregate`` with fl.aggregator='mean' for a strategy that supports SECURE_SUMS; no other can."""
+        if SECURE_SUMS not in self.supports:
             raise RuntimeError(f"{self.name} does not aggregate by coordinate means, so it cannot aggregate from sums")
         return {**global_state, **{key: from_masked_sums(global_state[key], totals[key], masses[key]) for key in totals}}
 

@@ -6,6 +6,7 @@ Every bias of the backbone and the classification head is trained, sent both way
 from __future__ import annotations
 
 from legend.lora.layout import AdapterLayout
+from legend.strategies.base import COORDINATE_MEANS
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 
@@ -13,6 +14,7 @@ from legend.strategies.registry import register
 @register
 class BitFit(FedIT):
     name = "bitfit"
+    supports = COORDINATE_MEANS  # it trains no LoRA
 
     def global_layout(self) -> AdapterLayout:
         return AdapterLayout("bitfit")

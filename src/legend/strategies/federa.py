@@ -10,6 +10,7 @@ initialisation with ``lora.init = "federa"``.
 
 from __future__ import annotations
 
+from legend.strategies.base import COORDINATE_MEANS, PARALLEL_GROUPS
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 
@@ -17,6 +18,7 @@ from legend.strategies.registry import register
 @register
 class FeDeRA(FedIT):
     name = "federa"
+    supports = COORDINATE_MEANS | {PARALLEL_GROUPS}  # its LoRA starts from the SVD of the base weights: no quantized base
 
     @property
     def lora_init(self) -> str:

@@ -13,6 +13,7 @@ from legend.core import State, Update
 from legend.lora.layout import base_weight_key, lora_modules
 from legend.models.shared import SharedModel
 from legend.strategies.aggregate import average_updates, client_factors, fedex_residual, sample_weights
+from legend.strategies.base import PARALLEL_GROUPS
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 
@@ -20,8 +21,7 @@ from legend.strategies.registry import register
 @register
 class FedExLoRA(FedIT):
     name = "fedex"
-    changes_base_weights = True
-    averages_coordinates = False  # the residual folded into W is a product of factors, not a mean
+    supports = frozenset({PARALLEL_GROUPS})  # it folds a residual into W (no quantized base), a product of factors, not a mean
 
     def initial_state(self, model: SharedModel) -> State:
         state = super().initial_state(model)

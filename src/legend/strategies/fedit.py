@@ -10,14 +10,14 @@ from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import DeviceView
 from legend.lora.layout import AdapterLayout
 from legend.strategies.aggregate import average_updates, robust_updates
-from legend.strategies.base import Strategy
+from legend.strategies.base import COORDINATE_MEANS, LORA_ONLY, Strategy
 from legend.strategies.registry import register
 
 
 @register
 class FedIT(Strategy):
     name = "fedit"
-    averages_coordinates = True
+    supports = COORDINATE_MEANS | LORA_ONLY
 
     def global_layout(self) -> AdapterLayout:
         return AdapterLayout.uniform_lora(self.info.num_blocks, self.config.lora.r, self.config.lora.top_blocks)

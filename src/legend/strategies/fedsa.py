@@ -21,7 +21,7 @@ from legend.devices.capacity import DeviceView
 from legend.lora.layout import lora_modules
 from legend.models.shared import SharedModel
 from legend.strategies.aggregate import average_updates
-from legend.strategies.base import DeviceSide
+from legend.strategies.base import LORA_ONLY, DeviceSide
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 
@@ -34,7 +34,7 @@ class FedSADevice(DeviceSide):
 @register
 class FedSALoRA(FedIT):
     name = "fedsa"
-    averages_coordinates = False  # the scored B is a mean of B factors that never leave the devices
+    supports = LORA_ONLY  # no coordinate means: the scored B is a mean of B factors that never leave the devices
 
     def __init__(self, config, info):
         super().__init__(config, info)

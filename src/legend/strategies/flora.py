@@ -23,6 +23,7 @@ from legend.errors import LegendError
 from legend.lora.layout import base_weight_key, lora_modules
 from legend.models.shared import SharedModel
 from legend.strategies.aggregate import average_updates, client_factors, sample_weights, stack_factors
+from legend.strategies.base import PARALLEL_GROUPS
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 
@@ -30,8 +31,7 @@ from legend.strategies.registry import register
 @register
 class FLoRA(FedIT):
     name = "flora"
-    changes_base_weights = True
-    averages_coordinates = False  # it stacks factors instead of averaging them
+    supports = frozenset({PARALLEL_GROUPS})  # it merges LoRA into W (no quantized base) and stacks factors instead of averaging them
 
     def __init__(self, config, info):
         super().__init__(config, info)

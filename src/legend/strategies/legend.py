@@ -26,7 +26,7 @@ from legend.devices.cost import applied_ranks
 from legend.errors import LegendError
 from legend.lora.layout import AdapterLayout, cut_to_layout
 from legend.strategies.aggregate import masked_average, robust_updates, sample_step_weights, sample_weights
-from legend.strategies.base import Strategy
+from legend.strategies.base import COORDINATE_MEANS, LORA_ONLY, Strategy
 from legend.strategies.registry import register
 from legend.wire import wire_bytes
 
@@ -189,7 +189,7 @@ def configure_joint(view: DeviceView, clients: list[int], global_ranks: tuple[in
 @register
 class Legend(Strategy):
     name = "legend"
-    averages_coordinates = True
+    supports = COORDINATE_MEANS | LORA_ONLY
 
     def __init__(self, config, info):
         super().__init__(config, info)
