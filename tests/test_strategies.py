@@ -49,6 +49,7 @@ WIRE = {
     "legend": None,  # per device, from its depth: tests/test_legend.py
     "hetlora": None,  # per device, from its rank: tests/test_heterogeneous_ranks.py
     "flexlora": None,
+    "fedra": None,  # per device, from its allocated layers: tests/test_fedra.py
 }
 
 
