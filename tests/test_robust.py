@@ -10,9 +10,12 @@ from hypothesis import strategies as st
 from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
+from legend.core import ModelInfo, Update
 from legend.engine.simulation import build_experiment, run_experiment
 from legend.errors import LegendError
 from legend.strategies.aggregate import robust_average
+from legend.strategies.flexlora import FlexLoRA
+from legend.strategies.hetlora import TAIL_NORM, HetLoRA
 
 
 def by_definition(values: list[float], rule: str, trim: float) -> float:
@@ -48,12 +51,52 @@ def test_a_scaled_update_moves_the_mean_but_not_the_robust_rules():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"strategy.name": "hetlora", "fl.aggregator": "median"}, "does not aggregate by coordinate means"),
+    ({"strategy.name": "flora", "fl.aggregator": "median"}, "does not aggregate by coordinate means"),
     ({"fl.aggregator": "trimmed_mean", "privacy.clip_norm": 1.0}, "use fl.aggregator='mean' with privacy.clip_norm"),
 ])
 def test_robust_rules_are_refused_where_they_do_not_apply(overrides, message):
     with pytest.raises(LegendError, match=message):
         build_experiment(load_config(ROOT / "configs" / "quickstart.toml", tiny_overrides(**overrides)))
+
+
+# One adapted module "m" (A: r x 6, B: 6 x r) and a head, for the rank-heterogeneous strategies' robust rules.
+A, B, HEAD = "m.lora_A.default.weight", "m.lora_B.default.weight", "classifier.weight"
+
+
+def rank_heterogeneous_round(ranks, seed):
+    generator = torch.Generator().manual_seed(seed)
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    state = {A: draw(4, 6), B: draw(6, 4), HEAD: draw(2, 6)}
+    updates = [Update(k, {A: draw(r, 6), B: draw(6, r), HEAD: draw(2, 6)}, 10 * (k + 1), {TAIL_NORM: 1.0}) for k, r in enumerate(ranks)]
+    return state, updates
+
+
+@pytest.mark.parametrize(("rule", "ranks"), [("median", (1, 3, 3, 2)), ("trimmed_mean", (2, 3, 1, 3, 3, 1))])
+def test_hetlora_takes_each_rank_row_by_the_rule_over_the_devices_whose_rank_holds_it(rule, ranks):
+    state, updates = rank_heterogeneous_round(ranks, 0)
+    config = load_config(None, ["lora.r=4", "lora.alpha=8.0", f"fl.aggregator={rule}", "fl.trim_fraction=0.25"])
+    new = HetLoRA(config, ModelInfo("bert", 1, 6, ("m",))).aggregate(1, state, updates)
+    for row in range(4):  # rank row 3 is nobody's: it keeps its value (zero padding would pull the others' rows toward 0)
+        holders = [u for u in updates if u.weights[A].shape[0] > row]
+        for j in range(6):
+            for key, index in ((A, (row, j)), (B, (j, row))):
+                values = [u.weights[key][index].item() for u in holders]
+                expected = by_definition(values, rule, 0.25) if values else state[key][index].item()
+                assert new[key][index].item() == pytest.approx(expected, abs=1e-6)
+    assert torch.allclose(new[HEAD], robust_average(state[HEAD], [u.weights[HEAD] for u in updates], rule, 0.25))
+
+
+def test_flexlora_redistributes_the_rule_over_the_devices_products():
+    state, updates = rank_heterogeneous_round((1, 2, 4, 3, 2), 1)
+    config = load_config(None, ["lora.r=4", "lora.alpha=8.0", "fl.aggregator=median"])
+    new = FlexLoRA(config, ModelInfo("bert", 1, 6, ("m",))).aggregate(1, state, updates)
+    products = np.stack([2.0 * (u.weights[B] @ u.weights[A]).numpy() for u in updates])  # s = alpha / r = 2
+    u, s, vh = np.linalg.svd(np.median(products, axis=0))
+    best = (u[:, :4] * s[:4]) @ vh[:4]  # the rank-4 part of the per-coordinate median product
+    assert np.allclose(2.0 * (new[B] @ new[A]).numpy(), best, atol=1e-5)
+    assert np.allclose(new[HEAD].numpy(), np.median(np.stack([u.weights[HEAD].numpy() for u in updates]), axis=0), atol=1e-6)
 
 
 def round_one_state(out, **overrides):

@@ -15,8 +15,8 @@ from tests.conftest import ROOT, NodesInThisProcess, tiny_overrides
 
 from legend.config import load_config
 from legend.core import Update
-from legend.engine.runtime import InProcess
 from legend.engine.round import run_round
+from legend.engine.runtime import InProcess
 from legend.engine.simulation import build_experiment, run_experiment
 from legend.errors import LegendError
 from legend.lora.layout import AdapterLayout
@@ -118,6 +118,11 @@ def test_aggregating_from_sums_is_the_strategys_own_mean():
 def test_a_secure_run_is_refused_where_a_round_could_sum_one_device(overrides, message):
     with pytest.raises(LegendError, match=message):
         load_config(QUICKSTART, tiny_overrides(**{"flower.secure_aggregation": "true", "fl.min_clients": 2, **overrides}))
+
+
+def test_the_coverage_guard_is_refused_where_a_strategy_would_not_keep_a_withheld_rows_value():
+    with pytest.raises(LegendError, match="fl.min_coverage keeps a coordinate that fewer devices would train at its old value"):
+        build_experiment(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "hetlora", "fl.min_coverage": 2})))
 
 
 def in_process_runtime(config, exp, tmp_path, clients):

@@ -6,7 +6,10 @@ B (nested truncation) and trains them with the local regulariser
 lambda * sum ||B[:, floor(gamma r_k):]|| ||A[floor(gamma r_k):, :]||. It reports that tail norm; when
 it shrank since the device's previous round, the device prunes its rank to floor(gamma r_k) (never
 below lora.r_min). The server zero-pads every device to r_max and weights it per module by
-w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F; the head is the sample-weighted mean.
+w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F; the head is the sample-weighted mean. Under fl.aggregator (median,
+trimmed mean) each rank row of A and B, and each coordinate of the head, is instead the rule over the devices whose
+rank holds it, unweighted (``robust_average``): a norm weight or zero padding would let a device, or the many devices
+of low rank, outvote the rest; a row no device holds keeps its value.
 Up and down: the device's truncated A and B, and the head.
 """
 
@@ -21,8 +24,8 @@ from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import DeviceView, ranks_by_capacity
 from legend.lora.layout import AdapterLayout, cut_to_layout, lora_modules
 from legend.models.shared import SharedModel
-from legend.strategies.aggregate import Factors, average_updates, client_factors, hetlora_factors
-from legend.strategies.base import LORA_ONLY, DeviceSide
+from legend.strategies.aggregate import Factors, average_updates, client_factors, hetlora_factors, robust_updates
+from legend.strategies.base import LORA_ONLY, ROBUST_AGGREGATION, DeviceSide
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
 
@@ -62,7 +65,8 @@ class HetLoRADevice(DeviceSide):
 @register
 class HetLoRA(FedIT):
     name = "hetlora"
-    supports = LORA_ONLY  # no coordinate means: it weights clients by the norm of their update
+    # no coordinate means (it weights clients by their update's norm); a robust rule runs per rank row over the devices holding it
+    supports = LORA_ONLY | {ROBUST_AGGREGATION}
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -83,12 +87,16 @@ class HetLoRA(FedIT):
         return HetLoRADevice(self.config.hetlora.penalty, self.config.hetlora.gamma)
 
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
+        """Zero-padded factors weighted by their product's norm; or, under fl.aggregator, each rank row's robust rule."""
+        for update in updates:
+            self._self_prune(update.client, update.metrics[TAIL_NORM])
+        fl = self.config.fl
+        if fl.aggregator != "mean":
+            return {**global_state, **robust_updates(global_state, updates, fl.aggregator, fl.trim_fraction)}
         factors = {}
         for a_key, b_key in lora_modules(global_state).values():
             factors[a_key], factors[b_key] = hetlora_factors(client_factors(updates, a_key, b_key), self.config.lora.r)
         head = average_updates(updates, [k for k in updates[0].weights if k not in factors])
-        for update in updates:
-            self._self_prune(update.client, update.metrics[TAIL_NORM])
         return {**global_state, **head, **factors}
 
     def _self_prune(self, client: int, tail_norm: float) -> None:
