@@ -24,7 +24,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return len(os.sched_getaffinity(0)) + 1
 
 
-# Left out of the fast subset (`python -m pytest -q -m "not slow"`, a few minutes on 2 cores): each runs whole experiments
+# Left out of the fast subset (`python -m pytest -q -m "not slow"`, under 2 CPU-minutes): each runs whole experiments
 # (several, or with resumes, kills or subprocesses), a Flower deployment, or a fresh interpreter that imports torch. The
 # fast subset keeps every strategy's formula and bookkeeping tests, config and error handling, data, layouts, aggregation
 # and a few single runs end to end; CI runs everything (`python -m pytest -q`).
@@ -56,6 +56,8 @@ SLOW = {
     "test_faults.py::test_thirty_percent_dropout_still_trains_and_is_counted",
     "test_fedprox.py::test_fedprox_with_mu_zero_is_fedit",
     "test_federa.py::test_legend_with_federa_init_trains_per_block_ranks_end_to_end",
+    "test_fedra.py::test_fedra_instruction_tunes_a_decoder",
+    "test_fedra.py::test_fedra_through_flower_with_secure_sums_gives_the_embedded_run",
     "test_flower.py::test_a_supernode_killed_during_a_round_is_lost_and_the_run_finishes",
     "test_flower.py::test_deploy_local_gives_the_embedded_result_and_stops_its_processes",
     "test_flower.py::test_deploy_refuses_a_node_count_other_than_the_clients_in_one_line",
