@@ -24,12 +24,21 @@ def test_quickstart_loads_with_overrides():
         (["fl.clients_per_round=50"], "fl.clients_per_round (50) exceeds fl.num_clients (20)"),
         (["rounds"], "override 'rounds' is not key=value"),
         (["colour.red=1"], "unknown key 'colour'; allowed in the top level: seed, model"),
+        (["lora.r_min=4"], "config: lora.r_min moved to hetlora.r_min: write hetlora.r_min (HetLoRA and FlexLoRA: smallest per-device rank"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
     with pytest.raises(LegendError, match=None) as info:
         load_config(ROOT / "configs" / "quickstart.toml", overrides)
     assert message in str(info.value)
+
+
+def test_a_checkpoint_written_before_a_key_moved_reads_its_value_under_the_new_name():
+    from legend.config import renamed_keys, validate_config
+
+    saved = {"lora": {"r": 8, "r_min": 3}, "hetlora": {"gamma": 0.9}}
+    config = validate_config(renamed_keys(saved))
+    assert (config.hetlora.r_min, config.hetlora.gamma, config.lora.r) == (3, 0.9, 8) and saved["lora"]["r_min"] == 3
 
 
 def test_missing_config_file():

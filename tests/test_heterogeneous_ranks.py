@@ -40,7 +40,7 @@ def test_tail_norm_is_the_product_of_the_tail_norms():
 
 def test_hetlora_prunes_a_device_whose_tail_norm_shrank():
     info = ModelInfo("bert", 1, 4, ("m",), "layers")
-    hetlora = HetLoRA(load_config(None, ["lora.r=8", "lora.r_min=2", "hetlora.gamma=0.5"]), info)
+    hetlora = HetLoRA(load_config(None, ["lora.r=8", "hetlora.r_min=2", "hetlora.gamma=0.5"]), info)
     hetlora.ranks = {0: 8, 1: 8}
     a, b = "layers.0.m.lora_A.default.weight", "layers.0.m.lora_B.default.weight"
     state = {a: torch.zeros(8, 4), b: torch.zeros(4, 8), "head": torch.zeros(2)}
@@ -53,7 +53,7 @@ def test_hetlora_prunes_a_device_whose_tail_norm_shrank():
     assert hetlora.ranks == {0: 4, 1: 8}
     hetlora.aggregate(3, state, [report(0, 0.1)])
     hetlora.aggregate(4, state, [report(0, 0.01)])
-    assert hetlora.ranks[0] == 2  # never below lora.r_min
+    assert hetlora.ranks[0] == 2  # never below hetlora.r_min
 
 
 def test_flexlora_gives_each_device_the_leading_components_of_the_aggregate():
@@ -75,7 +75,7 @@ def test_flexlora_gives_each_device_the_leading_components_of_the_aggregate():
 
 @pytest.mark.parametrize("name", ["hetlora", "flexlora"])
 def test_each_device_sends_and_receives_its_own_rank(tmp_path, name):
-    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": name, "fl.clients_per_round": 4, "lora.r_min": 1}))
+    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": name, "fl.clients_per_round": 4, "hetlora.r_min": 1}))
     run_experiment(config, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     head, per_rank = 2 * H + 2, 2 * (H + H)

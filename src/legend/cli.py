@@ -15,6 +15,7 @@ from rich.table import Table
 
 from legend.errors import LegendError
 from legend.quiet import quiet_libraries
+from legend.report.compare import DEFAULT_STRATEGIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of language models with adapters on heterogeneous devices.")
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in pipes and logs
@@ -81,7 +82,7 @@ def compare(
     config: Path = CONFIG,
     overrides: list[str] = OVERRIDES,
     out: Path = typer.Option(Path("runs/compare"), "--out", help="folder for the runs (OUT/runs/), report.md, report.html and the plots"),
-    strategies: str = typer.Option("legend,fedit,hetlora,flexlora,ffa,federa", "--strategies", help="comma-separated strategies to compare"),
+    strategies: str = typer.Option(",".join(DEFAULT_STRATEGIES), "--strategies", help="comma-separated strategies to compare"),
     seeds: str = typer.Option("", "--seeds", help="comma-separated seeds (default: the config's seed)"),
     tuned: Path = typer.Option(None, "--tuned", help="OUT/tuned.json of `legend tune`: each strategy runs with the settings chosen for it"),
     jobs: int = JOBS,
@@ -124,7 +125,7 @@ def tune(
     config: Path = CONFIG,
     overrides: list[str] = OVERRIDES,
     out: Path = typer.Option(Path("runs/tune"), "--out", help="folder for the runs (OUT/runs/) and OUT/tuned.json"),
-    strategies: str = typer.Option("legend,fedit,hetlora,flexlora,federa", "--strategies", help="comma-separated strategies to tune"),
+    strategies: str = typer.Option(",".join(DEFAULT_STRATEGIES), "--strategies", help="comma-separated strategies to tune"),
     grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,...: values to try (repeat for more keys; every combination is run)",
                                    show_default=False),
     seeds: str = typer.Option("", "--seeds", help="comma-separated seeds, each setting's score is their mean (default: the config's seed)"),

@@ -58,7 +58,6 @@ class DataConfig(Section):
 
 class LoraConfig(Section):
     r: int = Field(8, gt=0, description="LoRA rank (the largest per-device rank for hetlora and flexlora)")
-    r_min: int = Field(2, gt=0, description="smallest per-device rank for hetlora and flexlora, which rank devices by their estimated speed (at most lora.r)")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(default_factory=list, description="linear layers inside each block to adapt; default per architecture (PEFT's table)")
@@ -66,17 +65,14 @@ class LoraConfig(Section):
         "default", description="LoRA initialisation: 'default' (PEFT's: A random, B = 0) or 'federa' (A, B from the SVD of W, residual kept frozen)")
     top_blocks: int = Field(0, ge=0, description="LoRA on the top this many blocks only, for every LoRA strategy (0 = every block); LEGEND: its global depth unless legend.max_depth is set")
 
-    @property
-    def smallest_rank(self) -> int:
-        """r_min, never above r (a small lora.r needs no r_min of its own)."""
-        return min(self.r_min, self.r)
-
 
 class AdapterConfig(Section):
     size: int = Field(16, gt=0, description="bottleneck width of the adapter after each block (strategy 'adapter'; 16 on MiniLM is about LoRA r=8's size)")
 
 
 class HetLoraConfig(Section):
+    r_min: int = Field(2, gt=0, description="HetLoRA and FlexLoRA: smallest per-device rank; they rank devices by their estimated speed "
+                                            "between it and lora.r (LEGEND's deepest-block rank is legend.r_min)")
     penalty: float = Field(0.01, ge=0, description="HetLoRA: lambda of the local regulariser lambda * sum ||B[:, gamma r:]|| ||A[gamma r:, :]||")
     gamma: float = Field(0.99, gt=0, lt=1, description="HetLoRA: decay of rank self-pruning: a device whose tail norm shrank keeps floor(gamma r) ranks")
 
@@ -263,6 +259,12 @@ class Config(Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
+    @property
+    def hetlora_r_min(self) -> int:
+        """HetLoRA's and FlexLoRA's smallest per-device rank: hetlora.r_min, never above lora.r (a small lora.r needs no r_min
+        of its own)."""
+        return min(self.hetlora.r_min, self.lora.r)
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a TOML file (or the defaults when path is None), apply ``a.b=value`` overrides, validate."""
@@ -288,7 +290,25 @@ def override_config(config: Config, overrides: list[str]) -> Config:
     return validate_config(raw)
 
 
+# Keys that moved (old section, key) -> (new section, key): a config that still writes the old one is refused with the new
+# name, and a checkpoint written before the move is read with its value under the new one (``renamed_keys``).
+RENAMED = {("lora", "r_min"): ("hetlora", "r_min")}
+
+
+def renamed_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config dumped before keys moved (a checkpoint's, an export's), with each moved value under its new name."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for (section, key), (new_section, new_key) in RENAMED.items():
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out.setdefault(new_section, {})[new_key] = out[section].pop(key)
+    return out
+
+
 def validate_config(raw: dict[str, Any]) -> Config:
+    for (section, key), (new_section, new_key) in RENAMED.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise LegendError(f"config: {section}.{key} moved to {new_section}.{new_key}: write {new_section}.{new_key} "
+                              f"({Config.model_fields[new_section].annotation.model_fields[new_key].description})")
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:

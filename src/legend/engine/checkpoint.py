@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from legend.config import Config
+from legend.config import Config, renamed_keys
 from legend.core import atomic_write
 from legend.errors import LegendError
 
@@ -35,7 +35,7 @@ def read_checkpoint(out_dir: Path, purpose: str) -> dict[str, Any]:
         raise LegendError(f"{purpose}: {path} is unreadable ({type(exc).__name__}): delete it to start over") from None
     if payload.get("format") != FORMAT_VERSION:
         raise LegendError(f"{purpose}: {path} has format {payload.get('format')}, this legend reads {FORMAT_VERSION}: start a new run")
-    return {**payload, "config": _with_defaults(payload["config"], Config().model_dump())}
+    return {**payload, "config": _with_defaults(renamed_keys(payload["config"]), Config().model_dump())}
 
 
 def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:

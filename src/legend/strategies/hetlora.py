@@ -5,7 +5,7 @@ The global rank is r_max = lora.r. A device first gets a rank from its estimated
 B (nested truncation) and trains them with the local regulariser
 lambda * sum ||B[:, floor(gamma r_k):]|| ||A[floor(gamma r_k):, :]||. It reports that tail norm; when
 it shrank since the device's previous round, the device prunes its rank to floor(gamma r_k) (never
-below lora.r_min). The server zero-pads every device to r_max and weights it per module by
+below hetlora.r_min). The server zero-pads every device to r_max and weights it per module by
 w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F; the head is the sample-weighted mean. Under fl.aggregator (median,
 trimmed mean) each rank row of A and B, and each coordinate of the head, is instead the rule over the devices whose
 rank holds it, unweighted (``robust_average``): a norm weight or zero padding would let a device, or the many devices
@@ -76,7 +76,7 @@ class HetLoRA(FedIT):
     def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
         new = [c for c in clients if c not in self.ranks]
         if new:  # a device's first rank comes from its capacity; later ones from self-pruning
-            self.ranks.update(ranks_by_capacity(devices, new, self.config.lora.smallest_rank, self.config.lora.r, self.config.lora.top_blocks))
+            self.ranks.update(ranks_by_capacity(devices, new, self.config.hetlora_r_min, self.config.lora.r, self.config.lora.top_blocks))
         lr, plans = self.lr(round_number), {}
         for c in clients:
             layout = AdapterLayout.uniform_lora(self.info.num_blocks, self.ranks[c], self.config.lora.top_blocks)
@@ -102,7 +102,7 @@ class HetLoRA(FedIT):
     def _self_prune(self, client: int, tail_norm: float) -> None:
         previous = self.tail_norms.get(client)
         if previous is not None and tail_norm < previous:
-            self.ranks[client] = max(self.config.lora.smallest_rank, int(self.config.hetlora.gamma * self.ranks[client]))
+            self.ranks[client] = max(self.config.hetlora_r_min, int(self.config.hetlora.gamma * self.ranks[client]))
         self.tail_norms[client] = tail_norm
 
     def state_dict(self) -> dict[str, Any]:
