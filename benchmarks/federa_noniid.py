@@ -6,7 +6,7 @@ printed: final and best accuracy and virtual time to the task's target accuracy,
 `--target TASK=ACC` measures time to another target from the finished runs' metrics (nothing is rerun).
 
     python benchmarks/federa_noniid.py configs/quickstart.toml fl.rounds=20 eval.every=5 data.test_size=1000 --out runs/federa-noniid \
-        --target sst2=0.75 agnews=0.80 qnli=0.60     # the tables in docs/results.md
+        --target sst2=0.75 agnews=0.80 qnli=0.60     # the tables in docs/experiments/2026-11-24-federa-label-skew.md
     python benchmarks/federa_noniid.py configs/quickstart.toml fl.rounds=2 data.train_size=400 --tasks sst2 --alphas 0.5 --out /tmp/smoke
 """
 

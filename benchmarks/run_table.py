@@ -2,7 +2,7 @@
 evaluations (what `legend tune` scores), the last test accuracy and the virtual seconds and MB so far (the whole
 run's, once finished; a run still going says how far it got, one not yet evaluated is named and skipped).
 
-`legend report` averages over seeds and leaves a target out when one seed missed it; docs/results.md's per-seed
+`legend report` averages over seeds and leaves a target out when one seed missed it; docs/experiments/'s per-seed
 tables need each run on its own. With --budget-of RUN it also gives each run's validation score within that run's
 whole virtual time (the comparison at equal virtual time); with --curves, each run's validation curve.
 
