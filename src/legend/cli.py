@@ -150,7 +150,21 @@ def tune(
         tried = ", ".join(f"{t['score']:.4f}" for t in entry["tried"])
         table.add_row(name, " ".join(f"{k}={v}" for k, v in entry["settings"].items()), f"{entry['score']:.4f}", tried)
     console.print(table)
+    console.print(_settings_table(result, cfg.eval.target_accuracy))
     console.print(f"settings per strategy: {out / TUNED} (legend compare ... --tuned {out / TUNED})")
+
+
+def _settings_table(result: dict, target: float) -> Table:
+    """Every setting tried, with its score and its virtual time and bytes to the held target per seed: an ablation's table."""
+    table = Table(title=f"every setting: validation score, and virtual time / MB to {target} (held crossing) per seed")
+    for column in ("strategy", "settings", "validation accuracy", "time to target s", "MB to target"):
+        table.add_column(column, justify="left" if column in ("strategy", "settings") else "right")
+    for name, entry in result["strategies"].items():
+        for tried in entry["tried"]:
+            times = ", ".join("-" if t is None else f"{t:.1f}" for t in tried["time_to_target_held_s"])
+            sent = ", ".join("-" if b is None else f"{b / 1e6:.1f}" for b in tried["bytes_to_target_held"])
+            table.add_row(name, " ".join(f"{k}={v}" for k, v in tried["settings"].items()), f"{tried['score']:.4f}", times, sent)
+    return table
 
 
 @app.command()

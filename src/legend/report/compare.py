@@ -16,7 +16,7 @@ from pathlib import Path
 from legend.config import Config, override_config
 from legend.errors import LegendError
 
-DEFAULT_STRATEGIES = ("legend", "fedit", "hetlora", "flexlora", "ffa", "federa")  # what `legend compare` and `legend tune` run unless told
+DEFAULT_STRATEGIES = ("legend", "fedit", "hetlora", "flexlora", "fedra", "ffa", "federa")  # what `legend compare` and `legend tune` run unless told
 PLAN = "compare.json"
 
 
