@@ -31,8 +31,16 @@ from legend.engine.simulation import run_resumable
 from legend.models.shared import SharedModel
 
 SHAPES = ("uniform", "increasing", "decreasing")
-CENTRAL = {"fl.num_clients": 1, "fl.clients_per_round": 1, "data.partition": "iid", "fl.rounds": 6, "train.local_steps": 25,
-           "train.batch_size": 32, "eval.every": 6, "devices.fleet": "jetson-mix-80"}
+CENTRAL = {
+    "fl.num_clients": 1,
+    "fl.clients_per_round": 1,
+    "data.partition": "iid",
+    "fl.rounds": 6,
+    "train.local_steps": 25,
+    "train.batch_size": 32,
+    "eval.every": 6,
+    "devices.fleet": "jetson-mix-80",
+}
 
 
 def layout(num_blocks: int, depth: int, total: int, shape: str) -> tuple[int, ...]:
@@ -89,21 +97,33 @@ def main() -> None:
     rows = []
     for ranks in grid(num_blocks, [int(d) for d in args.depths.split(",")], [int(t) for t in args.totals.split(",")]):
         name = "-".join(map(str, ranks))
-        overrides = [*args.overrides, *(f"{k}={v}" for k, v in setting.items()), "strategy.name=legend", "legend.planner=global",
-                     f"legend.rank_by_block=[{','.join(map(str, ranks))}]"]
+        overrides = [
+            *args.overrides,
+            *(f"{k}={v}" for k, v in setting.items()),
+            "strategy.name=legend",
+            "legend.planner=global",
+            f"legend.rank_by_block=[{','.join(map(str, ranks))}]",
+        ]
         summary = run_resumable(load_config(args.config, overrides), args.out / name)
         rounds = summary["rounds"]
-        row = {"rank_by_block": list(ranks), "depth": sum(r > 0 for r in ranks), "total": sum(ranks),
-               "accuracy": summary["final_val_accuracy"] if summary.get("final_val_accuracy") is not None else summary["final_accuracy"],
-               "test_accuracy": summary["final_accuracy"], "mb_up_per_round": summary["bytes_up"] / rounds / per_round / 1e6,
-               "virtual_s_per_round": summary["virtual_time_s"] / rounds}
+        row = {
+            "rank_by_block": list(ranks),
+            "depth": sum(r > 0 for r in ranks),
+            "total": sum(ranks),
+            "accuracy": summary["final_val_accuracy"] if summary.get("final_val_accuracy") is not None else summary["final_accuracy"],
+            "test_accuracy": summary["final_accuracy"],
+            "mb_up_per_round": summary["bytes_up"] / rounds / per_round / 1e6,
+            "virtual_s_per_round": summary["virtual_time_s"] / rounds,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("| ranks per block (input first) | depth | rank units | validation accuracy | MB up per device-round | virtual s per round |")
     print("|---|---|---|---|---|---|")
     for row in sorted(rows, key=lambda r: (r["total"], r["depth"])):
-        print(f"| {' '.join(map(str, row['rank_by_block']))} | {row['depth']} | {row['total']} | {row['accuracy']:.3f} | "
-              f"{row['mb_up_per_round']:.3f} | {row['virtual_s_per_round']:.3f} |")
+        print(
+            f"| {' '.join(map(str, row['rank_by_block']))} | {row['depth']} | {row['total']} | {row['accuracy']:.3f} | "
+            f"{row['mb_up_per_round']:.3f} | {row['virtual_s_per_round']:.3f} |"
+        )
     print(json.dumps({"fit": fit(rows)}))
 
 

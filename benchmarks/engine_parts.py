@@ -58,8 +58,11 @@ def main() -> None:
     result["build_experiment_s"] = time.perf_counter() - started
     if not args.startup:
         cores = torch.get_num_threads()
-        result.update(linear_gflops_fp32_1_thread=linear_gflops(1, torch.float32), linear_gflops_fp32=linear_gflops(cores, torch.float32),
-                      linear_gflops_bf16=linear_gflops(cores, torch.bfloat16))
+        result.update(
+            linear_gflops_fp32_1_thread=linear_gflops(1, torch.float32),
+            linear_gflops_fp32=linear_gflops(cores, torch.float32),
+            linear_gflops_bf16=linear_gflops(cores, torch.bfloat16),
+        )
         for precision in ("float32", "bfloat16"):
             exp = build_experiment(load_config(BASE, [*workload("legend", 3), f"engine.precision={precision}", "engine.cache_mb=0"]))
             rows = np.flatnonzero(exp.train.lengths == 30)[:16]  # 16 sentences of 30 tokens

@@ -50,14 +50,33 @@ STRATEGIES = ("legend", "fedit")
 
 
 def workload(strategy: str, rounds: int) -> list[str]:
-    return [f'data.path="{DATA}"', "data.task=sst2", "fl.num_clients=20", "fl.clients_per_round=10", f"fl.rounds={rounds}",
-            "train.local_steps=5", "train.batch_size=16", "eval.every=1", f"strategy.name={strategy}"]
+    return [
+        f'data.path="{DATA}"',
+        "data.task=sst2",
+        "fl.num_clients=20",
+        "fl.clients_per_round=10",
+        f"fl.rounds={rounds}",
+        "train.local_steps=5",
+        "train.batch_size=16",
+        "eval.every=1",
+        f"strategy.name={strategy}",
+    ]
 
 
 def memory_workload(clients: int, per_round: int) -> list[str]:
     """FedSA-LoRA, whose clients each keep their own B between rounds: 20 rounds reach most of the clients (88% of 1,000)."""
-    return [f'data.path="{DATA}"', "data.task=sst2", f"fl.num_clients={clients}", f"fl.clients_per_round={per_round}", "fl.rounds=20",
-            "train.local_steps=1", "train.batch_size=4", "eval.every=20", "data.test_size=200", "strategy.name=fedsa"]
+    return [
+        f'data.path="{DATA}"',
+        "data.task=sst2",
+        f"fl.num_clients={clients}",
+        f"fl.clients_per_round={per_round}",
+        "fl.rounds=20",
+        "train.local_steps=1",
+        "train.batch_size=4",
+        "eval.every=20",
+        "data.test_size=200",
+        "strategy.name=fedsa",
+    ]
 
 
 # --- what runs inside each timed process --------------------------------------------------------
@@ -95,10 +114,14 @@ def run_ours(overrides: list[str], out: Path) -> dict:
         layout = job.plan.layout
         flops += training_flops(exp.spec, layout, work, applied_ranks(layout, exp.strategy.global_layout()))
         flops -= skipped * block_forward_flops(exp.spec, work, 0)  # the cached blocks never ran
-    return {"loop_s": loop_s, "forward_backward_s": sum(r["forward_backward_s"] for r in rows[1:]),
-            "train_s": sum(u.metrics["train_wall_s"] for _, u in runtime.trained),
-            "train_forward_backward_s": sum(u.metrics[FORWARD_BACKWARD_S] for _, u in runtime.trained),
-            "train_flops": flops, "final_accuracy": rows[-1]["accuracy"]}
+    return {
+        "loop_s": loop_s,
+        "forward_backward_s": sum(r["forward_backward_s"] for r in rows[1:]),
+        "train_s": sum(u.metrics["train_wall_s"] for _, u in runtime.trained),
+        "train_forward_backward_s": sum(u.metrics[FORWARD_BACKWARD_S] for _, u in runtime.trained),
+        "train_flops": flops,
+        "final_accuracy": rows[-1]["accuracy"],
+    }
 
 
 def run_naive(overrides: list[str]) -> dict:
@@ -120,11 +143,16 @@ def run_naive(overrides: list[str]) -> dict:
     exp = build_experiment(config)  # the split, the strategy and its capacity estimates: legend's algorithm, naive execution
     task = subsample(load_task(config.data), config.data, config.seed)
     tokenizer, pad_to = exp.model.tokenizer, config.data.max_length
-    train, test = (tokenizer(column(t, "text"), padding="max_length", truncation=True, max_length=pad_to, return_tensors="pt") for t in (task.train, task.test))
+    train, test = (
+        tokenizer(column(t, "text"), padding="max_length", truncation=True, max_length=pad_to, return_tensors="pt")
+        for t in (task.train, task.test)
+    )
     train_labels, test_labels = torch.tensor(column(task.train, "label")), torch.tensor(column(task.test, "label"))
 
     def rebuilt() -> SharedModel:
-        model = SharedModel.build(config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout)
+        model = SharedModel.build(
+            config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout
+        )
         model.add_adapters(exp.strategy.global_layout(), exp.strategy.lora_alpha, config.lora.dropout, config.seed, exp.strategy.lora_init)
         return model
 
@@ -152,8 +180,10 @@ def run_naive(overrides: list[str]) -> dict:
         model = rebuilt()
         model.load(state)
         model.module.eval()
-        correct = sum((model.module(**batch(test, test_labels, rows)).logits.argmax(-1) == test_labels[rows]).sum().item()
-                      for rows in torch.arange(len(test_labels)).split(config.eval.batch_size))
+        correct = sum(
+            (model.module(**batch(test, test_labels, rows)).logits.argmax(-1) == test_labels[rows]).sum().item()
+            for rows in torch.arange(len(test_labels)).split(config.eval.batch_size)
+        )
         return correct / len(test_labels)
 
     state = exp.strategy.initial_state(exp.model)
@@ -211,9 +241,14 @@ def measure(out: Path, rounds: int) -> dict:
     results = {"matmul_flops": matmul_flops()}
     for strategy in STRATEGIES:
         settings = workload(strategy, rounds)
-        for variant, argv in (("ours", inner("ours", settings, out / strategy / "ours")),
-                              ("naive", inner("naive", settings, out / strategy / "naive")),
-                              ("flower-sim", [str(BIN / "legend"), "deploy", "simulation", str(BASE), *settings, "--out", str(out / strategy / "flower-sim")])):
+        for variant, argv in (
+            ("ours", inner("ours", settings, out / strategy / "ours")),
+            ("naive", inner("naive", settings, out / strategy / "naive")),
+            (
+                "flower-sim",
+                [str(BIN / "legend"), "deploy", "simulation", str(BASE), *settings, "--out", str(out / strategy / "flower-sim")],
+            ),
+        ):
             (out / strategy / variant).mkdir(parents=True, exist_ok=True)
             print(f"{strategy} {variant} ...", file=sys.stderr, flush=True)
             wall, rss = timed(argv, out / strategy / f"{variant}.log")
@@ -256,13 +291,17 @@ def report(results: dict, rounds: int) -> dict:
         "rss_gb_1000_clients": results["rss", 1000],
     }
     majority = results["legend", "naive"]["majority_rate"]
-    learnt = all(results[strategy, variant]["final_accuracy"] > majority for strategy in STRATEGIES for variant in ("ours", "naive", "flower-sim"))
+    learnt = all(
+        results[strategy, variant]["final_accuracy"] > majority for strategy in STRATEGIES for variant in ("ours", "naive", "flower-sim")
+    )
     summary.update(majority_rate=majority, all_above_majority=float(learnt))
     print()
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}))
     if not learnt:
-        sys.exit(f"FAILED: a final accuracy is at or below the majority rate {majority:.4f}: the runs learnt nothing, so their equal "
-                 "accuracy proves nothing; give more --rounds")
+        sys.exit(
+            f"FAILED: a final accuracy is at or below the majority rate {majority:.4f}: the runs learnt nothing, so their equal "
+            "accuracy proves nothing; give more --rounds"
+        )
     return summary
 
 

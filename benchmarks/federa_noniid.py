@@ -25,14 +25,27 @@ ALPHAS = (0.1, 0.5, 1.0)
 TARGETS = {"sst2": 0.80, "agnews": 0.85, "qnli": 0.70}
 
 
-def run_grid(config_path: str, overrides: list[str], out: Path, tasks: list[str], alphas: list[float], strategies: list[str],
-             targets: dict[str, float]) -> dict:
+def run_grid(
+    config_path: str,
+    overrides: list[str],
+    out: Path,
+    tasks: list[str],
+    alphas: list[float],
+    strategies: list[str],
+    targets: dict[str, float],
+) -> dict:
     """Each run's summary, its time to target measured against ``targets`` (from its rows, whatever target it ran with)."""
     results = {}
     for task in tasks:
         for alpha in alphas:
             for strategy in strategies:
-                settings = [*overrides, f"data.task={task}", f"data.alpha={alpha}", f"strategy.name={strategy}", f"eval.target_accuracy={TARGETS[task]}"]
+                settings = [
+                    *overrides,
+                    f"data.task={task}",
+                    f"data.alpha={alpha}",
+                    f"strategy.name={strategy}",
+                    f"eval.target_accuracy={TARGETS[task]}",
+                ]
                 run_dir = out / task / f"alpha-{alpha}" / strategy
                 run_resumable(load_config(config_path, settings), run_dir)
                 results[task, alpha, strategy] = summarize(strategy, read_metrics(run_dir), targets[task])
@@ -47,8 +60,12 @@ def cell(summary: dict) -> str:
 def markdown(results: dict, tasks: list[str], alphas: list[float], strategies: list[str], targets: dict[str, float]) -> str:
     lines = []
     for task in tasks:
-        lines += [f"### {task} (target accuracy {targets[task]}): final accuracy / best accuracy / virtual time to target", "",
-                  "| Dirichlet alpha | " + " | ".join(f"`{s}`" for s in strategies) + " |", "|---" * (len(strategies) + 1) + "|"]
+        lines += [
+            f"### {task} (target accuracy {targets[task]}): final accuracy / best accuracy / virtual time to target",
+            "",
+            "| Dirichlet alpha | " + " | ".join(f"`{s}`" for s in strategies) + " |",
+            "|---" * (len(strategies) + 1) + "|",
+        ]
         lines += [f"| {alpha} | " + " | ".join(cell(results[task, alpha, s]) for s in strategies) + " |" for alpha in alphas]
         lines.append("")
     return "\n".join(lines)
@@ -61,9 +78,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tasks", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--alphas", nargs="+", type=float, default=list(ALPHAS))
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES),
-                        help="a subset (two processes with disjoint subsets share the work on two cores)")
-    parser.add_argument("--target", nargs="*", default=[], metavar="TASK=ACC", help="time to this accuracy in the table instead of the task's default")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=list(STRATEGIES),
+        choices=list(STRATEGIES),
+        help="a subset (two processes with disjoint subsets share the work on two cores)",
+    )
+    parser.add_argument(
+        "--target", nargs="*", default=[], metavar="TASK=ACC", help="time to this accuracy in the table instead of the task's default"
+    )
     args = parser.parse_args()
     targets = dict(TARGETS)
     for given in args.target:

@@ -62,7 +62,9 @@ def flower_processes() -> list[str]:
 
 
 def node_pid(client: int) -> int | None:
-    found = subprocess.run(["pgrep", "-f", f"flower-supernode .*client-id={client} device"], capture_output=True, text=True, check=False).stdout.split()
+    found = subprocess.run(
+        ["pgrep", "-f", f"flower-supernode .*client-id={client} device"], capture_output=True, text=True, check=False
+    ).stdout.split()
     return int(found[0]) if found else None
 
 
@@ -86,10 +88,18 @@ def soak(config_path: str, overrides: list[str], nodes: int, out: Path, seed: in
     to_kill = nodes // 3
     kill_rounds = list(range(1, max(rounds - 1, 2)))  # leave the last round for the restarted nodes
     victims = dict(zip(kill_rounds, np.array_split(rng.permutation(nodes)[:to_kill], len(kill_rounds)), strict=True))
-    deploy = subprocess.Popen([str(LEGEND), "deploy", "local", config_path, *overrides, "--nodes", str(nodes), "--out", str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deploy = subprocess.Popen(
+        [str(LEGEND), "deploy", "local", config_path, *overrides, "--nodes", str(nodes), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     restarted: list[subprocess.Popen] = []
-    killed, back, pending = [], {}, {}  # back: client -> the round it was restarted in; pending: client -> (round, command line, environment)
+    killed, back, pending = (
+        [],
+        {},
+        {},
+    )  # back: client -> the round it was restarted in; pending: client -> (round, command line, environment)
     started = time.monotonic()
     try:
         for round_number in range(1, rounds):
@@ -124,17 +134,30 @@ def soak(config_path: str, overrides: list[str], nodes: int, out: Path, seed: in
                 os.killpg(process.pid, signal.SIGKILL)
     left = flower_processes()
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []
-    result = {"nodes": nodes, "killed": sorted(killed), "restarted": sorted(back), "exit_code": deploy.returncode,
-              "rounds": rounds_done(out), "processes_left": len(left), "deploy_s": round(time.monotonic() - started, 1)}
+    result = {
+        "nodes": nodes,
+        "killed": sorted(killed),
+        "restarted": sorted(back),
+        "exit_code": deploy.returncode,
+        "rounds": rounds_done(out),
+        "processes_left": len(left),
+        "deploy_s": round(time.monotonic() - started, 1),
+    }
     if deploy.returncode != 0 or not rows:
         return {**result, "ok": False, "deploy_output": output[-2000:]}
     summary = json.loads((out / "summary.json").read_text())
     embedded = run_experiment(config, out / "embedded", runtime=AsDeployed(config.faults, rows))
     differ = {key: (summary[key], embedded[key]) for key in summary if key != "wall_s" and not _close(summary[key], embedded[key])}
-    trained_again = sorted(c for c, since in back.items() if any(c in [t["client"] for t in row["devices"]] for row in rows if row["round"] >= since))
-    result.update(lost_updates=summary["lost_updates"], unreachable_client_rounds=sum(len(r["unreachable"]) for r in rows[1:]),
-                  restarted_clients_trained_again=trained_again,
-                  final_accuracy=summary["final_accuracy"], summary_differs_from_embedded=differ)
+    trained_again = sorted(
+        c for c, since in back.items() if any(c in [t["client"] for t in row["devices"]] for row in rows if row["round"] >= since)
+    )
+    result.update(
+        lost_updates=summary["lost_updates"],
+        unreachable_client_rounds=sum(len(r["unreachable"]) for r in rows[1:]),
+        restarted_clients_trained_again=trained_again,
+        final_accuracy=summary["final_accuracy"],
+        summary_differs_from_embedded=differ,
+    )
     result["ok"] = not differ and not left and summary["rounds"] == rounds and summary["lost_updates"] > 0
     return result
 
@@ -154,8 +177,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     per_round = max(args.nodes // 5, 2)
-    overrides = [f"fl.num_clients={args.nodes}", f"fl.clients_per_round={per_round}", f"fl.rounds={args.rounds}", "eval.every=1",
-                 "flower.round_timeout_s=120", "engine.threads=1", *args.overrides]
+    overrides = [
+        f"fl.num_clients={args.nodes}",
+        f"fl.clients_per_round={per_round}",
+        f"fl.rounds={args.rounds}",
+        "eval.every=1",
+        "flower.round_timeout_s=120",
+        "engine.threads=1",
+        *args.overrides,
+    ]
     result = soak(args.config, overrides, args.nodes, args.out.resolve(), args.seed, args.timeout_s)
     print(json.dumps(result))
     sys.exit(0 if result["ok"] else 1)

@@ -41,7 +41,15 @@ from legend.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART, INSTRUCT = ROOT / "configs" / "quickstart.toml", ROOT / "configs" / "instruct-sst2.toml"
-BF16_DENSE_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}  # vendor sheets, no sparsity
+BF16_DENSE_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+}  # vendor sheets, no sparsity
 
 
 def gpu_peak_flops(device: str, override: float) -> float | None:
@@ -61,13 +69,24 @@ def timed_run(config_path: Path, overrides: list[str], out: Path, peak_flops: fl
     started = time.perf_counter()
     summary = run_experiment(config, out, experiment=exp, runtime=runtime)
     rows = read_metrics(out)
-    flops = sum((d["compute_s"] - d["read_s"]) * exp.fleet.device_of(d["client"]).profile.flops for row in rows for d in row["devices"] if not d["dropped"])
+    flops = sum(
+        (d["compute_s"] - d["read_s"]) * exp.fleet.device_of(d["client"]).profile.flops
+        for row in rows
+        for d in row["devices"]
+        if not d["dropped"]
+    )
     steps = runtime.sequences / config.train.batch_size
-    return {"samples_per_s": round(runtime.sequences / runtime.seconds, 2), "steps_per_s": round(steps / runtime.seconds, 3),
-            "train_s": round(runtime.seconds, 2), "run_s": round(time.perf_counter() - started, 1),
-            "mfu": round(flops / runtime.seconds / peak_flops, 4) if peak_flops else None,
-            "peak_memory_mb": summary["peak_memory_mb"], "final_accuracy": summary["final_accuracy"], "rounds": summary["rounds"],
-            "precision": str(exp.model.compute_dtype).removeprefix("torch.")}
+    return {
+        "samples_per_s": round(runtime.sequences / runtime.seconds, 2),
+        "steps_per_s": round(steps / runtime.seconds, 3),
+        "train_s": round(runtime.seconds, 2),
+        "run_s": round(time.perf_counter() - started, 1),
+        "mfu": round(flops / runtime.seconds / peak_flops, 4) if peak_flops else None,
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "final_accuracy": summary["final_accuracy"],
+        "rounds": summary["rounds"],
+        "precision": str(exp.model.compute_dtype).removeprefix("torch."),
+    }
 
 
 def largest_difference(first: Path, second: Path) -> float:
@@ -79,14 +98,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the MiniLM parts")
-    parser.add_argument("--smollm2-rounds", type=int, default=30, help="rounds of the SmolLM2 parts (the config's 30: its documented CPU run)")
+    parser.add_argument(
+        "--smollm2-rounds", type=int, default=30, help="rounds of the SmolLM2 parts (the config's 30: its documented CPU run)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the GPU's dense bfloat16 peak (default: from the table)")
     parser.add_argument("--parts", default="quickstart,smollm2,parallel,prefix_cache,qlora")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"gpu_check: --device {args.device} but this torch ({torch.__version__}) sees no CUDA device: run it on a GPU machine, "
-              "or --device cpu for a dry run", file=sys.stderr)
+        print(
+            f"gpu_check: --device {args.device} but this torch ({torch.__version__}) sees no CUDA device: run it on a GPU machine, "
+            "or --device cpu for a dry run",
+            file=sys.stderr,
+        )
         sys.exit(2)
     peak = gpu_peak_flops(args.device, args.peak_tflops)
     on_device = [f"engine.device={args.device}", "engine.precision=auto", "engine.threads=0"]
@@ -94,17 +118,28 @@ def main() -> None:
     smollm2 = [f"fl.rounds={args.smollm2_rounds}"]
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu-check-"))
     parts = {
-        "quickstart": lambda: {"on_device": timed_run(QUICKSTART, minilm + on_device, out / "quickstart-gpu", peak),
-                               "cpu_2_threads": timed_run(QUICKSTART, minilm + ["engine.device=cpu", "engine.precision=float32", "engine.threads=2"],
-                                                          out / "quickstart-cpu", None)},
+        "quickstart": lambda: {
+            "on_device": timed_run(QUICKSTART, minilm + on_device, out / "quickstart-gpu", peak),
+            "cpu_2_threads": timed_run(
+                QUICKSTART, minilm + ["engine.device=cpu", "engine.precision=float32", "engine.threads=2"], out / "quickstart-cpu", None
+            ),
+        },
         "smollm2": lambda: timed_run(INSTRUCT, smollm2 + on_device, out / "smollm2", peak),
-        "parallel": lambda: {f"parallel_clients_{k}": timed_run(QUICKSTART, minilm + on_device + ["fl.clients_per_round=8", f"engine.parallel_clients={k}"],
-                                                                  out / f"parallel-{k}", peak) for k in (1, 8)},
+        "parallel": lambda: {
+            f"parallel_clients_{k}": timed_run(
+                QUICKSTART, minilm + on_device + ["fl.clients_per_round=8", f"engine.parallel_clients={k}"], out / f"parallel-{k}", peak
+            )
+            for k in (1, 8)
+        },
         "prefix_cache": lambda: prefix_cache(out, minilm + [f"engine.device={args.device}", "engine.precision=float32"], peak),
         "qlora": lambda: timed_run(INSTRUCT, smollm2 + on_device + ["model.quantize=4bit"], out / "qlora", peak),
     }
-    result = {"device": torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "peak_bf16_tflops": peak / 1e12 if peak else None}
+    result = {
+        "device": torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "peak_bf16_tflops": peak / 1e12 if peak else None,
+    }
     for name in args.parts.split(","):
         started = time.perf_counter()
         try:

@@ -37,7 +37,9 @@ class Untrained(InProcess):
             plan = job.plan
             shapes = local.model.device_shapes(plan.layout)
             keep = local.device.kept(local.model.keys(plan.layout))
-            weights = {key: plan.weights[key][tuple(slice(0, n) for n in shape)].clone() for key, shape in shapes.items() if key not in keep}
+            weights = {
+                key: plan.weights[key][tuple(slice(0, n) for n in shape)].clone() for key, shape in shapes.items() if key not in keep
+            }
             out[plan.client] = Update(plan.client, weights, len(local.partitions[plan.client]), {"train_loss": 0.0})
         return out
 
@@ -55,29 +57,51 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. engine.threads=1")
-    parser.add_argument("--strategies", default="legend,fedit", help="names, each optionally with its own overrides: fedit:lora.top_blocks=4")
+    parser.add_argument(
+        "--strategies", default="legend,fedit", help="names, each optionally with its own overrides: fedit:lora.top_blocks=4"
+    )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--check", action="append", default=[], help="FOLDER=RUN_DIR: the untrained run OUT/FOLDER must have a real run's clock and bytes")
-    parser.add_argument("--trained", action="append", default=[], help="ENTRY=RUN_DIR: a real run of that --strategies entry gives the round it "
-                                                                           "reached eval.target_accuracy; the table adds each clock's time and bytes to it")
+    parser.add_argument(
+        "--check", action="append", default=[], help="FOLDER=RUN_DIR: the untrained run OUT/FOLDER must have a real run's clock and bytes"
+    )
+    parser.add_argument(
+        "--trained",
+        action="append",
+        default=[],
+        help="ENTRY=RUN_DIR: a real run of that --strategies entry gives the round it "
+        "reached eval.target_accuracy; the table adds each clock's time and bytes to it",
+    )
     parser.add_argument("--target", type=float, help="the accuracy --trained runs are judged at (default: eval.target_accuracy)")
     args = parser.parse_args()
     quiet_libraries()
     target = args.target or load_config(args.config, args.overrides).eval.target_accuracy
-    reached = {entry: summarize(entry, read_metrics(Path(run)), target)["round_to_target"] for entry, _, run in (t.rpartition("=") for t in args.trained)}
-    print(f"| strategy | device cache (default off) | virtual s, all rounds | mean round s | MB, all rounds | storage reads s, all device-rounds "
-          f"| round to {target:g} (trained run) | virtual s to it | MB to it |")
+    reached = {
+        entry: summarize(entry, read_metrics(Path(run)), target)["round_to_target"]
+        for entry, _, run in (t.rpartition("=") for t in args.trained)
+    }
+    print(
+        f"| strategy | device cache (default off) | virtual s, all rounds | mean round s | MB, all rounds | storage reads s, all device-rounds "
+        f"| round to {target:g} (trained run) | virtual s to it | MB to it |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for entry in args.strategies.split(","):
         name, *own = entry.split(":")
         for cache in ("false", "true"):
             folder = "-".join([name, *(o.replace("=", "") for o in own), "kept" if cache == "true" else "plain"])
-            rows = clock(args.config, [*args.overrides, f"strategy.name={name}", *own, f"devices.activation_cache={cache}"], args.out / folder)[1:]
+            rows = clock(
+                args.config, [*args.overrides, f"strategy.name={name}", *own, f"devices.activation_cache={cache}"], args.out / folder
+            )[1:]
             to = reached.get(entry)
             upto = [r for r in rows if to is not None and r["round"] <= to]
-            print(f"| {entry} | {'on' if cache == 'true' else 'off'} | {rows[-1]['virtual_time_s']:.1f} | {statistics.mean(r['round_time_s'] for r in rows):.3f} | "
-                  f"{sum(r['bytes_up'] + r['bytes_down'] for r in rows) / 1e6:.1f} | {sum(d.get('read_s', 0) for r in rows for d in r['devices']):.2f} | "
-                  + (f"{to} | {upto[-1]['virtual_time_s']:.1f} | {sum(r['bytes_up'] + r['bytes_down'] for r in upto) / 1e6:.1f} |" if upto else "- | - | - |"))
+            print(
+                f"| {entry} | {'on' if cache == 'true' else 'off'} | {rows[-1]['virtual_time_s']:.1f} | {statistics.mean(r['round_time_s'] for r in rows):.3f} | "
+                f"{sum(r['bytes_up'] + r['bytes_down'] for r in rows) / 1e6:.1f} | {sum(d.get('read_s', 0) for r in rows for d in r['devices']):.2f} | "
+                + (
+                    f"{to} | {upto[-1]['virtual_time_s']:.1f} | {sum(r['bytes_up'] + r['bytes_down'] for r in upto) / 1e6:.1f} |"
+                    if upto
+                    else "- | - | - |"
+                )
+            )
     for check in args.check:
         folder, _, run_dir = check.partition("=")
         same = [_clock(read_metrics(args.out / folder)) == _clock(read_metrics(Path(run_dir)))]

@@ -16,7 +16,17 @@ from legend.config import load_config
 from legend.engine.simulation import run_resumable
 
 STRATEGIES = ("fedit", "legend")
-COLUMNS = ("final_accuracy", "best_accuracy", "round_to_target", "time_to_target_s", "bytes_to_target", "virtual_time_s", "bytes_up", "bytes_down", "wall_s")
+COLUMNS = (
+    "final_accuracy",
+    "best_accuracy",
+    "round_to_target",
+    "time_to_target_s",
+    "bytes_to_target",
+    "virtual_time_s",
+    "bytes_up",
+    "bytes_down",
+    "wall_s",
+)
 
 
 def run(config_path: str, overrides: list[str], out: Path, strategy: str) -> dict:
@@ -42,14 +52,23 @@ def main() -> None:
     for column in COLUMNS:
         print(f"{column:24}" + "".join(f"{cell(summaries[s][column]):>16}" for s in STRATEGIES))
     fedit, legend = summaries["fedit"], summaries["legend"]
-    print(json.dumps({
-        "target_accuracy": legend["target_accuracy"],
-        "speedup_time_to_target": ratio(fedit["time_to_target_s"], legend["time_to_target_s"]),
-        "bytes_to_target_ratio": ratio(legend["bytes_to_target"], fedit["bytes_to_target"]),
-        "bytes_per_round_ratio": ratio((legend["bytes_up"] + legend["bytes_down"]) / legend["rounds"], (fedit["bytes_up"] + fedit["bytes_down"]) / fedit["rounds"]),
-        "virtual_time_per_round_ratio": ratio(legend["virtual_time_s"] / legend["rounds"], fedit["virtual_time_s"] / fedit["rounds"]),
-        "final_accuracy": {s: summaries[s]["final_accuracy"] for s in STRATEGIES},
-    }))
+    print(
+        json.dumps(
+            {
+                "target_accuracy": legend["target_accuracy"],
+                "speedup_time_to_target": ratio(fedit["time_to_target_s"], legend["time_to_target_s"]),
+                "bytes_to_target_ratio": ratio(legend["bytes_to_target"], fedit["bytes_to_target"]),
+                "bytes_per_round_ratio": ratio(
+                    (legend["bytes_up"] + legend["bytes_down"]) / legend["rounds"],
+                    (fedit["bytes_up"] + fedit["bytes_down"]) / fedit["rounds"],
+                ),
+                "virtual_time_per_round_ratio": ratio(
+                    legend["virtual_time_s"] / legend["rounds"], fedit["virtual_time_s"] / fedit["rounds"]
+                ),
+                "final_accuracy": {s: summaries[s]["final_accuracy"] for s in STRATEGIES},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,13 @@ def measure(config_path: Path, overrides: list[str], parallel: int, out: Path) -
     runtime = TimedInProcess(config.faults, config.engine.client_state_mb, parallel)
     summary = run_experiment(config, out, runtime=runtime)
     state = torch.load(out / CHECKPOINT, weights_only=True)["global_state"]
-    return {"parallel_clients": parallel, "train_s": round(runtime.seconds, 2), "samples_per_s": round(runtime.sequences / runtime.seconds, 2),
-            "final_accuracy": summary["final_accuracy"], "state": state}
+    return {
+        "parallel_clients": parallel,
+        "train_s": round(runtime.seconds, 2),
+        "samples_per_s": round(runtime.sequences / runtime.seconds, 2),
+        "final_accuracy": summary["final_accuracy"],
+        "state": state,
+    }
 
 
 def main() -> None:
@@ -66,7 +71,9 @@ def main() -> None:
         row["speedup"] = round(row["samples_per_s"] / rows[0]["samples_per_s"], 2)
     print(f"{'K':>3} {'train s':>9} {'samples/s':>10} {'speedup':>8} {'max diff':>10} {'accuracy':>9}")
     for row in rows:
-        print(f"{row['parallel_clients']:>3} {row['train_s']:>9.1f} {row['samples_per_s']:>10.1f} {row['speedup']:>8.2f} {row['max_difference']:>10.2e} {row['final_accuracy']:>9.4f}")
+        print(
+            f"{row['parallel_clients']:>3} {row['train_s']:>9.1f} {row['samples_per_s']:>10.1f} {row['speedup']:>8.2f} {row['max_difference']:>10.2e} {row['final_accuracy']:>9.4f}"
+        )
     print(json.dumps({"config": str(args.config), "overrides": overrides, "threads": torch.get_num_threads(), "rows": rows}))
 
 

@@ -32,8 +32,12 @@ def run_grid(config_path: str, overrides: list[str], out: Path, attacks: list[st
 
 
 def markdown(results: dict, attacks: list[str], aggregators: list[str], malicious: float) -> str:
-    lines = [f"final / best accuracy ({malicious:.0%} attackers per round; in brackets: final accuracy minus the clean run's with that aggregator)", "",
-             "| attack | " + " | ".join(f"`{a}`" for a in aggregators) + " |", "|---" * (len(aggregators) + 1) + "|"]
+    lines = [
+        f"final / best accuracy ({malicious:.0%} attackers per round; in brackets: final accuracy minus the clean run's with that aggregator)",
+        "",
+        "| attack | " + " | ".join(f"`{a}`" for a in aggregators) + " |",
+        "|---" * (len(aggregators) + 1) + "|",
+    ]
     for attack in attacks:
         cells = []
         for aggregator in aggregators:
@@ -55,7 +59,11 @@ def main() -> None:
     parser.add_argument("--malicious", type=float, default=0.2, help="probability that a sampled device attacks in a round")
     args = parser.parse_args()
     attacks, aggregators = args.attacks.split(","), args.aggregators.split(",")
-    print(markdown(run_grid(args.config, args.overrides, args.out, attacks, aggregators, args.malicious), attacks, aggregators, args.malicious))
+    print(
+        markdown(
+            run_grid(args.config, args.overrides, args.out, attacks, aggregators, args.malicious), attacks, aggregators, args.malicious
+        )
+    )
 
 
 if __name__ == "__main__":

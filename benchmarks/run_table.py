@@ -34,13 +34,20 @@ def main() -> None:
             print(f"{run}: no evaluation after round 0 yet")
             continue
         run_summary = summarize(run.name, rows, args.target)  # the target rule `legend report` uses
-        reached = (f"round {run_summary['round_to_target']}, {run_summary['time_to_target_s']:.1f} s, "
-                   f"{run_summary['bytes_to_target'] / 1e6:.1f} MB") if run_summary["round_to_target"] is not None else \
-            f"not reached (best {run_summary['best_val_accuracy']:.3f})"
-        line = (f"{run}: to {args.target} {reached} | validation, last {LAST_EVALUATIONS} {validation_score(rows):.3f} | "
-                f"test at round {evaluated[-1]['round']} {run_summary['final_accuracy']:.3f} | "
-                f"run to round {run_summary['rounds']} {run_summary['virtual_time_s']:.1f} s, "
-                f"{(run_summary['bytes_up'] + run_summary['bytes_down']) / 1e6:.1f} MB")
+        reached = (
+            (
+                f"round {run_summary['round_to_target']}, {run_summary['time_to_target_s']:.1f} s, "
+                f"{run_summary['bytes_to_target'] / 1e6:.1f} MB"
+            )
+            if run_summary["round_to_target"] is not None
+            else f"not reached (best {run_summary['best_val_accuracy']:.3f})"
+        )
+        line = (
+            f"{run}: to {args.target} {reached} | validation, last {LAST_EVALUATIONS} {validation_score(rows):.3f} | "
+            f"test at round {evaluated[-1]['round']} {run_summary['final_accuracy']:.3f} | "
+            f"run to round {run_summary['rounds']} {run_summary['virtual_time_s']:.1f} s, "
+            f"{(run_summary['bytes_up'] + run_summary['bytes_down']) / 1e6:.1f} MB"
+        )
         if budget is not None:
             line += f" | validation within {budget:.1f} s {validation_score([r for r in rows if r['virtual_time_s'] <= budget]):.3f}"
         print(line)

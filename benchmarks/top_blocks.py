@@ -20,7 +20,14 @@ from legend.records import read_metrics
 
 
 def top_only(depth: int, rank: int) -> list[str]:
-    return ["strategy.name=legend", f"legend.max_depth={depth}", "legend.ranks=uniform", f"legend.r_min={rank}", f"legend.r_max={rank}", "legend.slack=1e6"]
+    return [
+        "strategy.name=legend",
+        f"legend.max_depth={depth}",
+        "legend.ranks=uniform",
+        f"legend.r_min={rank}",
+        f"legend.r_max={rank}",
+        "legend.slack=1e6",
+    ]
 
 
 VARIANTS = {  # MiniLM-L6: 6 blocks x rank 8 = 3 x 16 = 2 x 24 = 48 rank-blocks, the same adapter size
@@ -36,8 +43,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. engine.threads=1")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    print("| layout | final accuracy | best accuracy | rounds to target | device compute s per round (mean) | peak device memory GB | "
-          "MB per round (up + down) | time to target s |")
+    print(
+        "| layout | final accuracy | best accuracy | rounds to target | device compute s per round (mean) | peak device memory GB | "
+        "MB per round (up + down) | time to target s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, overrides in VARIANTS.items():
         out = args.out / name.split(",")[0].replace(" ", "-")
@@ -47,8 +56,10 @@ def main() -> None:
         memory = max(d["memory_gb"] for row in rounds for d in row["devices"])
         megabytes = (summary["bytes_up"] + summary["bytes_down"]) / summary["rounds"] / 1e6
         time_to = summary["time_to_target_s"]
-        print(f"| {name} | {summary['final_accuracy']:.3f} | {summary['best_accuracy']:.3f} | {summary['round_to_target'] or 'never'} | "
-              f"{compute:.3f} | {memory:.3f} | {megabytes:.2f} | {'never' if time_to is None else f'{time_to:.1f}'} |")
+        print(
+            f"| {name} | {summary['final_accuracy']:.3f} | {summary['best_accuracy']:.3f} | {summary['round_to_target'] or 'never'} | "
+            f"{compute:.3f} | {memory:.3f} | {megabytes:.2f} | {'never' if time_to is None else f'{time_to:.1f}'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -134,7 +134,9 @@ def tiny_decoder(tmp_path_factory) -> Path:
 
 def tiny_instruct_overrides(decoder: Path, **extra) -> list[str]:
     """The tiny run as instructions on the tiny decoder (SST-2 answered "negative" / "positive")."""
-    return tiny_overrides(**{"model.name": f'"{decoder}"', "data.format": '"instruct"', "data.train_size": 200, "data.test_size": 32, **extra})
+    return tiny_overrides(
+        **{"model.name": f'"{decoder}"', "data.format": '"instruct"', "data.train_size": 200, "data.test_size": 32, **extra}
+    )
 
 
 def tiny_overrides(**extra) -> list[str]:

@@ -19,8 +19,13 @@ from legend.errors import LegendError
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 # Every client trains in both rounds on its whole partition, one example per batch: no example comes back within a round
-EVERY_EXAMPLE_EACH_ROUND = {"strategy.name": "legend", "data.train_size": 120, "fl.clients_per_round": 4, "train.local_epochs": 1,
-                            "train.batch_size": 1}
+EVERY_EXAMPLE_EACH_ROUND = {
+    "strategy.name": "legend",
+    "data.train_size": 120,
+    "fl.clients_per_round": 4,
+    "train.local_epochs": 1,
+    "train.batch_size": 1,
+}
 
 
 def run(tmp_path, name, **extra):
@@ -39,7 +44,9 @@ def test_a_device_is_charged_the_frozen_blocks_once_then_a_read_and_the_model_is
     exp = build_experiment(config)
     edge = 2  # LEGEND's global LoRA region on MiniLM's 6 blocks: 2..5
     first = {d["client"]: d for d in kept_rows[1]["devices"]}
-    assert first and all(d["compute_s"] == p["compute_s"] and d["read_s"] == 0 for d, p in zip(kept_rows[1]["devices"], rows[1]["devices"], strict=True))
+    assert first and all(
+        d["compute_s"] == p["compute_s"] and d["read_s"] == 0 for d, p in zip(kept_rows[1]["devices"], rows[1]["devices"], strict=True)
+    )
     batches, view = device_view(exp, exp.local(), 2, sorted(first))
     for kept, plain in zip(kept_rows[2]["devices"], rows[2]["devices"], strict=True):
         client, profile = kept["client"], exp.fleet.device_of(kept["client"]).profile
@@ -98,11 +105,14 @@ def test_legend_takes_its_global_depth_from_top_blocks():
     assert legend.global_layout().depth == 3
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"strategy.name": "fedit", "lora.top_blocks": 7}, "exceeds the model's 6 blocks"),
-    ({"strategy.name": "bitfit", "lora.top_blocks": 2}, "leave lora.top_blocks at 0"),
-    ({"strategy.name": "legend", "lora.top_blocks": 2, "legend.max_depth": 3}, "set one of them"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"strategy.name": "fedit", "lora.top_blocks": 7}, "exceeds the model's 6 blocks"),
+        ({"strategy.name": "bitfit", "lora.top_blocks": 2}, "leave lora.top_blocks at 0"),
+        ({"strategy.name": "legend", "lora.top_blocks": 2, "legend.max_depth": 3}, "set one of them"),
+    ],
+)
 def test_a_top_blocks_that_cannot_apply_is_one_clear_error(overrides, message):
     with pytest.raises(LegendError, match=message):
         build_model(load_config(QUICKSTART, tiny_overrides(**overrides)), ("0", "1"))

@@ -21,7 +21,11 @@ OUT, IN = 6, 5
 def random_updates(sizes, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [
-        Update(client=k, weights={"x.lora_A.w": torch.randn(2, IN, generator=gen), "x.lora_B.w": torch.randn(OUT, 2, generator=gen)}, num_samples=n)
+        Update(
+            client=k,
+            weights={"x.lora_A.w": torch.randn(2, IN, generator=gen), "x.lora_B.w": torch.randn(OUT, 2, generator=gen)},
+            num_samples=n,
+        )
         for k, n in enumerate(sizes)
     ]
 

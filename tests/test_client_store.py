@@ -102,8 +102,11 @@ def test_a_fedsa_checkpoint_from_before_client_state_resumes_as_the_uninterrupte
     store = ClientStore(limit_mb=64)
     store.use_folder(old / "client_state")
     store.load_state_dict(devices["own"])
-    payload["strategy_state"] = {"initial_b": devices["initial"], "samples": payload["strategy_state"]["samples"],
-                                 "local_b": {client: store.get(client) for client in devices["own"]["files"]}}
+    payload["strategy_state"] = {
+        "initial_b": devices["initial"],
+        "samples": payload["strategy_state"]["samples"],
+        "local_b": {client: store.get(client) for client in devices["own"]["files"]},
+    }
     shutil.rmtree(old / "client_state")
     save_checkpoint(old, payload)
     assert without_measurements(run_experiment(config, old, resume=True)) == without_measurements(whole)

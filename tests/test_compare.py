@@ -40,14 +40,32 @@ def test_compare_writes_a_report_with_tables_plots_and_the_config_and_report_reb
     report.unlink()
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 0 and report.read_text() == text
-    result = CliRunner().invoke(app, ["report", str(tmp_path), "--target", "0"])  # another target, from the same rows: the first evaluation reaches it
+    result = CliRunner().invoke(
+        app, ["report", str(tmp_path), "--target", "0"]
+    )  # another target, from the same rows: the first evaluation reaches it
     rows = [json.loads(line) for line in (tmp_path / "runs" / "fedit-seed0" / "metrics.jsonl").read_text().splitlines()]
     first = next(row["virtual_time_s"] for row in rows if row["round"] > 0 and row["accuracy"] is not None)
     assert result.exit_code == 0 and "target accuracy 0)" in report.read_text()
     assert f" | {first:.1f} s | " in report.read_text().split("\n| fedit |")[1].split("\n")[0]
     side = tmp_path / "side-by-side"  # the same comparison from the command line, two runs at a time in their own processes
-    result = subprocess.run([sys.executable, "-m", "legend", "compare", str(QUICKSTART), *overrides, "--strategies", "legend,fedit",
-                             "--jobs", "2", "--out", str(side)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "legend",
+            "compare",
+            str(QUICKSTART),
+            *overrides,
+            "--strategies",
+            "legend,fedit",
+            "--jobs",
+            "2",
+            "--out",
+            str(side),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     for strategy in ("legend", "fedit"):  # each run is the run it was alone: the same rounds, but for this machine's seconds
         alone, beside = (read_metrics(folder / "runs" / f"{strategy}-seed0") for folder in (tmp_path, side))
@@ -64,8 +82,21 @@ def test_compare_refuses_a_folder_of_another_comparison(tmp_path):
 def test_compare_from_the_command_line_names_a_bad_strategy_before_running(tmp_path):
     result = CliRunner().invoke(app, ["compare", str(QUICKSTART), "--strategies", "legend,fedfoo", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "strategy.name 'fedfoo' is unknown" in result.stderr and not (tmp_path / "runs").exists()
-    result = CliRunner().invoke(app, ["tune", str(QUICKSTART), "data.val_size=100", "engine.threads=0", "--grid", "train.lr=1e-3",
-                                      "--jobs", "2", "--out", str(tmp_path / "tune")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            str(QUICKSTART),
+            "data.val_size=100",
+            "engine.threads=0",
+            "--grid",
+            "train.lr=1e-3",
+            "--jobs",
+            "2",
+            "--out",
+            str(tmp_path / "tune"),
+        ],
+    )
     assert result.exit_code == 2 and "give each its share, e.g. engine.threads=1" in result.output and not (tmp_path / "tune").exists()
 
 
@@ -77,8 +108,10 @@ def test_tune_picks_each_strategys_best_on_validation_and_compare_applies_it(tmp
     grid = parse_grid(["train.lr=1e-4,1e-2"])
     result = tune(config, tmp_path / "tune", ["fedit", "legend"], grid, [0], "legend tune (test)")
     for name, entry in result["strategies"].items():  # a setting's score: its mean validation accuracy over rounds 1-3
-        scores = [sum(row["val_accuracy"] for row in read_metrics(tmp_path / "tune" / "runs" / name / f"setting{i}-seed0")[1:]) / 3
-                  for i in range(2)]
+        scores = [
+            sum(row["val_accuracy"] for row in read_metrics(tmp_path / "tune" / "runs" / name / f"setting{i}-seed0")[1:]) / 3
+            for i in range(2)
+        ]
         assert [t["score"] for t in entry["tried"]] == scores
         assert entry["settings"] == {"train.lr": ["1e-4", "1e-2"][scores.index(max(scores))]}
     again = tune(config, tmp_path / "tune", ["fedit", "legend"], grid, [0], "legend tune (test)")  # finished runs are only re-read
@@ -95,7 +128,9 @@ def test_tune_picks_each_strategys_best_on_validation_and_compare_applies_it(tmp
     assert "Tuned per strategy on the validation split" in text and "| validation, final | validation, best |" in text
     for name in ("fedit", "legend"):  # validation beside test, each from the run's own summary
         summary = json.loads((tmp_path / "compare" / "runs" / f"{name}-seed0" / "summary.json").read_text())
-        assert f"| {name} | {summary['final_accuracy']:.3f} | {summary['best_accuracy']:.3f} | {summary['final_val_accuracy']:.3f} | " in text
+        assert (
+            f"| {name} | {summary['final_accuracy']:.3f} | {summary['best_accuracy']:.3f} | {summary['final_val_accuracy']:.3f} | " in text
+        )
     with pytest.raises(LegendError, match="set data.val_size"):
         tune(load_config(QUICKSTART, tiny_overrides()), tmp_path / "novalidation", ["fedit"], grid, [0], "x")
     with pytest.raises(LegendError, match="--tuned has no settings for hetlora"):

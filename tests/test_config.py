@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 
 
 def test_quickstart_loads_with_overrides():
-    config = load_config(ROOT / "configs" / "quickstart.toml", ["fl.rounds=5", "data.alpha=0.1", "lora.target_modules=[\"query\"]"])
+    config = load_config(ROOT / "configs" / "quickstart.toml", ["fl.rounds=5", "data.alpha=0.1", 'lora.target_modules=["query"]'])
     assert config.fl.rounds == 5
     assert config.data.alpha == 0.1
     assert config.lora.target_modules == ["query"]
@@ -24,7 +24,10 @@ def test_quickstart_loads_with_overrides():
         (["fl.clients_per_round=50"], "fl.clients_per_round (50) exceeds fl.num_clients (20)"),
         (["rounds"], "override 'rounds' is not key=value"),
         (["colour.red=1"], "unknown key 'colour'; allowed in the top level: seed, model"),
-        (["lora.r_min=4"], "config: lora.r_min moved to hetlora.r_min: write hetlora.r_min (HetLoRA and FlexLoRA: smallest per-device rank"),
+        (
+            ["lora.r_min=4"],
+            "config: lora.r_min moved to hetlora.r_min: write hetlora.r_min (HetLoRA and FlexLoRA: smallest per-device rank",
+        ),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
@@ -47,8 +50,11 @@ def test_missing_config_file():
 
 
 def test_cli_prints_one_error_line_and_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "legend", "run", str(ROOT / "configs" / "quickstart.toml"), "fl.roundz=3", "--out", str(tmp_path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "legend", "run", str(ROOT / "configs" / "quickstart.toml"), "fl.roundz=3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: config: unknown key 'fl.roundz'"), result.stderr

@@ -81,7 +81,9 @@ def test_no_backward_flops_below_the_lowest_trained_block(model):
     for depth in range(1, 7):
         backward = training_flops(spec, top(depth), work, applied) - head_only
         adapter = 8 * spec.lora_features
-        assert backward == (depth - 1) * block_backward_flops(spec, work, adapter, False) + block_backward_flops(spec, work, adapter, False, lowest=True)
+        assert backward == (depth - 1) * block_backward_flops(spec, work, adapter, False) + block_backward_flops(
+            spec, work, adapter, False, lowest=True
+        )
     assert training_flops(spec, AdapterLayout("full"), work) > training_flops(spec, top(6), work)
 
 
@@ -100,8 +102,11 @@ def test_autograd_runs_no_backward_below_the_lowest_trained_block(model):
     assert reached == {4, 5}
 
 
-@pytest.mark.parametrize("layout", [top(1), top(3), AdapterLayout("lora", (0, 0, 0, 2, 4, 8)), top(6), AdapterLayout("full"), AdapterLayout("bitfit")],
-                         ids=["lora-top1", "lora-top3", "lora-ramp", "lora-all", "full", "bitfit"])
+@pytest.mark.parametrize(
+    "layout",
+    [top(1), top(3), AdapterLayout("lora", (0, 0, 0, 2, 4, 8)), top(6), AdapterLayout("full"), AdapterLayout("bitfit")],
+    ids=["lora-top1", "lora-top3", "lora-ramp", "lora-all", "full", "bitfit"],
+)
 def test_charged_flops_are_those_torch_counts_in_a_real_step(model, layout):
     """The cost model against torch's FLOP counter on a real forward and backward (eager attention, so its matrix
     products are counted too): within 1%, where charging the lowest block's Q/K/V input gradients was 4% over."""
@@ -135,7 +140,10 @@ def test_forward_flops_grow_with_the_attention_length_term(model):
     spec = ModelSpec.of(model)
     short, long = Batches.of([(4, 32)]), Batches.of([(2, 64)])  # same tokens, longer sequences
     assert short.tokens == long.tokens
-    assert block_forward_flops(spec, long, 0) - block_forward_flops(spec, short, 0) == 4 * (long.token_pairs - short.token_pairs) * spec.attention_width
+    assert (
+        block_forward_flops(spec, long, 0) - block_forward_flops(spec, short, 0)
+        == 4 * (long.token_pairs - short.token_pairs) * spec.attention_width
+    )
 
 
 def test_a_layouts_numbers_are_those_of_its_adapter_tensors(model):
@@ -159,7 +167,11 @@ def test_quantized_block_weights_shrink_the_memory_estimate_by_their_bytes(model
 def test_qlora_refuses_strategies_that_touch_the_base_weights(model, strategy):
     """Checked once the strategy exists, on the GPU (on a CPU the missing GPU is the first line)."""
     config = load_config(QUICKSTART, ["model.quantize=4bit", f"strategy.name={strategy}"])
-    with contextlib.nullcontext() if strategy == "legend" else pytest.raises(LegendError, match=rf"model.quantize '4bit' keeps the base weights frozen .* and {strategy} "):
+    with (
+        contextlib.nullcontext()
+        if strategy == "legend"
+        else pytest.raises(LegendError, match=rf"model.quantize '4bit' keeps the base weights frozen .* and {strategy} ")
+    ):
         check_layout(config, strategy_class(strategy)(config, model.info), model.info.num_blocks)
 
 
@@ -184,10 +196,21 @@ def test_jetson_mix_80_binds_clients_seeded_and_links_fluctuate_per_round():
 
 
 def test_user_profiles_and_lists_make_a_fleet_and_availability_thins_rounds():
-    cfg = DevicesConfig.model_validate({
-        "fleet": [{"profile": "my-phone", "count": 30}, {"profile": "laptop-cpu", "count": 10}],
-        "profiles": {"my-phone": {"peak_flops": 1e11, "efficiency": 0.3, "memory_gb": 2, "uplink_mbps": 5, "downlink_mbps": 20, "availability": 0.5}},
-    })
+    cfg = DevicesConfig.model_validate(
+        {
+            "fleet": [{"profile": "my-phone", "count": 30}, {"profile": "laptop-cpu", "count": 10}],
+            "profiles": {
+                "my-phone": {
+                    "peak_flops": 1e11,
+                    "efficiency": 0.3,
+                    "memory_gb": 2,
+                    "uplink_mbps": 5,
+                    "downlink_mbps": 20,
+                    "availability": 0.5,
+                }
+            },
+        }
+    )
     fleet = build_fleet(cfg, num_clients=40, seed=0)
     assert [d.kind for d in fleet.devices].count("my-phone") == 30 and fleet.devices[0].profile.flops == pytest.approx(3e10)
     shares = [len(fleet.available(r, seed=0)) / 40 for r in range(1, 200)]
@@ -223,10 +246,18 @@ def test_a_plan_too_big_for_the_device_is_one_error_line(tmp_path):
     overrides += ["devices.profiles.tiny={peak_flops=1e11, efficiency=1.0, memory_gb=0.1, uplink_mbps=10, downlink_mbps=10}"]
     config_file = tmp_path / "c.toml"
     config_file.write_text("")
-    result = subprocess.run([sys.executable, "-m", "legend", "run", str(config_file), *overrides, "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "legend", "run", str(config_file), *overrides, "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: client") and "(tiny) cannot train this plan" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        result.stderr.strip().startswith("error: client")
+        and "(tiny) cannot train this plan" in result.stderr
+        and len(result.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_devices_command_prints_the_fleet():
@@ -252,7 +283,9 @@ def test_each_device_is_charged_the_compute_of_its_own_layout_in_a_real_run(tmp_
     from legend.engine.client import batch_shapes, client_batches, derived_seed
     from legend.engine.simulation import build_experiment
 
-    overrides = tiny_overrides(**{"strategy.name": strategy, "fl.clients_per_round": 4, "train.local_steps": 4, "devices.fleet": '"jetson-mix-80"'})
+    overrides = tiny_overrides(
+        **{"strategy.name": strategy, "fl.clients_per_round": 4, "train.local_steps": 4, "devices.fleet": '"jetson-mix-80"'}
+    )
     config = load_config(QUICKSTART, overrides)
     run_experiment(config, tmp_path)
     exp = build_experiment(config)
@@ -262,12 +295,18 @@ def test_each_device_is_charged_the_compute_of_its_own_layout_in_a_real_run(tmp_
         for device in row["devices"]:
             client = device["client"]
             layout = AdapterLayout("lora", tuple(device["rank_by_block"]))
-            work = Batches.of(batch_shapes(exp.train, client_batches(exp.train, exp.partitions[client], config.train,
-                                                                     derived_seed(config.seed, row["round"], client))))
+            work = Batches.of(
+                batch_shapes(
+                    exp.train,
+                    client_batches(exp.train, exp.partitions[client], config.train, derived_seed(config.seed, row["round"], client)),
+                )
+            )
             flops_per_s = exp.fleet.device_of(client).profile.flops
             expected = training_flops(exp.spec, layout, work, applied_ranks(layout, global_layout)) / flops_per_s
             assert device["compute_s"] == pytest.approx(expected, abs=5.1e-5), (row["round"], client)  # the row keeps 4 decimals
             charged, own = charged + 1, own + (layout != global_layout)
-            mutant += abs(training_flops(exp.spec, global_layout, work, global_layout.rank_by_block) / flops_per_s - device["compute_s"]) > 1e-3
+            mutant += (
+                abs(training_flops(exp.spec, global_layout, work, global_layout.rank_by_block) / flops_per_s - device["compute_s"]) > 1e-3
+            )
     assert charged == 8 and mutant == own  # every device below the global layout would be charged wrongly by the mutant
     assert (own > 0) == (strategy in ("legend", "hetlora", "flexlora"))

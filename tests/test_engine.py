@@ -43,8 +43,19 @@ def test_run_writes_metrics_summary_and_counts_bytes(tmp_path, strategy):
     assert all(row["peak_memory_mb"] > model_mb for row in rows)  # this process's peak holds at least the model's weights
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["peak_memory_mb"] == max(row["peak_memory_mb"] for row in rows)
-    for key in ("strategy", "initial_accuracy", "initial_loss", "final_accuracy", "best_accuracy", "rounds",
-                "bytes_up", "bytes_down", "wall_s", "time_to_target_s", "bytes_to_target"):
+    for key in (
+        "strategy",
+        "initial_accuracy",
+        "initial_loss",
+        "final_accuracy",
+        "best_accuracy",
+        "rounds",
+        "bytes_up",
+        "bytes_down",
+        "wall_s",
+        "time_to_target_s",
+        "bytes_to_target",
+    ):
         assert key in saved
     assert saved["strategy"] == strategy and saved["rounds"] == 2
     exp = build_experiment(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": strategy})))
@@ -115,7 +126,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(tmp_path):
 
 def test_resume_refuses_another_config(tmp_path):
     run_tiny(tmp_path, **{"fl.rounds": 1})
-    result = CliRunner().invoke(app, ["run", str(QUICKSTART), *tiny_overrides(**{"train.local_steps": 3}), "--out", str(tmp_path), "--resume"])
+    result = CliRunner().invoke(
+        app, ["run", str(QUICKSTART), *tiny_overrides(**{"train.local_steps": 3}), "--out", str(tmp_path), "--resume"]
+    )
     assert result.exit_code == 2
     assert "was run with a different config (train.local_steps)" in result.stderr
 

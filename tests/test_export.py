@@ -72,8 +72,15 @@ def tiny_config(strategy, **extra):
 
 def fresh_logits(folders, texts):
     """Each export's logits and its text-classification pipeline's first labels (merged exports), from one fresh process."""
-    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, *map(str, folders)], input=json.dumps(texts), capture_output=True, text=True, check=False,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, *map(str, folders)],
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     return [(np.asarray(results[str(f)]["logits"]), results[str(f)]["pipeline_labels"]) for f in folders]
@@ -106,8 +113,16 @@ def exported(tmp_path_factory):
         assert texts in (None, case_texts)  # every case scores the same test rows
         texts = case_texts
         merged = export(run, folder / "merged", merge=True, client=client)
-        cases[strategy] = SimpleNamespace(run=run, out=folder, summary=summary, client=client, ours=ours, labels=labels, merged=merged,
-                                          adapter=export(run, folder / "adapter", client=client) if adapter else None)
+        cases[strategy] = SimpleNamespace(
+            run=run,
+            out=folder,
+            summary=summary,
+            client=client,
+            ours=ours,
+            labels=labels,
+            merged=merged,
+            adapter=export(run, folder / "adapter", client=client) if adapter else None,
+        )
     folders = [f for case in cases.values() for f in (case.merged, case.adapter) if f is not None]
     loaded = dict(zip(folders, fresh_logits(folders, texts), strict=True))
     return cases, texts, loaded
@@ -188,7 +203,10 @@ def test_bad_input_is_one_line_exit_code_2_and_nothing_overwritten(fedit_run, tm
     (taken / "mine.txt").write_text("keep me")
     cases = {
         "not a run": (["export", str(tmp_path / "not-a-run"), "--out", str(tmp_path / "x")], "is not a run folder (no checkpoint.pt)"),
-        "no checkpoint": (["export", str(tmp_path / "no-checkpoint"), "--out", str(tmp_path / "x")], "has the metrics of a run but no checkpoint.pt"),
+        "no checkpoint": (
+            ["export", str(tmp_path / "no-checkpoint"), "--out", str(tmp_path / "x")],
+            "has the metrics of a run but no checkpoint.pt",
+        ),
         "missing folder": (["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "is not a folder"),
         "--client on a global model": (["export", str(run), "--out", str(tmp_path / "x"), "--client", "1"], "trains one global model"),
         "out not empty": (["export", str(run), "--out", str(taken)], "exists and is not empty"),
@@ -209,8 +227,10 @@ def test_a_personalised_run_needs_a_client_that_trained(tmp_path):
     run_experiment(tiny_config("fedsa", **{"fl.num_clients": 8}), run)  # 2 rounds of 2 clients: at least 4 never train
     trained_clients = {c for row in read_checkpoint(run, "test")["metrics"] for c in row["clients"]}
     never = next(c for c in range(8) if c not in trained_clients)
-    for args, message in ((["--out", str(tmp_path / "x")], "pass --client N, one of"),
-                          (["--out", str(tmp_path / "x"), "--client", str(never)], f"--client {never}: that client has no model of its own")):
+    for args, message in (
+        (["--out", str(tmp_path / "x")], "pass --client N, one of"),
+        (["--out", str(tmp_path / "x"), "--client", str(never)], f"--client {never}: that client has no model of its own"),
+    ):
         result = CliRunner().invoke(app, ["export", str(run), *args])
         assert result.exit_code == 2 and message in result.stderr, result.output
     assert not (tmp_path / "x").exists()

@@ -64,11 +64,14 @@ class Corrupting(InProcess):
         return updates
 
 
-@pytest.mark.parametrize("corrupt, reason", [
-    (lambda w: {k: torch.full_like(t, float("nan")) for k, t in w.items()}, "NaN or Inf"),
-    (lambda w: {k: t[..., :1] if t.dim() == 2 else t for k, t in w.items()}, "wrong shape"),
-    (lambda w: {k: t * 1e6 for k, t in w.items()}, "exceeds fl.max_update_norm"),
-])
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (lambda w: {k: torch.full_like(t, float("nan")) for k, t in w.items()}, "NaN or Inf"),
+        (lambda w: {k: t[..., :1] if t.dim() == 2 else t for k, t in w.items()}, "wrong shape"),
+        (lambda w: {k: t * 1e6 for k, t in w.items()}, "exceeds fl.max_update_norm"),
+    ],
+)
 def test_a_corrupt_update_is_rejected_and_the_global_model_stays_finite(tmp_path, corrupt, reason):
     config = load_config(QUICKSTART, tiny_overrides(**FOUR_PER_ROUND, **{"fl.max_update_norm": 100.0}))
     summary, rows, state = run(tmp_path, Corrupting(config.faults, corrupt), **{"fl.max_update_norm": 100.0})
@@ -115,7 +118,10 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(tmp_path):
     run_experiment(load_config(QUICKSTART, tiny_overrides(**{"fl.rounds": 1})), tmp_path)
     data = (tmp_path / CHECKPOINT).read_bytes()
     (tmp_path / CHECKPOINT).write_bytes(data[: len(data) // 2])
-    result = subprocess.run([sys.executable, "-m", "legend", "run", str(QUICKSTART), *tiny_overrides(**{"fl.rounds": 1}), "--out", str(tmp_path), "--resume"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "legend", "run", str(QUICKSTART), *tiny_overrides(**{"fl.rounds": 1}), "--out", str(tmp_path), "--resume"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "is unreadable" in result.stderr and "delete it to start over" in result.stderr

@@ -92,8 +92,10 @@ def test_legend_with_federa_init_keeps_the_function_and_each_block_holds_its_own
     """LEGEND's global layout (ranks rising toward the output, none below its depth) under lora.init=federa: the model computes
     the base model's logits, and every adapted layer of block l holds B = U_r diag(sqrt(S_r / s)), A = diag(sqrt(S_r / s)) V_r^T and
     W_res = W - s B A, with that block's own rank r_l and scaling s_l (the SVD of the pre-trained W, in float64)."""
-    config = load_config(ROOT / "configs" / "quickstart.toml", tiny_overrides(**{"strategy.name": "legend", "lora.init": '"federa"',
-                                                                                "legend.scaling": f'"{scaling}"'}))
+    config = load_config(
+        ROOT / "configs" / "quickstart.toml",
+        tiny_overrides(**{"strategy.name": "legend", "lora.init": '"federa"', "legend.scaling": f'"{scaling}"'}),
+    )
     model, _, legend = build_model(config, ("0", "1"))
     base = SharedModel.build("minilm-l6", num_labels=2, seed=config.seed)  # the same head, drawn from the same seed; no adapters
     batch = sentences(base)

@@ -32,4 +32,3 @@ def test_fedprox_with_mu_zero_is_fedit(tmp_path):
     assert {k: fedprox[k] for k in same} == {k: fedit[k] for k in same}
     first, second = (torch.load(tmp_path / run / CHECKPOINT, weights_only=True) for run in ("fedit", "fedprox"))
     assert_same(first["global_state"], second["global_state"])
-

@@ -24,9 +24,22 @@ QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
 # MiniLM-L6's sizes (tests/test_devices.py reads them from the real model)
 H, FFN = 384, 1536
-SPEC = ModelSpec(num_blocks=6, hidden=H, heads=12, ffn=FFN, attention_width=H, block_linear_params=4 * H * H + 2 * H * FFN,
-                 input_projection_params=3 * H * H, lora_features=2 * (H + H), outside_linear_params=H * H + 2 * H, output_features=2,
-                 frozen_output=False, total_params=22_713_986, head_params=2 * H + 2, bias_params=0)
+SPEC = ModelSpec(
+    num_blocks=6,
+    hidden=H,
+    heads=12,
+    ffn=FFN,
+    attention_width=H,
+    block_linear_params=4 * H * H + 2 * H * FFN,
+    input_projection_params=3 * H * H,
+    lora_features=2 * (H + H),
+    outside_linear_params=H * H + 2 * H,
+    output_features=2,
+    frozen_output=False,
+    total_params=22_713_986,
+    head_params=2 * H + 2,
+    bias_params=0,
+)
 MINILM = ModelInfo("bert", 6, H, ("query", "value"), "bert.encoder.layer")
 WORK = Batches.uniform(5, 16, 32)
 
@@ -37,7 +50,9 @@ def fedra(*overrides, info=MINILM):
 
 def view(flops, memory_gb=8.0):
     """Devices that differ in compute (FLOP/s each) on links so fast that compute alone sets their round times."""
-    capacity = {c: Capacity(f"d{c}", f, 1e15, 1e15, memory_gb[c] if isinstance(memory_gb, list) else memory_gb) for c, f in enumerate(flops)}
+    capacity = {
+        c: Capacity(f"d{c}", f, 1e15, 1e15, memory_gb[c] if isinstance(memory_gb, list) else memory_gb) for c, f in enumerate(flops)
+    }
     return DeviceView(SPEC, capacity, {c: WORK for c in capacity}, wire_dtype="float32")
 
 
@@ -53,8 +68,18 @@ def test_each_layer_is_averaged_over_exactly_the_devices_that_held_it():
     state["classifier.weight"] = torch.randn(2, 6, generator=gen)
     held = {0: (0, 1), 1: (0,), 2: (1,)}  # M: nobody holds layer 2
     samples = {0: 10, 1: 30, 2: 20}
-    updates = [Update(c, {k: torch.randn(v.shape, generator=gen) for k, v in state.items() if k.startswith("classifier") or int(k.split(".")[1]) in blocks},
-                      samples[c]) for c, blocks in held.items()]
+    updates = [
+        Update(
+            c,
+            {
+                k: torch.randn(v.shape, generator=gen)
+                for k, v in state.items()
+                if k.startswith("classifier") or int(k.split(".")[1]) in blocks
+            },
+            samples[c],
+        )
+        for c, blocks in held.items()
+    ]
     new = strategy.aggregate(1, state, updates)
     sent = {u.client: u.weights for u in updates}
     for factor in ("A", "B"):
@@ -113,7 +138,9 @@ def model():
     shared = SharedModel.build("minilm-l6", num_labels=2, seed=0)
     shared.add_adapters(AdapterLayout.uniform_lora(6, 8), lora_alpha=16, lora_dropout=0.0, seed=0)
     gen = torch.Generator().manual_seed(1)
-    shared.load({key: 0.05 * torch.randn(p.shape, generator=gen) for key, p in shared.params.items() if ".lora_B." in key})  # adapters that act
+    shared.load(
+        {key: 0.05 * torch.randn(p.shape, generator=gen) for key, p in shared.params.items() if ".lora_B." in key}
+    )  # adapters that act
     return shared
 
 
@@ -197,8 +224,11 @@ def test_fedra_through_flower_with_secure_sums_gives_the_embedded_run(tmp_path, 
     config = load_config(QUICKSTART, tiny_overrides(**three, **{"flower.secure_aggregation": "true"}))
     exp = build_experiment(config)
     nodes = {1000 + c: {"client-id": c, "device": exp.fleet.device_of(c).kind, "state-dir": str(tmp_path)} for c in range(3)}
-    runtime = FlowerRuntime(NodesInThisProcess(nodes, {"experiment": json.dumps(config.model_dump(mode="json"))}), config.flower,
-                            Context(1, 0, {}, RecordDict(), {}))
+    runtime = FlowerRuntime(
+        NodesInThisProcess(nodes, {"experiment": json.dumps(config.model_dump(mode="json"))}),
+        config.flower,
+        Context(1, 0, {}, RecordDict(), {}),
+    )
     runtime.connect(exp)
     secure = run_experiment(config, tmp_path / "secure", experiment=exp, runtime=runtime)
     embedded = run_experiment(load_config(QUICKSTART, tiny_overrides(**three, **{"fl.min_coverage": 2})), tmp_path / "embedded")
@@ -225,8 +255,11 @@ def test_a_decoder_skips_a_block_too(tiny_decoder):
     def ran(module, args):
         seen["ran"] = True
 
-    handles = [blocks[0].register_forward_hook(wrote), blocks[2].register_forward_pre_hook(reads, with_kwargs=True),
-               blocks[1].register_forward_pre_hook(ran)]
+    handles = [
+        blocks[0].register_forward_hook(wrote),
+        blocks[2].register_forward_pre_hook(reads, with_kwargs=True),
+        blocks[1].register_forward_pre_hook(ran),
+    ]
     ids = torch.randint(1000, 2000, (2, 12))
     try:
         with decoder.skipping((1,)):
@@ -240,8 +273,15 @@ def test_a_decoder_skips_a_block_too(tiny_decoder):
 
 
 def test_fedra_instruction_tunes_a_decoder(tiny_decoder, tmp_path):
-    overrides = tiny_overrides(**{"model.name": f'"{tiny_decoder}"', "data.format": '"instruct"', "data.train_size": 200, "data.test_size": 32,
-                                  "strategy.name": "fedra"})
+    overrides = tiny_overrides(
+        **{
+            "model.name": f'"{tiny_decoder}"',
+            "data.format": '"instruct"',
+            "data.train_size": 200,
+            "data.test_size": 32,
+            "strategy.name": "fedra",
+        }
+    )
     summary = run_experiment(load_config(QUICKSTART, overrides), tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert summary["rounds"] == 2 and summary["final_loss"] != summary["initial_loss"]

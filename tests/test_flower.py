@@ -37,8 +37,12 @@ THREE_NODES = {"strategy.name": "legend", "data.train_size": 300, "fl.num_client
 
 
 def deploy(out, *extra_args, how="local", **extra):
-    return subprocess.Popen([str(LEGEND), "deploy", how, str(QUICKSTART), *tiny_overrides(**{**THREE_NODES, **extra}), "--out", str(out), *extra_args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [str(LEGEND), "deploy", how, str(QUICKSTART), *tiny_overrides(**{**THREE_NODES, **extra}), "--out", str(out), *extra_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def deployment_processes(out):
@@ -58,8 +62,7 @@ def supernode_of(out, client):
 
 def rows_without_wall_time(out):
     """Every field but this machine's seconds (the round's, and those spent in forward and backward passes)."""
-    return [{k: v for k, v in json.loads(line).items() if k not in MEASURED}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items() if k not in MEASURED} for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,9 @@ def test_messages_carry_jobs_and_updates_unchanged():
     job = decode_job(encode_job(Job(7, plan, 123456789)))
     assert (job.round_number, job.seed, job.plan.client, job.plan.layout, job.plan.lr) == (7, 123456789, 3, layout, 0.003)
     assert all(torch.equal(job.plan.weights[k], plan.weights[k]) for k in plan.weights)
-    update = Update(3, {"a": torch.randn(2, 5)}, 41, {"train_loss": 0.5, "steps": 2}, kept={"b": torch.randn(4)}, kept_start={"b": torch.zeros(4)})
+    update = Update(
+        3, {"a": torch.randn(2, 5)}, 41, {"train_loss": 0.5, "steps": 2}, kept={"b": torch.randn(4)}, kept_start={"b": torch.zeros(4)}
+    )
     back = decode_update(encode_update(update))
     assert (back.client, back.num_samples, back.metrics) == (3, 41, update.metrics) and torch.equal(back.weights["a"], update.weights["a"])
     assert torch.equal(back.kept["b"], update.kept["b"]) and torch.equal(back.kept_start["b"], update.kept_start["b"])
@@ -127,7 +132,9 @@ def test_secure_aggregation_gives_the_embedded_summary(tmp_path):
     through the same messages in test_secure_aggregation.py, in one process (a deployment here costs 1-2 minutes).
     The embedded run applies the coverage guard that secure aggregation applies (fl.min_coverage=2)."""
     run = deploy(tmp_path / "secure", **{"flower.secure_aggregation": "true", "fl.min_clients": 2})  # THREE_NODES: LEGEND
-    run_experiment(load_config(QUICKSTART, tiny_overrides(**THREE_NODES, **{"fl.min_coverage": 2, "fl.min_clients": 2})), tmp_path / "guarded")
+    run_experiment(
+        load_config(QUICKSTART, tiny_overrides(**THREE_NODES, **{"fl.min_coverage": 2, "fl.min_clients": 2})), tmp_path / "guarded"
+    )
     output, _ = run.communicate(timeout=540)
     assert run.returncode == 0, output
     secure, plain = (json.loads((folder / "summary.json").read_text()) for folder in (tmp_path / "secure", tmp_path / "guarded"))
@@ -152,7 +159,9 @@ def test_flowers_simulation_runtime_gives_the_embedded_result(tmp_path, embedded
 def test_a_supernode_killed_during_a_round_is_lost_and_the_run_finishes(tmp_path):
     """On the measured clock, as on real machines."""
     out = tmp_path / "run"
-    run = deploy(out, **{"flower.round_timeout_s": 60, "flower.clock": "measured"})  # the live nodes answer well within it, even on a busy machine
+    run = deploy(
+        out, **{"flower.round_timeout_s": 60, "flower.clock": "measured"}
+    )  # the live nodes answer well within it, even on a busy machine
     node_log = out / "flower" / "supernode-1.log"
     deadline = time.monotonic() + 300
     while not (node_log.is_file() and "Receiving: train message" in node_log.read_text()) and time.monotonic() < deadline:

@@ -20,9 +20,17 @@ def curve(accuracies, seconds=10.0, megabytes=100, validation=True):
     rows = []
     for k, acc in enumerate(accuracies):
         test = None if acc is None else (round(acc - 0.2, 6) if validation else acc)
-        rows.append(RoundRecord(k, accuracy=test, loss=None if acc is None else 0.5, val_accuracy=acc if validation else None,
-                                bytes_up=0 if k == 0 else megabytes * 600_000, bytes_down=0 if k == 0 else megabytes * 400_000,
-                                virtual_time_s=seconds * k).row())
+        rows.append(
+            RoundRecord(
+                k,
+                accuracy=test,
+                loss=None if acc is None else 0.5,
+                val_accuracy=acc if validation else None,
+                bytes_up=0 if k == 0 else megabytes * 600_000,
+                bytes_down=0 if k == 0 else megabytes * 400_000,
+                virtual_time_s=seconds * k,
+            ).row()
+        )
     return rows
 
 
@@ -85,24 +93,33 @@ def write_comparison(out, runs):
 def test_report_gives_held_time_to_target_first_crossing_beside_it_and_quality_under_the_fastest_ones_budget(tmp_path):
     """fedit ends first (30 s and 36 s, 300 MB each seed); hetlora is slower per round but sends fewer bytes, and spikes
     above the target on seed 0 at round 1 (15 s) before it falls back."""
-    write_comparison(tmp_path, {
-        "fedit": [curve([0.5, 0.6, 0.7, 0.8]), curve([0.5, 0.6, 0.7, 0.9], seconds=12.0)],
-        "hetlora": [curve([0.5, 0.82, None, 0.75, 0.95], 15.0, 50), curve([0.5, 0.7, 0.72, 0.8, 0.85], 15.0, 50)],
-    })
+    write_comparison(
+        tmp_path,
+        {
+            "fedit": [curve([0.5, 0.6, 0.7, 0.8]), curve([0.5, 0.6, 0.7, 0.9], seconds=12.0)],
+            "hetlora": [curve([0.5, 0.82, None, 0.75, 0.95], 15.0, 50), curve([0.5, 0.7, 0.72, 0.8, 0.85], 15.0, 50)],
+        },
+    )
     result = CliRunner().invoke(app, ["report", str(tmp_path), "--target", str(TARGET)])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "report.md").read_text()
-    assert ("| strategy | test accuracy, final | best test (selected on test) | validation, final | validation, best | "
-            "virtual time to target (held) | MB to target (held) | reached (held) | virtual time to target, first crossing | "
-            "peak device memory GB (estimate) | rounds | wall min |") in text
+    assert (
+        "| strategy | test accuracy, final | best test (selected on test) | validation, final | validation, best | "
+        "virtual time to target (held) | MB to target (held) | reached (held) | virtual time to target, first crossing | "
+        "peak device memory GB (estimate) | rounds | wall min |"
+    ) in text
     # held: fedit on its last evaluation (30 s, 36 s); hetlora at round 4 on seed 0 (60 s), 3 on seed 1 (45 s); first crossing 15 s, 45 s
-    assert ("| fedit | 0.650 ± 0.071 | 0.650 ± 0.071 | 0.850 ± 0.071 | 0.850 ± 0.071 | "
-            "33.0 s (30.0-36.0) | 300.0 | 2/2 | 33.0 s (30.0-36.0) |") in text
-    assert ("| hetlora | 0.700 ± 0.071 | 0.700 ± 0.071 | 0.900 ± 0.071 | 0.900 ± 0.071 | "
-            "52.5 s (45.0-60.0) | 175.0 | 2/2 | 30.0 s (15.0-45.0) |") in text
+    assert (
+        "| fedit | 0.650 ± 0.071 | 0.650 ± 0.071 | 0.850 ± 0.071 | 0.850 ± 0.071 | 33.0 s (30.0-36.0) | 300.0 | 2/2 | 33.0 s (30.0-36.0) |"
+    ) in text
+    assert (
+        "| hetlora | 0.700 ± 0.071 | 0.700 ± 0.071 | 0.900 ± 0.071 | 0.900 ± 0.071 | "
+        "52.5 s (45.0-60.0) | 175.0 | 2/2 | 30.0 s (15.0-45.0) |"
+    ) in text
     budget = text.split("## Quality under budget\n\n")[1].split("\n\n")[0].splitlines()
-    assert budget[0] == ("| strategy | validation accuracy within fedit's virtual time (33.0 s) | "
-                         "validation accuracy within fedit's bytes (300.0 MB) |")
+    assert budget[0] == (
+        "| strategy | validation accuracy within fedit's virtual time (33.0 s) | validation accuracy within fedit's bytes (300.0 MB) |"
+    )
     assert budget[2] == "| fedit | 0.850 ± 0.071 | 0.850 ± 0.071 |"  # its own final evaluations
     assert budget[3] == "| hetlora | 0.770 ± 0.071 | 0.900 ± 0.071 |"  # 30 s: 0.82 (round 2 not evaluated), 36 s: 0.72; all bytes fit
     relative = text.split("## Relative to each other\n\n")[1].split("\n\n")[1].splitlines()

@@ -28,7 +28,9 @@ def test_a_slow_device_gets_a_small_rank_even_when_sampled_alone():
     """Against the whole fleet's estimates, not the round's sample: a lone slow device is still slow."""
     fleet = view([2000e9, 1000e9, 300e9, 10e9])
     assert ranks_by_capacity(fleet, [3], r_min=2, r_max=8) == {3: 2}
-    assert ranks_by_capacity(fleet, [2, 3], r_min=2, r_max=8) == {c: r for c, r in ranks_by_capacity(fleet, [0, 1, 2, 3], r_min=2, r_max=8).items() if c in (2, 3)}
+    assert ranks_by_capacity(fleet, [2, 3], r_min=2, r_max=8) == {
+        c: r for c, r in ranks_by_capacity(fleet, [0, 1, 2, 3], r_min=2, r_max=8).items() if c in (2, 3)
+    }
 
 
 def test_tail_norm_is_the_product_of_the_tail_norms():
@@ -62,14 +64,18 @@ def test_flexlora_gives_each_device_the_leading_components_of_the_aggregate():
     a, b = "layers.0.m.lora_A.default.weight", "layers.0.m.lora_B.default.weight"
     gen = torch.Generator().manual_seed(1)
     state = {a: torch.zeros(4, 6), b: torch.zeros(6, 4), "head": torch.zeros(2)}
-    updates = [Update(0, {a: torch.randn(4, 6, generator=gen), b: torch.randn(6, 4, generator=gen), "head": torch.ones(2)}, 30),
-               Update(1, {a: torch.randn(2, 6, generator=gen), b: torch.randn(6, 2, generator=gen), "head": torch.zeros(2)}, 10)]
+    updates = [
+        Update(0, {a: torch.randn(4, 6, generator=gen), b: torch.randn(6, 4, generator=gen), "head": torch.ones(2)}, 30),
+        Update(1, {a: torch.randn(2, 6, generator=gen), b: torch.randn(6, 2, generator=gen), "head": torch.zeros(2)}, 10),
+    ]
     new = flexlora.aggregate(1, state, updates)
     s = 8.0 / 4
     delta = s * (0.75 * updates[0].weights[b] @ updates[0].weights[a] + 0.25 * updates[1].weights[b] @ updates[1].weights[a])
     u, sv, vh = torch.linalg.svd(delta)
     for rank in (2, 4):  # a device of this rank gets the leading components: the best rank-r approximation
-        torch.testing.assert_close(s * new[b][:, :rank] @ new[a][:rank], u[:, :rank] @ torch.diag(sv[:rank]) @ vh[:rank], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            s * new[b][:, :rank] @ new[a][:rank], u[:, :rank] @ torch.diag(sv[:rank]) @ vh[:rank], atol=1e-5, rtol=1e-5
+        )
     torch.testing.assert_close(new["head"], torch.full((2,), 0.75))
 
 

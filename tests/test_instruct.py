@@ -52,8 +52,9 @@ def test_the_chat_template_is_applied_and_the_plain_one_is_documented(tiny_decod
     exp = build_experiment(instruct_config(tiny_decoder))
     tokenizer, split = exp.model.tokenizer, exp.test
     prompt = tokenizer.decode(split.input_ids[0][: split.prompt_lengths[0]])
-    sentence = exp.objective.prompt.format(text=datasets.load_dataset("csv", data_files=str(DATA / "sst2" / "test.tsv"), delimiter="\t",
-                                                                      split="train")[0]["sentence"])
+    sentence = exp.objective.prompt.format(
+        text=datasets.load_dataset("csv", data_files=str(DATA / "sst2" / "test.tsv"), delimiter="\t", split="train")[0]["sentence"]
+    )
     assert prompt == tokenizer.apply_chat_template([{"role": "user", "content": sentence}], add_generation_prompt=True, tokenize=False)
     assert render(tokenizer, [{"role": "user", "content": "Say hi."}], chat=False) == "Say hi.\nAnswer:"
     plain = encode_conversations([[{"role": "user", "content": "Say hi."}]], ["hi"], tokenizer, 64, chat=False)
@@ -78,7 +79,9 @@ def test_exact_match_ignores_case_punctuation_articles_and_spacing():
 def test_cached_and_uncached_response_logits_agree_under_causal_attention(tiny_decoder):
     """LEGEND leaves block 0 of 3 without LoRA: from the cached (float32) states, computed per example alone as training
     does, the loss and the answer scores of a padded batch equal the full forward pass."""
-    exp = build_experiment(instruct_config(tiny_decoder, **{"strategy.name": "legend", "engine.cache_dtype": "float32", "train.local_steps": 40}))
+    exp = build_experiment(
+        instruct_config(tiny_decoder, **{"strategy.name": "legend", "engine.cache_dtype": "float32", "train.local_steps": 40})
+    )
     assert exp.prefix is not None and exp.prefix.boundary == 1 and exp.prefix.trains
     exp.model.load({k: torch.randn_like(v) * 0.1 for k, v in exp.strategy.initial_state(exp.model).items()})  # non-zero adapters
     exp.model.module.eval()
@@ -118,17 +121,42 @@ def sst2_as_instructions(tmp_path_factory):
     """SST-2 sentences as Alpaca rows (train) and chat messages (test): open instruction data with checkable answers."""
     folder = tmp_path_factory.mktemp("instructions")
     words = ["negative", "positive"]
-    read = {split: datasets.load_dataset("csv", data_files=str(DATA / "sst2" / f"{split}.tsv"), delimiter="\t", split="train") for split in ("train", "test")}
-    jsonl(folder / "train.jsonl", [{"instruction": "Is this review positive or negative?", "input": r["sentence"], "output": words[r["label"]]}
-                                   for r in read["train"].select(range(200))])
-    jsonl(folder / "test.jsonl", [{"messages": [{"role": "user", "content": f"Is this review positive or negative?\n\n{r['sentence']}"},
-                                                {"role": "assistant", "content": words[r["label"]]}]} for r in read["test"].select(range(8))])
+    read = {
+        split: datasets.load_dataset("csv", data_files=str(DATA / "sst2" / f"{split}.tsv"), delimiter="\t", split="train")
+        for split in ("train", "test")
+    }
+    jsonl(
+        folder / "train.jsonl",
+        [
+            {"instruction": "Is this review positive or negative?", "input": r["sentence"], "output": words[r["label"]]}
+            for r in read["train"].select(range(200))
+        ],
+    )
+    jsonl(
+        folder / "test.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"Is this review positive or negative?\n\n{r['sentence']}"},
+                    {"role": "assistant", "content": words[r["label"]]},
+                ]
+            }
+            for r in read["test"].select(range(8))
+        ],
+    )
     return folder
 
 
 def test_open_instruction_data_is_scored_by_generated_answers(tiny_decoder, sst2_as_instructions, tmp_path):
-    overrides = {"data.task": "instructions", "data.path": f'"{sst2_as_instructions}"', "data.partition": "iid", "data.test_size": 0,
-                 "eval.max_new_tokens": 3, "strategy.name": "fedit", "fl.rounds": 1}
+    overrides = {
+        "data.task": "instructions",
+        "data.path": f'"{sst2_as_instructions}"',
+        "data.partition": "iid",
+        "data.test_size": 0,
+        "eval.max_new_tokens": 3,
+        "strategy.name": "fedit",
+        "fl.rounds": 1,
+    }
     config = instruct_config(tiny_decoder, **overrides)
     exp = build_experiment(config)
     assert exp.test.classes is None and exp.test.references[0] in ("negative", "positive")
@@ -139,16 +167,30 @@ def test_open_instruction_data_is_scored_by_generated_answers(tiny_decoder, sst2
     assert matches == int(normalise_answer(generated[0]) == normalise_answer(exp.test.references[0]))
     summary = run_experiment(config, tmp_path / "run")
     assert summary["final_accuracy"] is not None and summary["final_loss"] > 0
-    refused = CliRunner().invoke(app, ["run", str(QUICKSTART), *tiny_instruct_overrides(tiny_decoder, **{**overrides, "data.partition": "dirichlet"}),
-                                       "--out", str(tmp_path / "refused")])
+    refused = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(QUICKSTART),
+            *tiny_instruct_overrides(tiny_decoder, **{**overrides, "data.partition": "dirichlet"}),
+            "--out",
+            str(tmp_path / "refused"),
+        ],
+    )
     assert refused.exit_code == 2 and "data.partition='iid'" in refused.stderr
 
 
 def test_exact_match_scores_an_answer_equal_to_its_reference_1_and_any_other_0(tiny_decoder, sst2_as_instructions):
     """The scorer against references set from the model's own greedy answers: the answer itself, or written as the
     normalisation forgives (another case, an article, punctuation, spacing), counts 1; the answer with a word more counts 0."""
-    overrides = {"data.task": "instructions", "data.path": f'"{sst2_as_instructions}"', "data.partition": "iid", "data.test_size": 0,
-                 "eval.max_new_tokens": 3, "strategy.name": "fedit"}
+    overrides = {
+        "data.task": "instructions",
+        "data.path": f'"{sst2_as_instructions}"',
+        "data.partition": "iid",
+        "data.test_size": 0,
+        "eval.max_new_tokens": 3,
+        "strategy.name": "fedit",
+    }
     exp = build_experiment(instruct_config(tiny_decoder, **overrides))
     module, split, rows = exp.model.module.eval(), exp.test, np.arange(4)
     answers = exp.objective.generate(module, [split.input_ids[i][: split.prompt_lengths[i]] for i in rows], split.pad_token_id)
@@ -158,18 +200,23 @@ def test_exact_match_scores_an_answer_equal_to_its_reference_1_and_any_other_0(t
     with torch.no_grad():
         mixed = ((forgiven[:2] + one_word_more[2:], 2), (one_word_more[:3] + forgiven[3:], 1))
         for references, expected in ((answers, 4), (forgiven, 4), (one_word_more, 0), *mixed):
-            known = dataclasses.replace(split, references=references + split.references[len(rows):])
+            known = dataclasses.replace(split, references=references + split.references[len(rows) :])
             assert exp.objective.exact_matches(module, known, rows) == expected  # the same batch of prompts: the same answers
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"data.label_words": '["positive review", "positive"]'}, "start with the same token"),
-    ({"data.label_words": '["positive"]'}, "one word per class"),
-    ({"data.prompt": '"Review: {sentence}"'}, "data.prompt must hold {text}"),
-    ({"strategy.name": "bitfit"}, "has no biases"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data.label_words": '["positive review", "positive"]'}, "start with the same token"),
+        ({"data.label_words": '["positive"]'}, "one word per class"),
+        ({"data.prompt": '"Review: {sentence}"'}, "data.prompt must hold {text}"),
+        ({"strategy.name": "bitfit"}, "has no biases"),
+    ],
+)
 def test_bad_instruct_settings_get_one_line_and_exit_2(tiny_decoder, overrides, message, tmp_path):
-    result = CliRunner().invoke(app, ["run", str(QUICKSTART), *tiny_instruct_overrides(tiny_decoder, **overrides), "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app, ["run", str(QUICKSTART), *tiny_instruct_overrides(tiny_decoder, **overrides), "--out", str(tmp_path / "run")]
+    )
     assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
@@ -211,8 +258,15 @@ def test_a_causal_lm_run_exports_an_adapter_and_a_merged_model_that_transformers
     with torch.no_grad():
         ours = exp.model.module(input_ids=torch.tensor(ids)).logits[:, -1].numpy()
     fresh = [sys.executable, "-c", FRESH_PROCESS, str(folder), str(merged)]
-    done = subprocess.run(fresh, input=json.dumps(ids), capture_output=True, text=True, check=False,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}, timeout=300)
+    done = subprocess.run(
+        fresh,
+        input=json.dumps(ids),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert np.abs(np.asarray(loaded[str(folder)]) - ours).max() <= 1e-4

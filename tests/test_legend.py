@@ -18,14 +18,37 @@ from legend.errors import LegendError
 from legend.lora.layout import cut_to_layout
 from legend.models.shared import SharedModel
 from legend.strategies.aggregate import masked_average
-from legend.strategies.legend import Legend, Worth, configure_depth, configure_joint, device_layout, estimate_layout, greedy_path, rank_distribution
+from legend.strategies.legend import (
+    Legend,
+    Worth,
+    configure_depth,
+    configure_joint,
+    device_layout,
+    estimate_layout,
+    greedy_path,
+    rank_distribution,
+)
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
 # MiniLM-L6's sizes (tests/test_devices.py reads them from the real model)
 H, FFN = 384, 1536
-SPEC = ModelSpec(num_blocks=6, hidden=H, heads=12, ffn=FFN, attention_width=H, block_linear_params=4 * H * H + 2 * H * FFN, input_projection_params=3 * H * H,
-                 lora_features=2 * (H + H), outside_linear_params=H * H + 2 * H, output_features=2, frozen_output=False, total_params=22_713_986, head_params=2 * H + 2, bias_params=0)
+SPEC = ModelSpec(
+    num_blocks=6,
+    hidden=H,
+    heads=12,
+    ffn=FFN,
+    attention_width=H,
+    block_linear_params=4 * H * H + 2 * H * FFN,
+    input_projection_params=3 * H * H,
+    lora_features=2 * (H + H),
+    outside_linear_params=H * H + 2 * H,
+    output_features=2,
+    frozen_output=False,
+    total_params=22_713_986,
+    head_params=2 * H + 2,
+    bias_params=0,
+)
 GLOBAL = (2, 5, 8, 10, 13, 16)  # legend.ranks = "linear" from 2 to 16
 
 
@@ -103,8 +126,12 @@ def test_aggregate_masks_by_depth_and_keeps_untrained_blocks():
 def test_a_shallow_device_receives_every_global_adapter_and_its_region_cut_to_its_cap():
     info = ModelInfo("bert", 2, 4, ("m",), "layers")
     legend = Legend(load_config(None, ["legend.r_min=2", "legend.r_max=4"]), info)
-    state = {"layers.0.m.lora_A.default.weight": torch.randn(2, 4), "layers.1.m.lora_A.default.weight": torch.randn(4, 4),
-             "layers.1.m.lora_B.default.weight": torch.randn(4, 4), "head": torch.randn(2)}
+    state = {
+        "layers.0.m.lora_A.default.weight": torch.randn(2, 4),
+        "layers.1.m.lora_A.default.weight": torch.randn(4, 4),
+        "layers.1.m.lora_B.default.weight": torch.randn(4, 4),
+        "head": torch.randn(2),
+    }
     sent = cut_to_layout(state, device_layout(legend.global_ranks, 1, 3), info.block_of)  # what LEGEND's plan sends
     assert sent.keys() == state.keys() and torch.equal(sent["layers.0.m.lora_A.default.weight"], state["layers.0.m.lora_A.default.weight"])
     assert torch.equal(sent["layers.1.m.lora_A.default.weight"], state["layers.1.m.lora_A.default.weight"][:3])
@@ -112,7 +139,18 @@ def test_a_shallow_device_receives_every_global_adapter_and_its_region_cut_to_it
 
 
 def test_legend_run_sends_every_global_adapter_down_and_only_its_region_up(tmp_path):
-    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "legend.ranks": "linear", "legend.max_depth": 6, "fl.clients_per_round": 4, "devices.fleet": "jetson-mix-80"}))
+    config = load_config(
+        QUICKSTART,
+        tiny_overrides(
+            **{
+                "strategy.name": "legend",
+                "legend.ranks": "linear",
+                "legend.max_depth": 6,
+                "fl.clients_per_round": 4,
+                "devices.fleet": "jetson-mix-80",
+            }
+        ),
+    )
     summary = run_experiment(config, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     head, per_rank = 2 * H + 2, 2 * (H + H)  # query and value: A (r x 384) and B (384 x r) per rank
@@ -131,8 +169,12 @@ def test_legend_run_sends_every_global_adapter_down_and_only_its_region_up(tmp_p
 
 def test_plan_command_gives_faster_devices_deeper_adapters_and_a_tighter_round_than_fedit():
     def plan(strategy):
-        overrides = tiny_overrides(**{"strategy.name": strategy, "fl.num_clients": 80, "fl.clients_per_round": 80, "data.min_partition_size": 2})
-        result = subprocess.run([sys.executable, "-m", "legend", "plan", str(QUICKSTART), *overrides, "--json"], capture_output=True, text=True, check=True)
+        overrides = tiny_overrides(
+            **{"strategy.name": strategy, "fl.num_clients": 80, "fl.clients_per_round": 80, "data.min_partition_size": 2}
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "legend", "plan", str(QUICKSTART), *overrides, "--json"], capture_output=True, text=True, check=True
+        )
         return json.loads(result.stdout)
 
     legend, fedit = plan("legend"), plan("fedit")
@@ -141,7 +183,9 @@ def test_plan_command_gives_faster_devices_deeper_adapters_and_a_tighter_round_t
     for row in legend["clients"]:
         by_class.setdefault(row["device"], []).append(row["depth"])
     mean_depth = {kind: sum(d) / len(d) for kind, d in by_class.items()}
-    assert mean_depth["jetson-nano"] < mean_depth["jetson-tx2"] <= mean_depth["jetson-agx-orin"] == 4  # the global depth: top two thirds of 6
+    assert (
+        mean_depth["jetson-nano"] < mean_depth["jetson-tx2"] <= mean_depth["jetson-agx-orin"] == 4
+    )  # the global depth: top two thirds of 6
     assert legend["round_time"]["max_s"] < fedit["round_time"]["max_s"]
     assert all(row["depth"] == 6 for row in fedit["clients"])
 
@@ -269,8 +313,12 @@ def test_rank_by_block_sets_the_global_ranks_and_a_wrong_length_is_one_clear_err
 
 
 def test_legend_run_with_the_joint_planner_trains_per_device_depths_and_ranks(tmp_path):
-    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "legend.planner": "joint", "fl.clients_per_round": 4,
-                                                       "devices.fleet": "jetson-mix-80"}))
+    config = load_config(
+        QUICKSTART,
+        tiny_overrides(
+            **{"strategy.name": "legend", "legend.planner": "joint", "fl.clients_per_round": 4, "devices.fleet": "jetson-mix-80"}
+        ),
+    )
     summary = run_experiment(config, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     layouts = [tuple(d["rank_by_block"]) for row in rows[1:] for d in row["devices"]]
@@ -288,16 +336,34 @@ def test_region_download_sends_only_the_region_and_zeroes_the_adapters_below_it(
     state["head"] = torch.randn(2)
     layout = device_layout(legend.global_ranks, 1, 4)  # the top block only
     plan = legend.client_plan(0, layout, state, 1e-3)
-    assert plan.weights.keys() == state.keys() and set(plan.wire) == {"layers.2.m.lora_A.default.weight", "layers.2.m.lora_B.default.weight", "head"}
+    assert plan.weights.keys() == state.keys() and set(plan.wire) == {
+        "layers.2.m.lora_A.default.weight",
+        "layers.2.m.lora_B.default.weight",
+        "head",
+    }
     assert all(torch.count_nonzero(plan.weights[k]) == 0 for k in keys[:4])  # blocks 0 and 1: zero adapters, not applied
-    assert torch.equal(plan.wire["head"], state["head"]) and torch.equal(plan.weights["layers.2.m.lora_A.default.weight"], state["layers.2.m.lora_A.default.weight"])
-    everything = Legend(load_config(None, ["legend.r_min=2", "legend.r_max=4", "legend.max_depth=3"]), info).client_plan(0, layout, state, 1e-3)
+    assert torch.equal(plan.wire["head"], state["head"]) and torch.equal(
+        plan.weights["layers.2.m.lora_A.default.weight"], state["layers.2.m.lora_A.default.weight"]
+    )
+    everything = Legend(load_config(None, ["legend.r_min=2", "legend.r_max=4", "legend.max_depth=3"]), info).client_plan(
+        0, layout, state, 1e-3
+    )
     assert everything.wire is None and torch.equal(everything.weights[keys[0]], state[keys[0]])
 
 
 def test_region_download_counts_only_the_region_down_in_a_real_run(tmp_path):
-    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "legend.planner": "joint", "legend.download": "region",
-                                                       "fl.clients_per_round": 4, "devices.fleet": "jetson-mix-80"}))
+    config = load_config(
+        QUICKSTART,
+        tiny_overrides(
+            **{
+                "strategy.name": "legend",
+                "legend.planner": "joint",
+                "legend.download": "region",
+                "fl.clients_per_round": 4,
+                "devices.fleet": "jetson-mix-80",
+            }
+        ),
+    )
     run_experiment(config, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     head, per_rank = 2 * H + 2, 2 * (H + H)

@@ -43,14 +43,26 @@ def test_a_group_of_one_is_exactly_one_by_one(tmp_path, monkeypatch):
     """The stacked pass with a single client computes what sequential training does, bit for bit: what differs
     with four is only float rounding (other matrix shapes, padding to the group's longest row)."""
     together = runtime.local_training_together
-    monkeypatch.setattr(runtime, "local_training_together", lambda exp, jobs, owns: [u for j, o in zip(jobs, owns, strict=True) for u in together(exp, [j], [o])])
+    monkeypatch.setattr(
+        runtime,
+        "local_training_together",
+        lambda exp, jobs, owns: [u for j, o in zip(jobs, owns, strict=True) for u in together(exp, [j], [o])],
+    )
     overrides = tiny_overrides(**{"strategy.name": "legend", "fl.clients_per_round": 4, "devices.activation_cache": "true"})
     assert largest_difference(run(tmp_path / "one", 1, overrides)[1], run(tmp_path / "four", 4, overrides)[1]) == 0.0
 
 
 def test_clients_that_crash_or_flip_labels_train_alone_and_the_run_is_unchanged(tmp_path):
-    overrides = tiny_overrides(**{"strategy.name": "fedit", "fl.num_clients": 6, "fl.clients_per_round": 6, "faults.crash": 0.2,
-                                  "faults.malicious": 0.5, "faults.attack": '"label_flip"'})
+    overrides = tiny_overrides(
+        **{
+            "strategy.name": "fedit",
+            "fl.num_clients": 6,
+            "fl.clients_per_round": 6,
+            "faults.crash": 0.2,
+            "faults.malicious": 0.5,
+            "faults.attack": '"label_flip"',
+        }
+    )
     (alone, first), (together, second) = run(tmp_path / "one", 1, overrides), run(tmp_path / "four", 4, overrides)
     assert alone["lost_updates"] > 0 and alone["malicious_updates"] > 0  # the draws do hit some devices
     assert (together["lost_updates"], together["malicious_updates"]) == (alone["lost_updates"], alone["malicious_updates"])

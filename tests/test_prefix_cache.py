@@ -32,8 +32,16 @@ def relative_l2(a, b):
 def test_the_blocks_above_the_boundary_see_what_the_prefix_computes(model_name, boundary):
     """LEGEND's global layout leaves the lowest third without LoRA; from the cached (float32) states the logits
     of a padded batch equal the full forward pass (encoder and decoder)."""
-    overrides = tiny_overrides(**{"strategy.name": "legend", "model.name": model_name, "lora.r": 4, "data.train_size": 100,
-                                  "data.test_size": 8, "engine.cache_dtype": "float32"})
+    overrides = tiny_overrides(
+        **{
+            "strategy.name": "legend",
+            "model.name": model_name,
+            "lora.r": 4,
+            "data.train_size": 100,
+            "data.test_size": 8,
+            "engine.cache_dtype": "float32",
+        }
+    )
     exp = build_experiment(load_config(QUICKSTART, overrides))
     assert exp.prefix is not None and exp.prefix.boundary == boundary
     exp.model.load({k: torch.randn_like(v) * 0.1 for k, v in exp.strategy.initial_state(exp.model).items()})  # non-zero adapters
@@ -72,7 +80,9 @@ def test_a_device_tier_before_host_memory_leaves_the_result_bit_identical(tmp_pa
     roomy, _ = trained_adapter(tmp_path, "roomy")
     config = load_config(QUICKSTART, tiny_overrides(**LEGEND_ONE_ROUND))
     exp = build_experiment(config)
-    exp.prefix = PrefixCache(exp.model, exp.prefix.boundary, 0.05, config.engine.cache_dtype, str(tmp_path), trains=True, device_limit_mb=0.03)
+    exp.prefix = PrefixCache(
+        exp.model, exp.prefix.boundary, 0.05, config.engine.cache_dtype, str(tmp_path), trains=True, device_limit_mb=0.03
+    )
     run_experiment(config, tmp_path / "tiered", experiment=exp)
     tiered = torch.load(tmp_path / "tiered" / CHECKPOINT, weights_only=True)["global_state"]
     assert all(torch.equal(roomy[k], tiered[k]) for k in roomy)

@@ -17,7 +17,9 @@ from legend.errors import LegendError
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
 
-@pytest.mark.parametrize("rate, noise, rounds, delta", [(0.2, 1.0, 30, 1e-5), (0.05, 0.8, 100, 1e-5), (1.0, 2.0, 10, 1e-6), (0.4, 0.3, 5, 1e-5)])
+@pytest.mark.parametrize(
+    "rate, noise, rounds, delta", [(0.2, 1.0, 30, 1e-5), (0.05, 0.8, 100, 1e-5), (1.0, 2.0, 10, 1e-6), (0.4, 0.3, 5, 1e-5)]
+)
 def test_epsilon_matches_dp_accounting(rate, noise, rounds, delta):
     reference = dp_accounting.rdp.RdpAccountant(orders=list(ORDERS))
     reference.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)), rounds)
@@ -32,7 +34,9 @@ def test_clipping_scales_the_change_not_the_start_and_weighs_every_update_equall
     start = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
     update = Update(4, {"a": torch.ones(3) + torch.tensor([3.0, 0, 0]), "b": torch.full((2, 2), 2.0)}, 57)  # change norm 5
     clipped = clip_update(update, start, clip_norm=1.0)
-    assert torch.allclose(clipped.weights["a"], torch.tensor([1.6, 1.0, 1.0])) and torch.allclose(clipped.weights["b"], torch.full((2, 2), 0.4))
+    assert torch.allclose(clipped.weights["a"], torch.tensor([1.6, 1.0, 1.0])) and torch.allclose(
+        clipped.weights["b"], torch.full((2, 2), 0.4)
+    )
     assert clipped.num_samples == 1 and clipped.metrics["clip_scale"] == pytest.approx(0.2)
     assert clip_update(update, start, clip_norm=10.0).weights["b"].equal(update.weights["b"])  # within the norm: unchanged
 

@@ -12,10 +12,20 @@ from legend.core import Update
 from legend.engine.validation import rejection
 from legend.errors import LegendError
 
-SECTIONS = {name: list(field.annotation.model_fields) for name, field in Config.model_fields.items() if hasattr(field.annotation, "model_fields")}
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=12), st.sampled_from(["minilm-l6", "legend", "fedit", "sst2", "dirichlet", "float16", "jetson-mix-80", ""]))
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6)
+SECTIONS = {
+    name: list(field.annotation.model_fields) for name, field in Config.model_fields.items() if hasattr(field.annotation, "model_fields")
+}
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["minilm-l6", "legend", "fedit", "sst2", "dirichlet", "float16", "jetson-mix-80", ""]),
+)
+VALUES = st.recursive(
+    SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6
+)
 KEY = st.one_of(st.sampled_from([k for keys in SECTIONS.values() for k in keys]), st.text(max_size=10))
 SECTION = st.dictionaries(KEY, VALUES, max_size=4)
 RAW = st.dictionaries(st.one_of(st.sampled_from([*SECTIONS, "seed"]), st.text(max_size=8)), st.one_of(SECTION, VALUES), max_size=5)
@@ -38,9 +48,15 @@ def test_random_configs_load_or_fail_with_one_line(raw):
 
 
 @FAST
-@given(st.lists(st.tuples(st.one_of(st.sampled_from([f"{s}.{k}" for s, keys in SECTIONS.items() for k in keys]), st.text(max_size=12)),
-                          st.one_of(st.text(max_size=12), st.sampled_from(["5", "0.1", "true", "[1, 2]", '"x"', "{a = 1}", "-3", "nan", "inf"]))),
-                max_size=4))
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.sampled_from([f"{s}.{k}" for s, keys in SECTIONS.items() for k in keys]), st.text(max_size=12)),
+            st.one_of(st.text(max_size=12), st.sampled_from(["5", "0.1", "true", "[1, 2]", '"x"', "{a = 1}", "-3", "nan", "inf"])),
+        ),
+        max_size=4,
+    )
+)
 def test_random_overrides_load_or_fail_with_one_line(pairs):
     accepted_or_one_line(lambda: load_config(None, [f"{key}={value}" for key, value in pairs]))
 

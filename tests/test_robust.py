@@ -27,7 +27,9 @@ def by_definition(values: list[float], rule: str, trim: float) -> float:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 9), st.sampled_from(["median", "trimmed_mean"]), st.sampled_from([0.0, 0.1, 0.2, 0.25, 0.4]), st.integers(0, 2**31 - 1))
+@given(
+    st.integers(1, 9), st.sampled_from(["median", "trimmed_mean"]), st.sampled_from([0.0, 0.1, 0.2, 0.25, 0.4]), st.integers(0, 2**31 - 1)
+)
 def test_each_coordinate_is_the_rule_over_the_tensors_that_cover_it(clients, rule, trim, seed):
     generator = torch.Generator().manual_seed(seed)
     current = torch.randn(5, 4, generator=generator)
@@ -50,10 +52,13 @@ def test_a_scaled_update_moves_the_mean_but_not_the_robust_rules():
         assert abs(robust_average(torch.zeros(3), poisoned, rule, 0.2)[0].item() - 1.0) < 0.1
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"strategy.name": "flora", "fl.aggregator": "median"}, "does not aggregate by coordinate means"),
-    ({"fl.aggregator": "trimmed_mean", "privacy.clip_norm": 1.0}, "use fl.aggregator='mean' with privacy.clip_norm"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"strategy.name": "flora", "fl.aggregator": "median"}, "does not aggregate by coordinate means"),
+        ({"fl.aggregator": "trimmed_mean", "privacy.clip_norm": 1.0}, "use fl.aggregator='mean' with privacy.clip_norm"),
+    ],
+)
 def test_robust_rules_are_refused_where_they_do_not_apply(overrides, message):
     with pytest.raises(LegendError, match=message):
         build_experiment(load_config(ROOT / "configs" / "quickstart.toml", tiny_overrides(**overrides)))
@@ -65,6 +70,7 @@ A, B, HEAD = "m.lora_A.default.weight", "m.lora_B.default.weight", "classifier.w
 
 def rank_heterogeneous_round(ranks, seed):
     generator = torch.Generator().manual_seed(seed)
+
     def draw(*shape):
         return torch.randn(*shape, generator=generator)
 

@@ -28,8 +28,12 @@ def room(module: str) -> str:
 def runtime_imports(path: Path) -> set[str]:
     """The legend modules a file imports, leaving out those under ``if TYPE_CHECKING:``."""
     tree = ast.parse(path.read_text())
-    skipped = {id(node) for stmt in ast.walk(tree) if isinstance(stmt, ast.If) and ast.unparse(stmt.test) == "TYPE_CHECKING"
-               for node in ast.walk(stmt)}
+    skipped = {
+        id(node)
+        for stmt in ast.walk(tree)
+        if isinstance(stmt, ast.If) and ast.unparse(stmt.test) == "TYPE_CHECKING"
+        for node in ast.walk(stmt)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in skipped:

@@ -72,13 +72,19 @@ def test_the_server_receives_only_masked_vectors_whose_sum_is_the_embedded_aggre
         assert abs(share.mean() - 0.5) < 0.01 and abs(share.std() - 12**-0.5) < 0.01
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"strategy.name": "hetlora"}, "flower.secure_aggregation gives the server only a sum of updates, and hetlora does not aggregate by coordinate means"),
-    ({"fl.aggregator": "median"}, "flower.secure_aggregation hides each update from the server, and fl.aggregator needs it"),
-    ({"fl.max_update_norm": 5}, "flower.secure_aggregation hides each update from the server, and fl.max_update_norm needs it"),
-    ({"privacy.clip_norm": 1}, "flower.secure_aggregation hides each update from the server, and privacy.clip_norm needs it"),
-    ({}, "flower.secure_aggregation runs on a Flower deployment"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"strategy.name": "hetlora"},
+            "flower.secure_aggregation gives the server only a sum of updates, and hetlora does not aggregate by coordinate means",
+        ),
+        ({"fl.aggregator": "median"}, "flower.secure_aggregation hides each update from the server, and fl.aggregator needs it"),
+        ({"fl.max_update_norm": 5}, "flower.secure_aggregation hides each update from the server, and fl.max_update_norm needs it"),
+        ({"privacy.clip_norm": 1}, "flower.secure_aggregation hides each update from the server, and privacy.clip_norm needs it"),
+        ({}, "flower.secure_aggregation runs on a Flower deployment"),
+    ],
+)
 def test_secure_aggregation_refuses_what_needs_each_update_and_the_embedded_engine(tmp_path, overrides, message):
     config = load_config(QUICKSTART, tiny_overrides(**{"flower.secure_aggregation": "true", "fl.min_clients": 2, **overrides}))
     with pytest.raises(LegendError, match=message):
@@ -110,11 +116,14 @@ def test_aggregating_from_sums_is_the_strategys_own_mean():
         assert max((direct[k] - summed[k]).abs().max().item() for k in state) <= 1e-5
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"fl.clients_per_round": 1}, r"fl.clients_per_round \(1\) is below 2, the fewest devices a secure round sums"),
-    ({"fl.clients_per_round": 2, "flower.secure_min_coverage": 3}, r"fl.clients_per_round \(2\) is below 3"),
-    ({"fl.min_clients": 1}, r"fl.min_clients \(1\) would let a secure round aggregate one device's update"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"fl.clients_per_round": 1}, r"fl.clients_per_round \(1\) is below 2, the fewest devices a secure round sums"),
+        ({"fl.clients_per_round": 2, "flower.secure_min_coverage": 3}, r"fl.clients_per_round \(2\) is below 3"),
+        ({"fl.min_clients": 1}, r"fl.min_clients \(1\) would let a secure round aggregate one device's update"),
+    ],
+)
 def test_a_secure_run_is_refused_where_a_round_could_sum_one_device(overrides, message):
     with pytest.raises(LegendError, match=message):
         load_config(QUICKSTART, tiny_overrides(**{"flower.secure_aggregation": "true", "fl.min_clients": 2, **overrides}))
@@ -193,11 +202,21 @@ def test_the_coverage_guard_keeps_one_devices_rank_rows_out_of_the_secure_sum_an
     exp = build_experiment(config)
     grid, runtime = in_process_runtime(config, exp, tmp_path, range(3))
     states, checkpoint = [], tmp_path / "secure" / "checkpoint.pt"
-    summary = run_experiment(config, tmp_path / "secure", experiment=exp, runtime=runtime,
-                             on_round=lambda row: states.append(torch.load(checkpoint, weights_only=True)["global_state"]))
+    summary = run_experiment(
+        config,
+        tmp_path / "secure",
+        experiment=exp,
+        runtime=runtime,
+        on_round=lambda row: states.append(torch.load(checkpoint, weights_only=True)["global_state"]),
+    )
     rows = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[1]["withheld"][0] == {"client": 2, "planned_rank_by_block": [0, 0, 8, 10, 10, 10], "planned_head": True,
-                                      "rank_by_block": [0, 0, 0, 8, 8, 8], "head": True}
+    assert rows[1]["withheld"][0] == {
+        "client": 2,
+        "planned_rank_by_block": [0, 0, 8, 10, 10, 10],
+        "planned_head": True,
+        "rank_by_block": [0, 0, 0, 8, 8, 8],
+        "head": True,
+    }
     for row, before, after in zip(rows[1:], states, states[1:]):
         assert row["lost"] == [] and len(grid.received) > 0
         regions = private_regions(row, exp.model.info.block_of, before)

@@ -29,7 +29,9 @@ HEAD = 2 * H + 2  # classifier weight and bias
 A = B = R * H  # one LoRA factor: A is r x in, B is out x r
 LORA = MODULES * (A + B)
 DENSE = MODULES * H * H  # the base weights W of the adapted layers
-BIASES = H + 6 * (3 * H + H + H + 4 * H + H + H) + H  # embeddings LayerNorm; per block q, k, v, attention out, LayerNorm, FFN in (4H), FFN out, LayerNorm; pooler
+BIASES = (
+    H + 6 * (3 * H + H + H + 4 * H + H + H) + H
+)  # embeddings LayerNorm; per block q, k, v, attention out, LayerNorm, FFN in (4H), FFN out, LayerNorm; pooler
 BOTTLENECK = 6 * (H * 16 + 16 + 16 * H + H)  # per block down (H -> 16) and up (16 -> H) with biases; adapter.size 16
 ALL = 22_713_986  # every parameter of MiniLM-L6 with its 2-label head
 
@@ -57,8 +59,16 @@ WIRE = {
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "tiny_summaries.json").read_text())
 
 
-ADDED_SINCE = {"malicious_updates", "final_val_accuracy", "best_val_accuracy", "target_split", "final_perplexity",
-               "round_to_target_held", "time_to_target_held_s", "bytes_to_target_held"}  # summary keys of features added after the golden summaries were written
+ADDED_SINCE = {
+    "malicious_updates",
+    "final_val_accuracy",
+    "best_val_accuracy",
+    "target_split",
+    "final_perplexity",
+    "round_to_target_held",
+    "time_to_target_held_s",
+    "bytes_to_target_held",
+}  # summary keys of features added after the golden summaries were written
 
 
 def assert_matches_golden(summary, golden):
@@ -102,7 +112,9 @@ def test_every_strategy_has_its_wire_format_here():
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_strategy_sends_its_wire_format_and_resumes(tmp_path, name):
-    whole = run_tiny(tmp_path / "whole", on_round=keep_checkpoint_of_round_1(tmp_path / "whole", tmp_path / "resumed"), **{"strategy.name": name})
+    whole = run_tiny(
+        tmp_path / "whole", on_round=keep_checkpoint_of_round_1(tmp_path / "whole", tmp_path / "resumed"), **{"strategy.name": name}
+    )
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     if name in GOLDEN:  # every strategy that existed before the refactor gives the summary it gave then
         assert_matches_golden(whole, GOLDEN[name])
@@ -150,8 +162,10 @@ def test_fedsa_sends_only_a_and_scores_with_the_mean_of_the_devices_b():
     # round 2: client 1 again, from its own B; client 2 for the first time: the mean holds every client's latest B
     b[1], b[2] = trained(1, b[1], 21).weights, trained(2, initial_b, 22).weights
     plans = fedsa.plan(2, [1, 2], state, NO_DEVICES)
-    updates = [Update(1, trained(1, plans[1].weights, 1).weights, 30, kept=b[1], kept_start=updates[1].kept),
-               Update(2, trained(2, plans[2].weights, 2).weights, 20, kept=b[2], kept_start=initial_b)]
+    updates = [
+        Update(1, trained(1, plans[1].weights, 1).weights, 30, kept=b[1], kept_start=updates[1].kept),
+        Update(2, trained(2, plans[2].weights, 2).weights, 20, kept=b[2], kept_start=initial_b),
+    ]
     state = fedsa.aggregate(2, state, updates)
     torch.testing.assert_close(state[MODULE_B], (10 * b[0][MODULE_B] + 30 * b[1][MODULE_B] + 20 * b[2][MODULE_B]) / 60)
 
@@ -180,8 +194,10 @@ def test_flora_sends_pending_stacks_until_dense_w_is_smaller():
 
 
 def test_learning_rate_warms_up_linearly_then_follows_the_schedule():
-    fedit = STRATEGIES["fedit"](load_config(None, ["fl.rounds=10", "train.lr=0.01", "train.lr_schedule=cosine", "train.lr_min_ratio=0.1",
-                                                   "train.warmup_rounds=3"]), INFO)
+    fedit = STRATEGIES["fedit"](
+        load_config(None, ["fl.rounds=10", "train.lr=0.01", "train.lr_schedule=cosine", "train.lr_min_ratio=0.1", "train.warmup_rounds=3"]),
+        INFO,
+    )
     rates = [fedit.lr(r) for r in range(1, 11)]
     assert rates[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])  # round r <= 3: lr * r / 4, then the full rate
     assert rates[-1] == pytest.approx(0.001)  # the cosine runs over rounds 4-10 and ends at lr_min_ratio * lr

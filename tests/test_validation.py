@@ -20,13 +20,16 @@ def update(**weights) -> Update:
     return Update(client=0, weights={"a": torch.ones(2, 3), "head": torch.ones(2), **weights}, num_samples=10)
 
 
-@pytest.mark.parametrize("weights, reason", [
-    ({"a": torch.tensor([[1.0, float("nan"), 0], [0, 0, 0]])}, "NaN or Inf in a"),
-    ({"head": torch.tensor([float("inf"), 0.0])}, "NaN or Inf in head"),
-    ({"a": torch.ones(3, 2)}, "wrong shape for a: got (3, 2), expected (2, 3)"),
-    ({"a": torch.ones(2, 3, dtype=torch.float64)}, "wrong dtype for a"),
-    ({"extra": torch.ones(1)}, "wrong keys: missing [], unexpected ['extra']"),
-])
+@pytest.mark.parametrize(
+    "weights, reason",
+    [
+        ({"a": torch.tensor([[1.0, float("nan"), 0], [0, 0, 0]])}, "NaN or Inf in a"),
+        ({"head": torch.tensor([float("inf"), 0.0])}, "NaN or Inf in head"),
+        ({"a": torch.ones(3, 2)}, "wrong shape for a: got (3, 2), expected (2, 3)"),
+        ({"a": torch.ones(2, 3, dtype=torch.float64)}, "wrong dtype for a"),
+        ({"extra": torch.ones(1)}, "wrong keys: missing [], unexpected ['extra']"),
+    ],
+)
 def test_each_corruption_is_rejected_with_its_reason(weights, reason):
     assert reason in rejection(update(**weights), EXPECTED, START, max_norm=0.0)
 
@@ -35,11 +38,14 @@ def test_a_missing_tensor_is_rejected():
     assert "missing ['head']" in rejection(Update(0, {"a": torch.ones(2, 3)}, 10), EXPECTED, START, 0.0)
 
 
-@pytest.mark.parametrize("kept, reason", [
-    ({"b": torch.tensor([[float("nan")], [0.0]])}, "NaN or Inf in b"),
-    ({"b": torch.ones(1, 2)}, "wrong shape for b: got (1, 2), expected (2, 1)"),
-    ({}, "wrong keys: missing ['b']"),
-])
+@pytest.mark.parametrize(
+    "kept, reason",
+    [
+        ({"b": torch.tensor([[float("nan")], [0.0]])}, "NaN or Inf in b"),
+        ({"b": torch.ones(1, 2)}, "wrong shape for b: got (1, 2), expected (2, 1)"),
+        ({}, "wrong keys: missing ['b']"),
+    ],
+)
 def test_the_tensors_a_device_keeps_are_checked_too(kept, reason):
     """FedSA-LoRA's B is stored by the embedded runtime and scored by the server: a corrupt one would spoil every later score."""
     expected_kept = {"b": ((2, 1), torch.float32)}

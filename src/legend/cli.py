@@ -17,7 +17,9 @@ from legend.errors import LegendError
 from legend.quiet import quiet_libraries
 from legend.report.compare import DEFAULT_STRATEGIES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of language models with adapters on heterogeneous devices.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated fine-tuning of language models with adapters on heterogeneous devices."
+)
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in pipes and logs
 errors = Console(stderr=True)
 
@@ -60,10 +62,19 @@ def run(
     quiet_libraries()
     from legend.engine.simulation import run_experiment
 
-    console.print(f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} with {cfg.model.name}: "
-                  f"{cfg.fl.rounds} rounds, {cfg.fl.clients_per_round} of {cfg.fl.num_clients} clients per round -> {out}")
-    with Progress(TextColumn("round"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), console=console, transient=not console.is_terminal) as progress:
+    console.print(
+        f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} with {cfg.model.name}: "
+        f"{cfg.fl.rounds} rounds, {cfg.fl.clients_per_round} of {cfg.fl.num_clients} clients per round -> {out}"
+    )
+    with Progress(
+        TextColumn("round"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=not console.is_terminal,
+    ) as progress:
         bar = progress.add_task("", total=cfg.fl.rounds)
 
         def on_round(row):
@@ -96,11 +107,31 @@ def compare(
     cfg = load_config(config, overrides or [])
     quiet_libraries()
     names, seed_list = _names(strategies), _seeds(seeds, cfg.seed)
-    command = " ".join(["legend", "compare", str(config), *(overrides or []), "--out", str(out), "--strategies", ",".join(names),
-                        *(["--seeds", seeds] if seeds else []), *(["--tuned", str(tuned)] if tuned else [])])
-    report = run_comparison(cfg, out, names, seed_list, command, on_run=_started,
-                            on_round=lambda row: row["accuracy"] is None or console.print(f"  round {row['round']:>4}  accuracy {row['accuracy']:.4f}"),
-                            tuned=read_tuned(tuned) if tuned else None, jobs=jobs)
+    command = " ".join(
+        [
+            "legend",
+            "compare",
+            str(config),
+            *(overrides or []),
+            "--out",
+            str(out),
+            "--strategies",
+            ",".join(names),
+            *(["--seeds", seeds] if seeds else []),
+            *(["--tuned", str(tuned)] if tuned else []),
+        ]
+    )
+    report = run_comparison(
+        cfg,
+        out,
+        names,
+        seed_list,
+        command,
+        on_run=_started,
+        on_round=lambda row: row["accuracy"] is None or console.print(f"  round {row['round']:>4}  accuracy {row['accuracy']:.4f}"),
+        tuned=read_tuned(tuned) if tuned else None,
+        jobs=jobs,
+    )
     console.print(f"report: {report} (and {report.with_suffix('.html')})")
 
 
@@ -126,8 +157,9 @@ def tune(
     overrides: list[str] = OVERRIDES,
     out: Path = typer.Option(Path("runs/tune"), "--out", help="folder for the runs (OUT/runs/) and OUT/tuned.json"),
     strategies: str = typer.Option(",".join(DEFAULT_STRATEGIES), "--strategies", help="comma-separated strategies to tune"),
-    grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,...: values to try (repeat for more keys; every combination is run)",
-                                   show_default=False),
+    grid: list[str] = typer.Option(
+        ..., "--grid", help="key=v1,v2,...: values to try (repeat for more keys; every combination is run)", show_default=False
+    ),
     seeds: str = typer.Option("", "--seeds", help="comma-separated seeds, each setting's score is their mean (default: the config's seed)"),
     jobs: int = JOBS,
     debug: bool = DEBUG,
@@ -140,8 +172,20 @@ def tune(
     cfg = load_config(config, overrides or [])
     quiet_libraries()
     names, seed_list = _names(strategies), _seeds(seeds, cfg.seed)
-    command = " ".join(["legend", "tune", str(config), *(overrides or []), "--out", str(out), "--strategies", ",".join(names),
-                        *(f"--grid {item}" for item in grid), *(["--seeds", seeds] if seeds else [])])
+    command = " ".join(
+        [
+            "legend",
+            "tune",
+            str(config),
+            *(overrides or []),
+            "--out",
+            str(out),
+            "--strategies",
+            ",".join(names),
+            *(f"--grid {item}" for item in grid),
+            *(["--seeds", seeds] if seeds else []),
+        ]
+    )
     result = run_tuning(cfg, out, names, parse_grid(grid), seed_list, command, on_run=_started, jobs=jobs)
     table = Table(title=f"chosen on {result['selected_on']}")
     for column in ("strategy", "settings", "validation accuracy", "tried"):
@@ -171,7 +215,9 @@ def _settings_table(result: dict, target: float) -> Table:
 @user_errors
 def report(
     out: Path = typer.Argument(..., help="the --out folder of a `legend compare` run", show_default=False),
-    target: float = typer.Option(None, "--target", help="measure time and bytes to this accuracy (default: the config's eval.target_accuracy)"),
+    target: float = typer.Option(
+        None, "--target", help="measure time and bytes to this accuracy (default: the config's eval.target_accuracy)"
+    ),
     debug: bool = DEBUG,
 ):
     """Rebuild the report of a comparison from the metrics of its finished runs."""
@@ -197,9 +243,14 @@ def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = 
     parts = partition_indices(train, cfg.fl.num_clients, cfg.data, cfg.seed)
     import numpy as np
 
-    labels = np.asarray(column(train, "label")) if task.label_names else np.zeros(len(train), dtype=np.int64)  # open instructions: counts only
-    table = Table(title=f"{cfg.data.task}: {len(train)} training examples over {cfg.fl.num_clients} clients ({cfg.data.partition}"
-                  + (f", alpha {cfg.data.alpha}" if cfg.data.partition == "dirichlet" else "") + ")")
+    labels = (
+        np.asarray(column(train, "label")) if task.label_names else np.zeros(len(train), dtype=np.int64)
+    )  # open instructions: counts only
+    table = Table(
+        title=f"{cfg.data.task}: {len(train)} training examples over {cfg.fl.num_clients} clients ({cfg.data.partition}"
+        + (f", alpha {cfg.data.alpha}" if cfg.data.partition == "dirichlet" else "")
+        + ")"
+    )
     table.add_column("client", justify="right")
     table.add_column("samples", justify="right")
     for name in task.label_names:
@@ -213,8 +264,11 @@ def data(config: Path = CONFIG, overrides: list[str] = OVERRIDES, debug: bool = 
 
 @app.command()
 @user_errors
-def devices(config: Path = typer.Argument(None, help="experiment config (TOML); default: the default fleet", show_default=False),
-            overrides: list[str] = OVERRIDES, debug: bool = DEBUG):
+def devices(
+    config: Path = typer.Argument(None, help="experiment config (TOML); default: the default fleet", show_default=False),
+    overrides: list[str] = OVERRIDES,
+    debug: bool = DEBUG,
+):
     """Show the fleet: each device class with its compute, memory, bandwidth and how many clients it runs."""
     from legend.config import load_config
     from legend.devices.fleet import build_fleet
@@ -223,19 +277,42 @@ def devices(config: Path = typer.Argument(None, help="experiment config (TOML); 
     fleet = build_fleet(cfg.devices, cfg.fl.num_clients, cfg.seed)
     fleet_name = cfg.devices.fleet if isinstance(cfg.devices.fleet, str) else "custom"
     table = Table(title=f"fleet {fleet_name}: {len(fleet.devices)} devices, {cfg.fl.num_clients} clients bound to them")
-    for column in ("class", "devices", "clients", "sustained GFLOP/s", "peak GFLOP/s", "memory GB", "uplink Mbit/s", "downlink Mbit/s", "available",
-                   "storage GB", "storage MB/s"):
+    for column in (
+        "class",
+        "devices",
+        "clients",
+        "sustained GFLOP/s",
+        "peak GFLOP/s",
+        "memory GB",
+        "uplink Mbit/s",
+        "downlink Mbit/s",
+        "available",
+        "storage GB",
+        "storage MB/s",
+    ):
         table.add_column(column, justify="left" if column == "class" else "right")
     for kind in dict.fromkeys(d.kind for d in fleet.devices):
         p = next(d.profile for d in fleet.devices if d.kind == kind)
         spread = lambda median: f"{median:g} ({median * math.exp(-p.bandwidth_sigma):.1f}-{median * math.exp(p.bandwidth_sigma):.1f})"  # noqa: E731
-        table.add_row(kind, str(sum(d.kind == kind for d in fleet.devices)), str(sum(fleet.device_of(c).kind == kind for c in range(cfg.fl.num_clients))),
-                      f"{p.flops / 1e9:.0f}", f"{p.peak_flops / 1e9:.0f}", f"{p.memory_gb:g}", spread(p.uplink_mbps), spread(p.downlink_mbps), f"{p.availability:g}",
-                      f"{p.storage_gb:g}", f"{p.storage_mb_s:g}")
+        table.add_row(
+            kind,
+            str(sum(d.kind == kind for d in fleet.devices)),
+            str(sum(fleet.device_of(c).kind == kind for c in range(cfg.fl.num_clients))),
+            f"{p.flops / 1e9:.0f}",
+            f"{p.peak_flops / 1e9:.0f}",
+            f"{p.memory_gb:g}",
+            spread(p.uplink_mbps),
+            spread(p.downlink_mbps),
+            f"{p.availability:g}",
+            f"{p.storage_gb:g}",
+            f"{p.storage_mb_s:g}",
+        )
     console.print(table)
-    console.print("bandwidth: median (one sigma either side) of the per-round log-normal draw; sustained = peak x efficiency; storage: what a device "
-                  f"may fill with kept activations, and its read rate (devices.activation_cache = {str(cfg.devices.activation_cache).lower()}, default false)",
-                  style="dim")
+    console.print(
+        "bandwidth: median (one sigma either side) of the per-round log-normal draw; sustained = peak x efficiency; storage: what a device "
+        f"may fill with kept activations, and its read rate (devices.activation_cache = {str(cfg.devices.activation_cache).lower()}, default false)",
+        style="dim",
+    )
 
 
 @app.command()
@@ -244,7 +321,9 @@ def calibrate(
     model: str = typer.Option("minilm-l6", "--model", help="model to time (a name as in model.name)"),
     rank: int = typer.Option(8, "--rank", help="LoRA rank of the adapters"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = all cores)"),
-    instruct: bool = typer.Option(False, "--instruct", help="time a decoder as a causal LM trained on instruction responses (data.format=instruct)"),
+    instruct: bool = typer.Option(
+        False, "--instruct", help="time a decoder as a causal LM trained on instruction responses (data.format=instruct)"
+    ),
     device: str = typer.Option("auto", "--device", help="as engine.device: auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N"),
     precision: str = typer.Option("float32", "--precision", help="as engine.precision: float32, bfloat16, float16 or auto"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
@@ -264,11 +343,15 @@ def calibrate(
         return
     for part in ("blocks", "steps"):
         where = f"{result['threads']} threads" if result["device"] == "cpu" else result["device"]
-        table = Table(title=f"{part}: measured vs cost model at {result['flops_per_s'] / 1e9:.1f} GFLOP/s ({where}, {result['precision']}, {model})")
+        table = Table(
+            title=f"{part}: measured vs cost model at {result['flops_per_s'] / 1e9:.1f} GFLOP/s ({where}, {result['precision']}, {model})"
+        )
         for column in ("", "GFLOP", "measured s", "predicted s", "predicted / measured"):
             table.add_column(column, justify="right")
         for row in result[part]:
-            table.add_row(row["name"], f"{row['gflop']:.2f}", f"{row['measured_s']:.4f}", f"{row['predicted_s']:.4f}", f"{row['ratio']:.2f}")
+            table.add_row(
+                row["name"], f"{row['gflop']:.2f}", f"{row['measured_s']:.4f}", f"{row['predicted_s']:.4f}", f"{row['ratio']:.2f}"
+            )
         console.print(table)
     console.print(f"LoRA step order by time {'matches' if result['order_right'] else 'does NOT match'} the cost model's order")
     if save:
@@ -277,8 +360,12 @@ def calibrate(
 
 @app.command()
 @user_errors
-def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
-         as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"), debug: bool = DEBUG):
+def plan(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+    debug: bool = DEBUG,
+):
     """Show the strategy's plan for every client on its device: depth, ranks, estimated time and memory (round 1)."""
     from legend.config import load_config
 
@@ -294,22 +381,43 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
         print(json.dumps({"strategy": cfg.strategy.name, "clients": rows, "round_time": spread}))
         return
     kept = cfg.devices.activation_cache
-    table = Table(title=f"{cfg.strategy.name}: round-1 plan of all {len(rows)} clients (estimates from the capacity model); "
-                        f"devices.activation_cache = {str(kept).lower()} (default false)")
+    table = Table(
+        title=f"{cfg.strategy.name}: round-1 plan of all {len(rows)} clients (estimates from the capacity model); "
+        f"devices.activation_cache = {str(kept).lower()} (default false)"
+    )
     columns = ["client", "device", "depth", "ranks per block", "compute s", "comm s", "round s", "memory GB", "MB down", "MB up"]
     for column in columns + (["kept blocks", "storage MB", "later compute s"] if kept else []):
         table.add_column(column, justify="left" if column in ("device", "ranks per block", "kept blocks") else "right")
     for r in sorted(rows, key=lambda r: (r["round_s"], r["client"])):
-        cells = [str(r["client"]), r["device"], str(r["depth"]), " ".join(map(str, r["rank_by_block"])), f"{r['compute_s']:.2f}",
-                 f"{r['communication_s']:.2f}", f"{r['round_s']:.2f}", f"{r['memory_gb']:.2f}", f"{r['bytes_down'] / 1e6:.2f}", f"{r['bytes_up'] / 1e6:.2f}"]
+        cells = [
+            str(r["client"]),
+            r["device"],
+            str(r["depth"]),
+            " ".join(map(str, r["rank_by_block"])),
+            f"{r['compute_s']:.2f}",
+            f"{r['communication_s']:.2f}",
+            f"{r['round_s']:.2f}",
+            f"{r['memory_gb']:.2f}",
+            f"{r['bytes_down'] / 1e6:.2f}",
+            f"{r['bytes_up'] / 1e6:.2f}",
+        ]
         if kept:
-            cells += [f"0-{r['kept_blocks'] - 1}" if r["kept_blocks"] else "none", f"{r['storage_mb']:.1f}", f"{r.get('later_compute_s', r['compute_s']):.2f}"]
+            cells += [
+                f"0-{r['kept_blocks'] - 1}" if r["kept_blocks"] else "none",
+                f"{r['storage_mb']:.1f}",
+                f"{r.get('later_compute_s', r['compute_s']):.2f}",
+            ]
         table.add_row(*cells)
     console.print(table)
     if kept:
-        console.print("kept blocks: the blocks below the global LoRA region whose output the device keeps (float16) in its storage; later compute s: "
-                      "a round once its examples are stored (they are read at the profile's storage_mb_s instead of computed)", style="dim")
-    console.print(f"estimated round time over the clients: min {spread['min_s']:.2f} s, median {spread['median_s']:.2f} s, max {spread['max_s']:.2f} s")
+        console.print(
+            "kept blocks: the blocks below the global LoRA region whose output the device keeps (float16) in its storage; later compute s: "
+            "a round once its examples are stored (they are read at the profile's storage_mb_s instead of computed)",
+            style="dim",
+        )
+    console.print(
+        f"estimated round time over the clients: min {spread['min_s']:.2f} s, median {spread['median_s']:.2f} s, max {spread['max_s']:.2f} s"
+    )
 
 
 CLIENT = typer.Option(None, "--client", help="a personalised strategy's (fedsa) client whose own model to take", show_default=False)
@@ -318,8 +426,9 @@ CLIENT = typer.Option(None, "--client", help="a personalised strategy's (fedsa) 
 @app.command("export")
 @user_errors
 def export_model(
-    run_dir: Path = typer.Argument(..., help="a run folder: the --out of `legend run` or `legend deploy`, or OUT/runs/<name> of `legend compare`",
-                                   show_default=False),
+    run_dir: Path = typer.Argument(
+        ..., help="a run folder: the --out of `legend run` or `legend deploy`, or OUT/runs/<name> of `legend compare`", show_default=False
+    ),
     out: Path = typer.Option(..., "--out", help="new (or empty) folder for the export", show_default=False),
     merge: bool = typer.Option(False, "--merge", help="a full transformers model with the adapters merged in (default: a PEFT adapter)"),
     client: int = CLIENT,
@@ -336,8 +445,9 @@ def export_model(
 @user_errors
 def predict(
     model_dir: Path = typer.Argument(..., help="an export (`legend export`) or a run folder", show_default=False),
-    texts: list[str] = typer.Argument(None, help="texts to classify or instructions to answer (a sentence pair: the two texts joined by a tab)",
-                                      show_default=False),
+    texts: list[str] = typer.Argument(
+        None, help="texts to classify or instructions to answer (a sentence pair: the two texts joined by a tab)", show_default=False
+    ),
     file: Path = typer.Option(None, "--file", help="every row of a .tsv/.csv (with a header) or .jsonl file, by the model's text columns"),
     as_jsonl: bool = typer.Option(False, "--jsonl", help="print one JSON object per input instead of a table"),
     client: int = CLIENT,
@@ -362,8 +472,11 @@ def predict(
         table.add_column(column, justify="left" if column in ("input", "answer", "label") else "right")
     for result in results:
         shown = " | ".join(result["input"]) if isinstance(result["input"], list) else result["input"]
-        table.add_row(shown[:80], *([result["answer"]] if "answer" in result else []),
-                      *([result["label"], *(f"{p:.4f}" for p in result["probabilities"].values())] if "label" in result else []))
+        table.add_row(
+            shown[:80],
+            *([result["answer"]] if "answer" in result else []),
+            *([result["label"], *(f"{p:.4f}" for p in result["probabilities"].values())] if "label" in result else []),
+        )
     console.print(table)
 
 
@@ -371,7 +484,9 @@ def predict(
 @user_errors
 def evaluate_model(
     model_dir: Path = typer.Argument(..., help="an export (`legend export`) or a run folder", show_default=False),
-    overrides: list[str] = typer.Argument(None, help="data.* or eval.* overrides, e.g. data.path=my/data data.test_split=dev", show_default=False),
+    overrides: list[str] = typer.Argument(
+        None, help="data.* or eval.* overrides, e.g. data.path=my/data data.test_split=dev", show_default=False
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
     client: int = CLIENT,
     debug: bool = DEBUG,
@@ -426,7 +541,9 @@ def deploy_local(
 
 @deploy_app.command("simulation")
 @user_errors
-def deploy_simulation(config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: Path = DEPLOY_OUT, resume: bool = RESUME, debug: bool = DEBUG):
+def deploy_simulation(
+    config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: Path = DEPLOY_OUT, resume: bool = RESUME, debug: bool = DEBUG
+):
     """Run the experiment under Flower's simulation runtime (Ray, from the bench extra): a SuperLink whose virtual SuperNodes run the ClientApp."""
     _deploy(config, overrides, out, resume, 0, simulation=True)
 
@@ -438,8 +555,12 @@ def _deploy(config: Path, overrides: list[str], out: Path, resume: bool, nodes: 
     cfg = load_config(config, overrides or [])
     nodes = nodes or cfg.fl.num_clients
     where = f"under Flower's simulation runtime: {nodes} virtual SuperNodes" if simulation else f"over Flower: {nodes} SuperNodes"
-    console.print(f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} {where}, {cfg.fl.rounds} rounds -> {out} (logs in {out / 'flower'})")
-    summary = run_deployment(cfg, nodes, out, resume=resume, echo=lambda line: console.print(line, highlight=False, markup=False), simulation=simulation)
+    console.print(
+        f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} {where}, {cfg.fl.rounds} rounds -> {out} (logs in {out / 'flower'})"
+    )
+    summary = run_deployment(
+        cfg, nodes, out, resume=resume, echo=lambda line: console.print(line, highlight=False, markup=False), simulation=simulation
+    )
     _print_summary(summary, out)
 
 
@@ -448,7 +569,9 @@ def _deploy(config: Path, overrides: list[str], out: Path, resume: bool, nodes: 
 def deploy_app_dir(
     config: Path = CONFIG,
     overrides: list[str] = OVERRIDES,
-    out: Path = typer.Option(Path("runs/deploy"), "--out", help="folder on the SuperLink's host for the results; the app goes to OUT/flower/app"),
+    out: Path = typer.Option(
+        Path("runs/deploy"), "--out", help="folder on the SuperLink's host for the results; the app goes to OUT/flower/app"
+    ),
     resume: bool = RESUME,
     debug: bool = DEBUG,
 ):

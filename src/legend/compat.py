@@ -50,8 +50,10 @@ def check(config: Config, strategy_cls: type[Strategy]) -> None:
     if config.flower.secure_aggregation:
         _check_secure_sums(config, SECURE_SUMS in strategy_cls.supports)
     if config.fl.min_coverage > 1 and SECURE_SUMS not in strategy_cls.supports:  # the coverage guard (strategies/coverage.py)
-        raise LegendError(f"fl.min_coverage keeps a coordinate that fewer devices would train at its old value, which only a strategy that "
-                          f"averages coordinates does, and {name} does not: use one of {supporting(SECURE_SUMS)}, or fl.min_coverage=0")
+        raise LegendError(
+            f"fl.min_coverage keeps a coordinate that fewer devices would train at its old value, which only a strategy that "
+            f"averages coordinates does, and {name} does not: use one of {supporting(SECURE_SUMS)}, or fl.min_coverage=0"
+        )
     if config.devices.activation_cache and config.model.dropout != 0.0:
         raise LegendError(
             "devices.activation_cache: with dropout in the model the frozen blocks' output differs on every pass, so a device "

@@ -97,10 +97,14 @@ def load_trained(folder: Path, client: int | None = None, purpose: str = "export
         raise LegendError(f"{purpose}: {folder} is not a folder: give the --out folder of `legend run` or `legend deploy`")
     if not (folder / CHECKPOINT).is_file():
         if (folder / METRICS_FILE).is_file():
-            raise LegendError(f"{purpose}: {folder} has the metrics of a run but no {CHECKPOINT}, which holds its model: resume the run "
-                              f"(legend run CONFIG --out {folder} --resume writes it after its next round) or export another run")
-        raise LegendError(f"{purpose}: {folder} is not a run folder (no {CHECKPOINT}): give the --out folder of `legend run` or "
-                          "`legend deploy`, or OUT/runs/<strategy>-seed<N> of `legend compare`")
+            raise LegendError(
+                f"{purpose}: {folder} has the metrics of a run but no {CHECKPOINT}, which holds its model: resume the run "
+                f"(legend run CONFIG --out {folder} --resume writes it after its next round) or export another run"
+            )
+        raise LegendError(
+            f"{purpose}: {folder} is not a run folder (no {CHECKPOINT}): give the --out folder of `legend run` or "
+            "`legend deploy`, or OUT/runs/<strategy>-seed<N> of `legend compare`"
+        )
     saved = read_checkpoint(folder, purpose)
     config = Config.model_validate(saved["config"])
     labels = task_labels(config.data)
@@ -114,7 +118,9 @@ def load_trained(folder: Path, client: int | None = None, purpose: str = "export
     model.module.eval()
     rows = saved["metrics"]
     evaluated = [row["accuracy"] for row in rows if row["accuracy"] is not None]
-    return TrainedModel(folder, config, model, objective, strategy, state, initial, labels, rows[-1]["round"], evaluated[-1] if evaluated else None, client)
+    return TrainedModel(
+        folder, config, model, objective, strategy, state, initial, labels, rows[-1]["round"], evaluated[-1] if evaluated else None, client
+    )
 
 
 def _client_tensors(folder: Path, name: str, personalised: bool, saved: dict[str, Any], client: int | None) -> State:
@@ -124,15 +130,21 @@ def _client_tensors(folder: Path, name: str, personalised: bool, saved: dict[str
     own = device_state(saved)["own"]  # the embedded runtime's store: tensors in memory, or a file per client under client_state/
     clients = sorted({*own["memory"], *own["files"]})
     if not clients:
-        raise LegendError(f"{name}: {folder} holds no client's own tensors (a Flower deployment leaves them on the nodes, in each "
-                          "node's state-dir): export a run of the embedded engine, or one whose clients trained")
+        raise LegendError(
+            f"{name}: {folder} holds no client's own tensors (a Flower deployment leaves them on the nodes, in each "
+            "node's state-dir): export a run of the embedded engine, or one whose clients trained"
+        )
     if client is None:
-        raise LegendError(f"{name} keeps a part of the model on each client and has no global model: pass --client N, one of {_listed(clients)}")
+        raise LegendError(
+            f"{name} keeps a part of the model on each client and has no global model: pass --client N, one of {_listed(clients)}"
+        )
     if client in own["memory"]:
         return own["memory"][client]
     if client in own["files"]:
         return torch.load(folder / "client_state" / own["files"][client], weights_only=True)
-    raise LegendError(f"--client {client}: that client has no model of its own in {folder} (it never trained): use one of {_listed(clients)}")
+    raise LegendError(
+        f"--client {client}: that client has no model of its own in {folder} (it never trained): use one of {_listed(clients)}"
+    )
 
 
 def _listed(clients: list[int]) -> str:
@@ -155,7 +167,9 @@ def export(folder: Path, out: Path, merge: bool = False, client: int | None = No
     try:
         (merged_model if merge else peft_model)(trained).save_pretrained(partial)
         trained.model.tokenizer.save_pretrained(partial)
-        (partial / LEGEND_FILE).write_text(json.dumps({"format": "merged" if merge else "adapter", **trained.description()}, indent=2) + "\n")
+        (partial / LEGEND_FILE).write_text(
+            json.dumps({"format": "merged" if merge else "adapter", **trained.description()}, indent=2) + "\n"
+        )
         (partial / "README.md").write_text(model_card(trained, merge))
         if out.exists():
             out.rmdir()
@@ -169,9 +183,13 @@ def _require_adapter(trained: TrainedModel) -> None:
     name, layout = trained.strategy.name, trained.strategy.global_layout()
     if layout.method != "lora":
         trains = {"full": "every weight", "bitfit": "the biases", "adapter": "bottleneck adapters"}[layout.method]
-        raise LegendError(f"{name} trains {trains}, not LoRA adapters, so there is no PEFT adapter to export: add --merge for a full transformers model")
+        raise LegendError(
+            f"{name} trains {trains}, not LoRA adapters, so there is no PEFT adapter to export: add --merge for a full transformers model"
+        )
     if any(key.endswith(".base_layer.weight") for key in trained.state):
-        raise LegendError(f"{name} folds its updates into the frozen weights, which no LoRA adapter holds: add --merge for a full transformers model")
+        raise LegendError(
+            f"{name} folds its updates into the frozen weights, which no LoRA adapter holds: add --merge for a full transformers model"
+        )
 
 
 def _hf_config(trained: TrainedModel):
@@ -181,8 +199,9 @@ def _hf_config(trained: TrainedModel):
     if trained.causal_lm:
         return AutoConfig.from_pretrained(trained.base_model)
     labels = trained.label_names
-    config = AutoConfig.from_pretrained(trained.base_model, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                        label2id={name: i for i, name in enumerate(labels)})
+    config = AutoConfig.from_pretrained(
+        trained.base_model, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}
+    )
     config.pad_token_id = trained.model.tokenizer.pad_token_id
     return config
 
@@ -213,7 +232,9 @@ def peft_model(trained: TrainedModel):
             a, b, rank, alpha = torch.cat([a, a0]), torch.cat([b, -b0], dim=1), 2 * rank, 2 * alpha
         factors[name], ranks[name], alphas[name] = (a, b), rank, alpha
     heads = [] if trained.causal_lm else sorted({key.rsplit(".", 1)[0] for key in trained.model.params if trained.model.is_head(key)})
-    config = lora_config(ranks, alphas, trained.config.lora.dropout, modules_to_save=list(heads), task_type="CAUSAL_LM" if trained.causal_lm else "SEQ_CLS")
+    config = lora_config(
+        ranks, alphas, trained.config.lora.dropout, modules_to_save=list(heads), task_type="CAUSAL_LM" if trained.causal_lm else "SEQ_CLS"
+    )
     model = get_peft_model(_fresh_base(trained), config)
     model.peft_config[ADAPTER].modules_to_save = heads  # PEFT added its own guesses for SEQ_CLS ("classifier", "score") to the list
     inner = model.base_model.model
@@ -232,8 +253,10 @@ def merged_model(trained: TrainedModel):
     """A plain transformers model whose weights are the trained model's with every adapter folded in (W + s B A)."""
     module = trained.model.module
     if any(".bottleneck." in key for key in trained.model.params):
-        raise LegendError(f"{trained.strategy.name} adds bottleneck adapters, which no transformers architecture holds, so it cannot be merged "
-                          "or exported: use a LoRA strategy, bitfit or fedavg-full")
+        raise LegendError(
+            f"{trained.strategy.name} adds bottleneck adapters, which no transformers architecture holds, so it cannot be merged "
+            "or exported: use a LoRA strategy, bitfit or fedavg-full"
+        )
     state = dict(module.state_dict())
     for name, layer in _lora_layers(module).items():
         for part in ("weight", "bias"):
@@ -249,10 +272,20 @@ def model_card(trained: TrainedModel, merge: bool) -> str:
     """The export's README.md, in the Hugging Face model card format (YAML front matter, then text)."""
     config, labels = trained.config, trained.label_names
     base = trained.base_model
-    form = "a full transformers model (adapters merged into the weights)" if merge else "a PEFT LoRA adapter (with the trained classification head)"
+    form = (
+        "a full transformers model (adapters merged into the weights)"
+        if merge
+        else "a PEFT LoRA adapter (with the trained classification head)"
+    )
     finished = trained.rounds >= config.fl.rounds
-    rounds = f"{trained.rounds} rounds" + ("" if finished else f" of the {config.fl.rounds} configured (the run was interrupted; this is its last checkpoint)")
-    whose = f"client {trained.client}'s personalised model (its own B, the shared A and head)" if trained.client is not None else "the global model"
+    rounds = f"{trained.rounds} rounds" + (
+        "" if finished else f" of the {config.fl.rounds} configured (the run was interrupted; this is its last checkpoint)"
+    )
+    whose = (
+        f"client {trained.client}'s personalised model (its own B, the shared A and head)"
+        if trained.client is not None
+        else "the global model"
+    )
     accuracy = "not evaluated" if trained.final_accuracy is None else f"{trained.final_accuracy:.4f}"
     id2label = {i: name for i, name in enumerate(labels)}
     if trained.causal_lm:
@@ -261,9 +294,18 @@ def model_card(trained: TrainedModel, merge: bool) -> str:
     else:
         load = _classifier_load_snippet(base, merge, id2label, trained.model.tokenizer.pad_token_id)
     pipeline = "text-generation" if trained.causal_lm else "text-classification"
-    front = ["---", f"base_model: {base}", f"library_name: {'transformers' if merge else 'peft'}", f"pipeline_tag: {pipeline}",
-             "tags:", *(f"- {tag}" for tag in dict.fromkeys(["legend", "federated-learning", config.strategy.name, *([] if merge else ["lora"])])), "---"]
-    return "\n".join(front) + f"""
+    front = [
+        "---",
+        f"base_model: {base}",
+        f"library_name: {'transformers' if merge else 'peft'}",
+        f"pipeline_tag: {pipeline}",
+        "tags:",
+        *(f"- {tag}" for tag in dict.fromkeys(["legend", "federated-learning", config.strategy.name, *([] if merge else ["lora"])])),
+        "---",
+    ]
+    return (
+        "\n".join(front)
+        + f"""
 
 # {config.model.name} fine-tuned on {config.data.task}, federated with {config.strategy.name}
 
@@ -285,7 +327,7 @@ This is {form}: {whose}, after {rounds} of federated fine-tuning with legend {le
 {load.replace("PATH", "this-folder")}
 ```
 
-Or with legend: `legend predict this-folder "{'an instruction' if trained.causal_lm and not labels else 'a sentence'}"` and `legend evaluate this-folder`.
+Or with legend: `legend predict this-folder "{"an instruction" if trained.causal_lm and not labels else "a sentence"}"` and `legend evaluate this-folder`.
 
 ## The exact config
 
@@ -293,6 +335,7 @@ Or with legend: `legend predict this-folder "{'an instruction' if trained.causal
 {json.dumps(config.model_dump(), indent=2)}
 ```
 """
+    )
 
 
 def _labels_row(trained: TrainedModel) -> str:
@@ -323,9 +366,12 @@ tokenizer = AutoTokenizer.from_pretrained("PATH")"""
 
 
 def _causal_load_snippet(base: str, merge: bool) -> str:
-    model = ('model = AutoModelForCausalLM.from_pretrained("PATH")' if merge else
-             f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "PATH").eval()')
-    return f"""{'' if merge else 'from peft import PeftModel' + chr(10)}from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = (
+        'model = AutoModelForCausalLM.from_pretrained("PATH")'
+        if merge
+        else f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "PATH").eval()'
+    )
+    return f"""{"" if merge else "from peft import PeftModel" + chr(10)}from transformers import AutoModelForCausalLM, AutoTokenizer
 
 {model}
 tokenizer = AutoTokenizer.from_pretrained("PATH")

@@ -54,13 +54,17 @@ def load_fine_tuned(path: Path, purpose: str, client: int | None = None) -> Fine
     """An export folder (adapter or merged) or a run folder (``client``: that client's personalised model, FedSA-LoRA)."""
     if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
         if client is not None:
-            raise LegendError(f"--client: {path} is an export, which holds one model already: drop --client (it picks a client's model of a run folder)")
+            raise LegendError(
+                f"--client: {path} is an export, which holds one model already: drop --client (it picks a client's model of a run folder)"
+            )
         return _from_export(path, purpose)
     if (path / CHECKPOINT).is_file():
         trained = load_trained(path, client, purpose)
         return FineTuned(trained.model.module, trained.model.tokenizer, trained.label_names, trained.config, "run", trained.objective)
-    raise LegendError(f"{purpose}: {path} is neither an export (adapter_config.json or config.json) nor a run folder ({CHECKPOINT}): "
-                      "give the --out folder of `legend export` or of `legend run`")
+    raise LegendError(
+        f"{purpose}: {path} is neither an export (adapter_config.json or config.json) nor a run folder ({CHECKPOINT}): "
+        "give the --out folder of `legend export` or of `legend run`"
+    )
 
 
 def _from_export(path: Path, purpose: str) -> FineTuned:
@@ -78,16 +82,24 @@ def _from_export(path: Path, purpose: str) -> FineTuned:
 
             base = PeftConfig.from_pretrained(path).base_model_name_or_path
             labels = described.get("labels") or []
-            head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
+            head = (
+                {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+                if labels
+                else {}
+            )
             if causal:  # the adapter over the causal LM; the objective runs the LM underneath PEFT's wrapper
                 module = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), path).get_base_model()
             else:
-                module = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, pad_token_id=tokenizer.pad_token_id, **head), path)
+                module = PeftModel.from_pretrained(
+                    AutoModelForSequenceClassification.from_pretrained(base, pad_token_id=tokenizer.pad_token_id, **head), path
+                )
             source = "adapter"
         else:
             module, source = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_pretrained(path), "merged"
     except (OSError, ValueError) as exc:
-        raise LegendError(f"{purpose}: {path} could not be loaded ({str(exc).splitlines()[0]}): export the run again with `legend export`") from None
+        raise LegendError(
+            f"{purpose}: {path} could not be loaded ({str(exc).splitlines()[0]}): export the run again with `legend export`"
+        ) from None
     if causal:
         labels = tuple(described.get("labels") or ())
     else:
@@ -136,13 +148,18 @@ def predict(model: FineTuned, inputs: list[tuple[str, ...]]) -> list[dict[str, A
     results = [{"input": list(item) if pair else item[0]} for item in inputs]
     if model.instruct:
         with torch.no_grad():
-            answers = model.objective.generate(model.module, [ids[:n] for ids, n in zip(split.input_ids, split.prompt_lengths, strict=True)], split.pad_token_id)
+            answers = model.objective.generate(
+                model.module, [ids[:n] for ids, n in zip(split.input_ids, split.prompt_lengths, strict=True)], split.pad_token_id
+            )
         for result, answer in zip(results, answers, strict=True):
             result["answer"] = answer
     if model.label_names:
         probabilities = torch.from_numpy(logits(model, split, model.config.eval.batch_size)).softmax(-1).numpy()
         for result, p in zip(results, probabilities, strict=True):
-            result.update(label=model.label_names[int(p.argmax())], probabilities={name: float(q) for name, q in zip(model.label_names, p, strict=True)})
+            result.update(
+                label=model.label_names[int(p.argmax())],
+                probabilities={name: float(q) for name, q in zip(model.label_names, p, strict=True)},
+            )
     return results
 
 
@@ -154,19 +171,28 @@ def read_inputs(file: Path, columns: tuple[str, ...]) -> list[tuple[str, ...]]:
         try:
             rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
-            raise LegendError(f"--file {file}: line {exc.lineno} is not JSON: write one object per line, like {{\"{columns[0]}\": \"...\"}}") from None
+            raise LegendError(
+                f'--file {file}: line {exc.lineno} is not JSON: write one object per line, like {{"{columns[0]}": "..."}}'
+            ) from None
     elif file.suffix in (".tsv", ".csv"):
         import csv
 
         with open(file, newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t" if file.suffix == ".tsv" else ",",
-                                       quoting=csv.QUOTE_NONE if file.suffix == ".tsv" else csv.QUOTE_MINIMAL))
+            rows = list(
+                csv.DictReader(
+                    handle,
+                    delimiter="\t" if file.suffix == ".tsv" else ",",
+                    quoting=csv.QUOTE_NONE if file.suffix == ".tsv" else csv.QUOTE_MINIMAL,
+                )
+            )
     else:
         raise LegendError(f"--file {file}: unknown format '{file.suffix}': use .tsv, .csv or .jsonl")
     for number, row in enumerate(rows, 1):
         missing = [c for c in columns if not isinstance(row, dict) or c not in row]
         if missing:
-            raise LegendError(f"--file {file}: row {number} has no '{missing[0]}' field: the model reads the column(s) {', '.join(columns)}")
+            raise LegendError(
+                f"--file {file}: row {number} has no '{missing[0]}' field: the model reads the column(s) {', '.join(columns)}"
+            )
     return [tuple(str(row[c]) for c in columns) for row in rows]
 
 
@@ -175,12 +201,16 @@ def evaluate(model: FineTuned, overrides: list[str]) -> dict[str, Any]:
     matrix; an instruction model's also its response loss and perplexity (open instructions: exact match, loss, perplexity)."""
     foreign = [item for item in overrides if not item.partition("=")[0].strip().startswith(("data.", "eval."))]
     if foreign:
-        raise LegendError(f"evaluate: '{foreign[0]}' is not a data.* or eval.* key: the model is fixed, only what it is scored on can change")
+        raise LegendError(
+            f"evaluate: '{foreign[0]}' is not a data.* or eval.* key: the model is fixed, only what it is scored on can change"
+        )
     config = override_config(model.config, overrides)
     task = subsample(load_task(config.data), config.data, config.seed)
     if task.label_names != model.label_names:
-        raise LegendError(f"evaluate: the data's labels {list(task.label_names)} are not the model's {list(model.label_names)}: "
-                          "set data.labels to the model's labels in its class order")
+        raise LegendError(
+            f"evaluate: the data's labels {list(task.label_names)} are not the model's {list(model.label_names)}: "
+            "set data.labels to the model's labels in its class order"
+        )
     objective = objective_for(config, model.label_names, model.tokenizer)
     split = objective.encode(task.test, config.data.max_length)
     result: dict[str, Any] = {"split": config.data.test_split, "examples": len(split)}
@@ -209,7 +239,11 @@ def _response_scores(module: torch.nn.Module, objective: Instruct, split, batch_
         else:
             predicted[rows] = choices.argmax(-1).numpy()
     loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "perplexity": float(np.exp(loss)), **({} if objective.label_names else {"accuracy": matches / max(len(split), 1)})}, predicted
+    return {
+        "loss": loss,
+        "perplexity": float(np.exp(loss)),
+        **({} if objective.label_names else {"accuracy": matches / max(len(split), 1)}),
+    }, predicted
 
 
 def scores(truth: np.ndarray, predicted: np.ndarray, classes: int) -> dict[str, Any]:

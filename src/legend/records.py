@@ -39,7 +39,9 @@ class RoundRecord:
     devices: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     lost: list[dict[str, Any]] = field(default_factory=list)
-    unreachable: list[int] = field(default_factory=list)  # devices online by the fleet that the runtime could not reach (Flower: no live node)
+    unreachable: list[int] = field(
+        default_factory=list
+    )  # devices online by the fleet that the runtime could not reach (Flower: no live node)
     malicious: list[int] = field(default_factory=list)  # devices that sent a poisoned update (simulated: faults.malicious)
     skipped: bool = False
     withheld: list[dict[str, Any]] = field(default_factory=list)  # coverage guard: devices whose plan it cut (strategies/coverage.py)
@@ -120,7 +122,9 @@ def summarize(strategy: str, rows: list[dict[str, Any]], target_accuracy: float)
         "initial_loss": rows[0]["loss"],
         "final_accuracy": evaluated[-1]["accuracy"],
         "final_loss": evaluated[-1]["loss"],
-        "final_perplexity": math.exp(evaluated[-1]["loss"]) if evaluated[-1]["loss"] is not None else None,  # of the answer tokens (instruct)
+        "final_perplexity": math.exp(evaluated[-1]["loss"])
+        if evaluated[-1]["loss"] is not None
+        else None,  # of the answer tokens (instruct)
         "best_accuracy": max(r["accuracy"] for r in evaluated),
         "rounds": len(rounds),
         "bytes_up": sum(r["bytes_up"] for r in rounds),

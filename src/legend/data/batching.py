@@ -68,8 +68,14 @@ def padded(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 def encode(table: datasets.Dataset, tokenizer, max_length: int) -> EncodedSplit:
     """Token ids per example; segment ids only for sentence pairs (a single sentence's are all 0, the models' default)."""
     pairs = column(table, "text_pair") if "text_pair" in table.column_names else None
-    encoded = tokenizer(column(table, "text"), pairs, truncation=True, max_length=max_length, return_attention_mask=False,
-                        return_token_type_ids=None if pairs is not None else False)
+    encoded = tokenizer(
+        column(table, "text"),
+        pairs,
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
+        return_token_type_ids=None if pairs is not None else False,
+    )
     token_types = encoded.get("token_type_ids")
     return EncodedSplit(
         input_ids=[np.asarray(ids, dtype=np.int64) for ids in encoded["input_ids"]],

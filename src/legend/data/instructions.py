@@ -33,15 +33,22 @@ def conversations(table: datasets.Dataset, split: str, cfg: DataConfig) -> datas
     """Open instruction rows as columns ``prompt`` (the turns before the response) and ``response``."""
     names = table.column_names
     if cfg.messages_column in names:
-        pairs = [_from_messages(messages, split, row) for row, messages in enumerate(table.select_columns([cfg.messages_column])[:][cfg.messages_column])]
+        pairs = [
+            _from_messages(messages, split, row)
+            for row, messages in enumerate(table.select_columns([cfg.messages_column])[:][cfg.messages_column])
+        ]
     elif cfg.instruction_column in names and cfg.output_column in names:
         read = table.select_columns([c for c in (cfg.instruction_column, cfg.input_column, cfg.output_column) if c in names])[:]
         inputs = read.get(cfg.input_column) or [""] * len(table)
-        pairs = [([{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else str(instruction)}], str(output))
-                 for instruction, extra, output in zip(read[cfg.instruction_column], inputs, read[cfg.output_column], strict=True)]
+        pairs = [
+            ([{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else str(instruction)}], str(output))
+            for instruction, extra, output in zip(read[cfg.instruction_column], inputs, read[cfg.output_column], strict=True)
+        ]
     else:
-        raise LegendError(f"data: the {split} split has neither a '{cfg.messages_column}' column nor '{cfg.instruction_column}' and "
-                          f"'{cfg.output_column}' (columns: {', '.join(names)}); set data.messages_column or data.instruction_column / data.output_column")
+        raise LegendError(
+            f"data: the {split} split has neither a '{cfg.messages_column}' column nor '{cfg.instruction_column}' and "
+            f"'{cfg.output_column}' (columns: {', '.join(names)}); set data.messages_column or data.instruction_column / data.output_column"
+        )
     return datasets.Dataset.from_dict({"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs]})
 
 
@@ -51,7 +58,9 @@ def _from_messages(messages, split: str, row: int) -> tuple[list[Turn], str]:
         raise LegendError(f"data: messages of row {row} in the {split} split are not a list of {{role, content}} objects")
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if not last:
-        raise LegendError(f"data: row {row} in the {split} split has no assistant turn after a prompt: its last assistant turn is the response to learn")
+        raise LegendError(
+            f"data: row {row} in the {split} split has no assistant turn after a prompt: its last assistant turn is the response to learn"
+        )
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages[:last]], str(messages[last]["content"])
 
 
@@ -59,10 +68,14 @@ def label_conversations(table: datasets.Dataset, prompt: str, label_words: tuple
     """A label task as instructions: ``prompt`` filled with each example's text as the user's turn, its class's word as the response."""
     fields = {name for _, name, _, _ in Formatter().parse(prompt) if name is not None}
     if not fields <= {"text", "text_pair"} or "text" not in fields:
-        raise LegendError(f"data.prompt must hold {{text}} (and may hold {{text_pair}}), and no other {{...}} field (got {sorted(fields)}); write literal braces as {{{{ }}}}")
+        raise LegendError(
+            f"data.prompt must hold {{text}} (and may hold {{text_pair}}), and no other {{...}} field (got {sorted(fields)}); write literal braces as {{{{ }}}}"
+        )
     read = table[:]
     pairs = read.get("text_pair") or [""] * len(table)
-    prompts = [[{"role": "user", "content": prompt.format(text=text, text_pair=pair)}] for text, pair in zip(read["text"], pairs, strict=True)]
+    prompts = [
+        [{"role": "user", "content": prompt.format(text=text, text_pair=pair)}] for text, pair in zip(read["text"], pairs, strict=True)
+    ]
     return prompts, [label_words[label] for label in read["label"]]
 
 
@@ -114,12 +127,17 @@ class InstructSplit(TokenRows):
         return int(sum(self.lengths[i] - self.prompt_lengths[i] for i in indices))
 
 
-def encode_conversations(prompts: list[list[Turn]], responses: list[str], tokenizer, max_length: int, chat: bool,
-                         classes: np.ndarray | None = None) -> InstructSplit:
+def encode_conversations(
+    prompts: list[list[Turn]], responses: list[str], tokenizer, max_length: int, chat: bool, classes: np.ndarray | None = None
+) -> InstructSplit:
     """Token ids of each rendered prompt and response (the chat template writes its own special tokens; the plain
     one gets the tokenizer's usual ones), truncated to ``max_length`` together."""
-    prompt_ids = tokenizer([render(tokenizer, turns, chat) for turns in prompts], add_special_tokens=not chat, return_attention_mask=False)["input_ids"]
-    response_ids = tokenizer([response_text(r, chat) for r in responses], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    prompt_ids = tokenizer([render(tokenizer, turns, chat) for turns in prompts], add_special_tokens=not chat, return_attention_mask=False)[
+        "input_ids"
+    ]
+    response_ids = tokenizer([response_text(r, chat) for r in responses], add_special_tokens=False, return_attention_mask=False)[
+        "input_ids"
+    ]
     input_ids, prompt_lengths = [], []
     for prompt, response in zip(prompt_ids, response_ids, strict=True):
         response = [*response, tokenizer.eos_token_id]

@@ -31,7 +31,9 @@ def partition_indices(train: datasets.Dataset, num_clients: int, cfg: DataConfig
             "lower data.min_partition_size or fl.num_clients, or use more data"
         )
     if cfg.partition == "dirichlet" and "label" not in train.column_names:
-        raise LegendError("data.partition 'dirichlet' skews the labels over clients, and open instruction data has none: use data.partition='iid'")
+        raise LegendError(
+            "data.partition 'dirichlet' skews the labels over clients, and open instruction data has none: use data.partition='iid'"
+        )
     if cfg.partition == "iid":
         parts = iid_shards(len(train), num_clients, seed)
     else:

@@ -26,10 +26,18 @@ class TaskSpec:
 
 TASKS = {
     "sst2": TaskSpec(("sentence",), ("0", "1"), "Review: {text}\nIs this review positive or negative?", ("negative", "positive")),
-    "agnews": TaskSpec(("text",), ("World", "Sports", "Business", "Sci/Tech"),
-                       "Article: {text}\nIs this article about world, sports, business or technology?", ("world", "sports", "business", "technology")),
-    "qnli": TaskSpec(("question", "sentence"), ("entailment", "not_entailment"),
-                     "Question: {text}\nSentence: {text_pair}\nDoes the sentence answer the question, yes or no?", ("yes", "no")),
+    "agnews": TaskSpec(
+        ("text",),
+        ("World", "Sports", "Business", "Sci/Tech"),
+        "Article: {text}\nIs this article about world, sports, business or technology?",
+        ("world", "sports", "business", "technology"),
+    ),
+    "qnli": TaskSpec(
+        ("question", "sentence"),
+        ("entailment", "not_entailment"),
+        "Question: {text}\nSentence: {text_pair}\nDoes the sentence answer the question, yes or no?",
+        ("yes", "no"),
+    ),
 }
 INSTRUCTIONS = "instructions"  # data.task of open instruction/response data (data/instructions.py)
 
@@ -86,13 +94,15 @@ def default_data_path(task: str) -> Path:
 def load_task(cfg: DataConfig) -> TaskData:
     if cfg.task == INSTRUCTIONS:
         raw = _load_hub(cfg) if cfg.hub_id else _load_folder(cfg)
-        return TaskData(conversations(raw[cfg.train_split], cfg.train_split, cfg), conversations(raw[cfg.test_split], cfg.test_split, cfg), ())
+        return TaskData(
+            conversations(raw[cfg.train_split], cfg.train_split, cfg), conversations(raw[cfg.test_split], cfg.test_split, cfg), ()
+        )
     spec = TASKS.get(cfg.task)
     if spec is None and cfg.task != "custom":
         raise LegendError(f"data.task '{cfg.task}' is unknown: use one of {', '.join(TASKS)}, 'custom' or '{INSTRUCTIONS}'")
     text_columns = task_text_columns(cfg)
     if not 1 <= len(text_columns) <= 2:
-        raise LegendError("data.text_columns must name one column, or two for sentence pairs (e.g. [\"question\", \"sentence\"])")
+        raise LegendError('data.text_columns must name one column, or two for sentence pairs (e.g. ["question", "sentence"])')
     label_column = cfg.label_column
     raw = _load_hub(cfg) if cfg.hub_id else _load_folder(cfg)
     for split, table in raw.items():
@@ -133,12 +143,16 @@ def _load_folder(cfg: DataConfig) -> dict[str, datasets.Dataset]:
     for split in (cfg.train_split, cfg.test_split):
         file = next((folder / f"{split}{ext}" for ext in (".tsv", ".csv", ".jsonl", ".json") if (folder / f"{split}{ext}").is_file()), None)
         if file is None:
-            raise LegendError(f"data: no {split}.tsv, .csv or .jsonl in {folder}: add it or set data.{'train' if split == cfg.train_split else 'test'}_split")
+            raise LegendError(
+                f"data: no {split}.tsv, .csv or .jsonl in {folder}: add it or set data.{'train' if split == cfg.train_split else 'test'}_split"
+            )
         if file.suffix in (".jsonl", ".json"):
             try:
                 splits[split] = datasets.load_dataset("json", data_files=str(file), split="train")
             except Exception as exc:  # datasets wraps the parser's many error types
-                raise LegendError(f"data: {file} could not be read as JSON Lines ({type(exc).__name__}): write one JSON object per line") from None
+                raise LegendError(
+                    f"data: {file} could not be read as JSON Lines ({type(exc).__name__}): write one JSON object per line"
+                ) from None
             continue
         splits[split] = datasets.load_dataset(
             "csv",
@@ -155,10 +169,14 @@ def _load_hub(cfg: DataConfig) -> dict[str, datasets.Dataset]:
     try:
         loaded = datasets.load_dataset(cfg.hub_id, cfg.hub_config or None)
     except Exception as exc:  # the hub raises many types; all mean "not reachable here"
-        raise LegendError(f"data.hub_id '{cfg.hub_id}' could not be loaded ({type(exc).__name__}): check the id and the network, or use data.path") from None
+        raise LegendError(
+            f"data.hub_id '{cfg.hub_id}' could not be loaded ({type(exc).__name__}): check the id and the network, or use data.path"
+        ) from None
     for split in (cfg.train_split, cfg.test_split):
         if split not in loaded:
-            raise LegendError(f"data: hub dataset '{cfg.hub_id}' has no split '{split}' (splits: {', '.join(loaded)}); set data.train_split / data.test_split")
+            raise LegendError(
+                f"data: hub dataset '{cfg.hub_id}' has no split '{split}' (splits: {', '.join(loaded)}); set data.train_split / data.test_split"
+            )
     return {split: loaded[split] for split in (cfg.train_split, cfg.test_split)}
 
 

@@ -132,8 +132,14 @@ def measure_blocks(model: SharedModel, objective: Objective, spec: ModelSpec, ra
                     forward += timer.forward_s()
                     backward += timer.backward_s(end)
             adapter = adapter_params(spec, "lora", rank)
-            timings.append(Timing(f"block forward  {sequences}x{tokens}", statistics.median(forward), block_forward_flops(spec, shape, adapter)))
-            timings.append(Timing(f"block backward {sequences}x{tokens}", statistics.median(backward), block_backward_flops(spec, shape, adapter, False)))
+            timings.append(
+                Timing(f"block forward  {sequences}x{tokens}", statistics.median(forward), block_forward_flops(spec, shape, adapter))
+            )
+            timings.append(
+                Timing(
+                    f"block backward {sequences}x{tokens}", statistics.median(backward), block_backward_flops(spec, shape, adapter, False)
+                )
+            )
     finally:
         timer.remove()
     return timings
@@ -172,8 +178,11 @@ def measure_steps(model: SharedModel, objective: Objective, spec: ModelSpec, ran
     shape = _shape(model, sequences, tokens)
     applied = (rank,) * spec.num_blocks  # the shared model applies every block's adapter in the forward pass
     return [
-        Timing(f"step {name} {sequences}x{tokens}", statistics.median(seconds[name]),
-               training_flops(spec, layout, shape, applied if layout.method == "lora" else None))
+        Timing(
+            f"step {name} {sequences}x{tokens}",
+            statistics.median(seconds[name]),
+            training_flops(spec, layout, shape, applied if layout.method == "lora" else None),
+        )
         for name, layout in layouts.items()
     ]
 
@@ -183,8 +192,9 @@ def _wait_for(model: SharedModel) -> None:
         torch.cuda.synchronize(model.device)
 
 
-def calibrate(model_name: str = "minilm-l6", rank: int = 8, threads: int = 0, causal_lm: bool = False, device: str = "cpu",
-              precision: str = "float32") -> dict:
+def calibrate(
+    model_name: str = "minilm-l6", rank: int = 8, threads: int = 0, causal_lm: bool = False, device: str = "cpu", precision: str = "float32"
+) -> dict:
     """Block timings, the fitted sustained FLOP/s, and whole-step predictions against measurements (``causal_lm``: the
     model as a causal LM trained on instruction responses; ``device``, ``precision``: as engine.device and engine.precision)."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -203,8 +213,16 @@ def calibrate(model_name: str = "minilm-l6", rank: int = 8, threads: int = 0, ca
     steps = measure_steps(model, objective, spec, rank)
 
     def rows(timings):
-        return [{"name": t.name, "measured_s": t.measured_s, "predicted_s": t.predicted_s(flops_per_s), "ratio": t.predicted_s(flops_per_s) / t.measured_s,
-                 "gflop": t.flops / 1e9} for t in timings]
+        return [
+            {
+                "name": t.name,
+                "measured_s": t.measured_s,
+                "predicted_s": t.predicted_s(flops_per_s),
+                "ratio": t.predicted_s(flops_per_s) / t.measured_s,
+                "gflop": t.flops / 1e9,
+            }
+            for t in timings
+        ]
 
     lora_steps = [t for t in steps if "lora" in t.name]
     return {

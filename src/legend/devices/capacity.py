@@ -63,8 +63,12 @@ class CapacityEstimator:
         """The profile's figures, each times exp(N(0, noise^2)) drawn from (seed, client)."""
         device = self.fleet.device_of(client)
         p = device.profile
-        factor = np.exp(np.random.default_rng([self.seed, client, 11]).normal(0.0, self.noise, size=3)).tolist()  # plain floats: checkpoints load weights_only
-        return Capacity(device.kind, p.flops * factor[0], p.uplink_mbps * 1e6 / 8 * factor[1], p.downlink_mbps * 1e6 / 8 * factor[2], p.memory_gb)
+        factor = np.exp(
+            np.random.default_rng([self.seed, client, 11]).normal(0.0, self.noise, size=3)
+        ).tolist()  # plain floats: checkpoints load weights_only
+        return Capacity(
+            device.kind, p.flops * factor[0], p.uplink_mbps * 1e6 / 8 * factor[1], p.downlink_mbps * 1e6 / 8 * factor[2], p.memory_gb
+        )
 
     def estimate(self, client: int) -> Capacity:
         return self.observed.get(client) or self.prior(client)
@@ -108,7 +112,9 @@ def lora_numel(spec: ModelSpec, rank_by_block, train_factors=("lora_A", "lora_B"
     return int(factors * sum(adapter_params(spec, "lora", r) for r in rank_by_block) + (spec.head_params if head else 0))
 
 
-def estimate_round(view: DeviceView, client: int, layout: AdapterLayout, applied: tuple[int, ...], bytes_down: int, bytes_up: int) -> RoundTime:
+def estimate_round(
+    view: DeviceView, client: int, layout: AdapterLayout, applied: tuple[int, ...], bytes_down: int, bytes_up: int
+) -> RoundTime:
     """Estimated download, compute and upload seconds of a layout on one client, and its training memory."""
     capacity, work = view.capacity[client], view.workload[client]
     return RoundTime(

@@ -31,16 +31,34 @@ class RoundTime:
         return self.download_s + self.compute_s + self.upload_s
 
     def as_row(self, dropped: bool) -> dict:
-        return {"client": self.client, "device": self.device, "download_s": round(self.download_s, 4), "compute_s": round(self.compute_s, 4),
-                "read_s": round(self.read_s, 4), "upload_s": round(self.upload_s, 4), "total_s": round(self.total_s, 4), "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
-                "dropped": dropped}
+        return {
+            "client": self.client,
+            "device": self.device,
+            "download_s": round(self.download_s, 4),
+            "compute_s": round(self.compute_s, 4),
+            "read_s": round(self.read_s, 4),
+            "upload_s": round(self.upload_s, 4),
+            "total_s": round(self.total_s, 4),
+            "bytes_down": self.bytes_down,
+            "bytes_up": self.bytes_up,
+            "dropped": dropped,
+        }
 
 
-def device_time(client: int, device: str, flops: float, device_flops: float, bytes_down: int, bytes_up: int, link: Link,
-                read_s: float = 0.0) -> RoundTime:
+def device_time(
+    client: int, device: str, flops: float, device_flops: float, bytes_down: int, bytes_up: int, link: Link, read_s: float = 0.0
+) -> RoundTime:
     """Transfers at the link's rates; compute = FLOPs at the sustained rate, plus ``read_s`` reading kept activations."""
-    return RoundTime(client, device, float(bytes_down / link.downlink), float(flops / device_flops) + read_s, float(bytes_up / link.uplink),
-                     bytes_down, bytes_up, read_s=read_s)
+    return RoundTime(
+        client,
+        device,
+        float(bytes_down / link.downlink),
+        float(flops / device_flops) + read_s,
+        float(bytes_up / link.uplink),
+        bytes_down,
+        bytes_up,
+        read_s=read_s,
+    )
 
 
 def synchronous_round(times: list[RoundTime], deadline_s: float = 0.0) -> tuple[float, set[int]]:

@@ -55,10 +55,13 @@ class ModelSpec:
     def of(cls, model: SharedModel) -> ModelSpec:
         config = model.module.config
         block = model.module.get_submodule(model.blocks_prefix)[0]
-        linears = [(name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear) and "lora_" not in name and BOTTLENECK not in name]
+        linears = [
+            (name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear) and "lora_" not in name and BOTTLENECK not in name
+        ]
         targets = {name.removesuffix(".base_layer").split(".")[-1] for name, _ in linears} & set(model.info.target_modules)
         outside = [
-            m for name, m in model.module.named_modules()
+            m
+            for name, m in model.module.named_modules()
             if isinstance(m, nn.Linear) and "lora_" not in name and not name.startswith(model.blocks_prefix + ".")
         ]
         heads = config.num_attention_heads
@@ -72,15 +75,22 @@ class ModelSpec:
             ffn=config.intermediate_size,
             attention_width=heads * (getattr(config, "head_dim", None) or config.hidden_size // heads),
             block_linear_params=sum(m.in_features * m.out_features for _, m in linears),
-            input_projection_params=sum(m.in_features * m.out_features for name, m in linears
-                                        if name.removesuffix(".base_layer").split(".")[-1] in BLOCK_INPUT_PROJECTIONS),
-            lora_features=sum(m.in_features + m.out_features for name, m in linears if name.removesuffix(".base_layer").split(".")[-1] in targets),
+            input_projection_params=sum(
+                m.in_features * m.out_features
+                for name, m in linears
+                if name.removesuffix(".base_layer").split(".")[-1] in BLOCK_INPUT_PROJECTIONS
+            ),
+            lora_features=sum(
+                m.in_features + m.out_features for name, m in linears if name.removesuffix(".base_layer").split(".")[-1] in targets
+            ),
             outside_linear_params=sum(m.in_features * m.out_features for m in outside),
             output_features=output.out_features if output is not None else config.num_labels,
             frozen_output=model.blocks_only,
             total_params=sum(logical.get(k, p.numel()) for k, p in model.params.items() if ".lora_" not in k and BOTTLENECK not in k),
             head_params=sum(p.numel() for k, p in model.params.items() if model.is_head(k)),
-            bias_params=sum(p.numel() for k, p in model.params.items() if k.endswith(".bias") and not model.is_head(k) and ".lora_" not in k),
+            bias_params=sum(
+                p.numel() for k, p in model.params.items() if k.endswith(".bias") and not model.is_head(k) and ".lora_" not in k
+            ),
             block_weight_bytes=QUANTIZED_BYTES.get(model.quantize, FLOAT_BYTES),
         )
 
@@ -105,7 +115,9 @@ class Batches:
         b = np.array([s[0] for s in shapes], dtype=np.int64)
         t = np.array([s[1] for s in shapes], dtype=np.int64)
         o = np.array([s[2] if len(s) > 2 else s[0] for s in shapes], dtype=np.int64)
-        return cls(int(b.sum()), int((b * t).sum()), int((b * t * t).sum()), int((b * t).max()), int((b * t * t).max()), int(o.sum()), int(o.max()))
+        return cls(
+            int(b.sum()), int((b * t).sum()), int((b * t * t).sum()), int((b * t).max()), int((b * t * t).max()), int(o.sum()), int(o.max())
+        )
 
     @classmethod
     def uniform(cls, steps: int, batch_size: int, length: int) -> Batches:
@@ -160,8 +172,9 @@ class KeptPrefix:
     stored_bytes: int  # what the device's storage holds after the round
 
 
-def training_flops(spec: ModelSpec, layout: AdapterLayout, batches: Batches, applied_ranks: Sequence[int] | None = None,
-                   kept: KeptPrefix | None = None) -> float:
+def training_flops(
+    spec: ModelSpec, layout: AdapterLayout, batches: Batches, applied_ranks: Sequence[int] | None = None, kept: KeptPrefix | None = None
+) -> float:
     """Forward through every block (with the adapters applied, trained or frozen), backward down to the lowest trained block.
 
     applied_ranks: the ranks of the adapters in the forward pass (default: the layout's own); a LEGEND
@@ -174,13 +187,20 @@ def training_flops(spec: ModelSpec, layout: AdapterLayout, batches: Batches, app
     full = layout.method == "full"
     edge = kept.edge if kept else 0
     held = held_blocks(spec, layout)
-    flops = sum(block_forward_flops(spec, kept.computed if i < edge else batches, adapter_params(spec, layout.method, applied[i])) for i in held)
+    flops = sum(
+        block_forward_flops(spec, kept.computed if i < edge else batches, adapter_params(spec, layout.method, applied[i])) for i in held
+    )
     lowest = lowest_trained_block(spec, layout)
     flops += sum(
-        block_backward_flops(spec, batches, adapter_params(spec, layout.method, ranks[i]), full, lowest=i == lowest and not input_needs_gradient(layout))
-        for i in held if i >= lowest
+        block_backward_flops(
+            spec, batches, adapter_params(spec, layout.method, ranks[i]), full, lowest=i == lowest and not input_needs_gradient(layout)
+        )
+        for i in held
+        if i >= lowest
     )
-    passes = 2 if spec.frozen_output else 3  # forward and input gradient (the head passes the gradient down), and a trained head's weight gradient
+    passes = (
+        2 if spec.frozen_output else 3
+    )  # forward and input gradient (the head passes the gradient down), and a trained head's weight gradient
     return flops + passes * 2 * batches.outputs * spec.outside_linear_params
 
 

@@ -26,9 +26,14 @@ def read_checkpoint(out_dir: Path, purpose: str) -> dict[str, Any]:
     """The saved run state, its config completed with the defaults of keys added since; ``purpose`` starts each error line."""
     path = out_dir / CHECKPOINT
     if not path.is_file():
-        raise LegendError(f"{purpose}: no {CHECKPOINT} in {out_dir}: " + (
-            "run without --resume to start fresh" if purpose == "--resume" else
-            "give the --out folder of `legend run` or `legend deploy`, or OUT/runs/<strategy>-seed<N> of `legend compare`, once its first round has finished"))
+        raise LegendError(
+            f"{purpose}: no {CHECKPOINT} in {out_dir}: "
+            + (
+                "run without --resume to start fresh"
+                if purpose == "--resume"
+                else "give the --out folder of `legend run` or `legend deploy`, or OUT/runs/<strategy>-seed<N> of `legend compare`, once its first round has finished"
+            )
+        )
     try:
         payload = torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
@@ -43,7 +48,9 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     payload = read_checkpoint(out_dir, "--resume")
     differing = _differences(payload["config"], config)
     if differing:
-        raise LegendError(f"--resume: {out_dir} was run with a different config ({', '.join(differing)}): resume with the same config, or use a new --out")
+        raise LegendError(
+            f"--resume: {out_dir} was run with a different config ({', '.join(differing)}): resume with the same config, or use a new --out"
+        )
     return payload
 
 

@@ -71,8 +71,10 @@ class LocalOptimizer:
 
     def __init__(self, params: dict[str, torch.Tensor], lr: float, cfg: TrainConfig, model: SharedModel):
         self.params, self.max_grad_norm = list(params.values()), cfg.max_grad_norm
-        groups = [{"params": [tensor for key, tensor in params.items() if not model.is_head(key)], "lr": lr},
-                  {"params": [tensor for key, tensor in params.items() if model.is_head(key)], "lr": lr * cfg.head_lr_ratio}]
+        groups = [
+            {"params": [tensor for key, tensor in params.items() if not model.is_head(key)], "lr": lr},
+            {"params": [tensor for key, tensor in params.items() if model.is_head(key)], "lr": lr * cfg.head_lr_ratio},
+        ]
         self.optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(model.device.type, enabled=model.compute_dtype == torch.float16)
 
@@ -159,8 +161,9 @@ def start_training(model: SharedModel, seed: int) -> None:
     reset_peak_memory(model.device)
 
 
-def step_loss(loss: torch.Tensor, losses: list[float], device: DeviceSide, model: SharedModel, plan: ClientPlan,
-              optimizer: LocalOptimizer) -> torch.Tensor:
+def step_loss(
+    loss: torch.Tensor, losses: list[float], device: DeviceSide, model: SharedModel, plan: ClientPlan, optimizer: LocalOptimizer
+) -> torch.Tensor:
     """One client's loss of one step as backward takes it: recorded, plus the strategy's extra term, at its loss scale."""
     losses.append(loss.item())
     if (extra := device.extra_loss(model, plan)) is not None:
@@ -168,13 +171,26 @@ def step_loss(loss: torch.Tensor, losses: list[float], device: DeviceSide, model
     return optimizer.scaled(loss)
 
 
-def finished(model: SharedModel, work: ClientWork, losses: list[float], wall_s: float, forward_backward_s: float, peak_mb: float,
-             device: DeviceSide, view: ClientView | None = None) -> Update:
+def finished(
+    model: SharedModel,
+    work: ClientWork,
+    losses: list[float],
+    wall_s: float,
+    forward_backward_s: float,
+    peak_mb: float,
+    device: DeviceSide,
+    view: ClientView | None = None,
+) -> Update:
     """The client's update once its steps are done: its trained tensors (in the shared model, or in ``view``, its
     part of a group), those it keeps apart from those it sends, and its metrics with the strategy's report."""
     plan = work.plan
-    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_wall_s": wall_s,
-               FORWARD_BACKWARD_S: forward_backward_s, "steps": len(losses), PEAK_MEMORY_MB: peak_mb}
+    metrics = {
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_wall_s": wall_s,
+        FORWARD_BACKWARD_S: forward_backward_s,
+        "steps": len(losses),
+        PEAK_MEMORY_MB: peak_mb,
+    }
     with torch.no_grad():
         metrics.update(device.report(model if view is None else view, plan))
     trained = model.read(plan.layout, None if view is None else view.params)
@@ -195,8 +211,16 @@ class ClientView:
         return getattr(self._model, name)
 
 
-def train_client(model: SharedModel, objective: Objective, work: ClientWork, data: EncodedSplit, cfg: TrainConfig, seed: int,
-                 prefix: PrefixView | None = None, device: DeviceSide | None = None) -> Update:
+def train_client(
+    model: SharedModel,
+    objective: Objective,
+    work: ClientWork,
+    data: EncodedSplit,
+    cfg: TrainConfig,
+    seed: int,
+    prefix: PrefixView | None = None,
+    device: DeviceSide | None = None,
+) -> Update:
     """Local AdamW on the objective's loss over the client's batches, starting from the plan's tensors and the device's
     own (together the whole global state). ``device``: the strategy's device-side hooks (an extra loss term, metrics
     to report); none by default. Several clients at once: ``parallel.train_together``, the same steps."""
@@ -223,8 +247,9 @@ class Evaluation(NamedTuple):
 
 
 @torch.no_grad()
-def evaluate(model: SharedModel, objective: Objective, state: State, data: EncodedSplit, buckets: list[np.ndarray],
-             prefix: PrefixView | None = None) -> Evaluation:
+def evaluate(
+    model: SharedModel, objective: Objective, state: State, data: EncodedSplit, buckets: list[np.ndarray], prefix: PrefixView | None = None
+) -> Evaluation:
     """The model with ``state`` loaded, scored by the objective over ``data``."""
     model.load(state)
     model.module.eval()

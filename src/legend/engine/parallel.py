@@ -61,13 +61,17 @@ class StackedClients:
         self.heads = sorted({key.rpartition(".")[0] for key in keys if model.is_head(key)})
         for name in self.heads:
             if not isinstance(model.module.get_submodule(name), nn.Linear):
-                raise LegendError(f"engine.parallel_clients: the head layer '{name}' is not a linear layer, so its clients cannot share a pass; "
-                                  "set engine.parallel_clients = 1")
+                raise LegendError(
+                    f"engine.parallel_clients: the head layer '{name}' is not a linear layer, so its clients cannot share a pass; "
+                    "set engine.parallel_clients = 1"
+                )
 
     def _split(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         if x.shape[0] != sum(rows for _, rows in self.sizes):
-            raise LegendError(f"engine.parallel_clients: a layer saw {x.shape[0]} rows where the group has {sum(r for _, r in self.sizes)} "
-                              "(this model mixes its batch rows); set engine.parallel_clients = 1")
+            raise LegendError(
+                f"engine.parallel_clients: a layer saw {x.shape[0]} rows where the group has {sum(r for _, r in self.sizes)} "
+                "(this model mixes its batch rows); set engine.parallel_clients = 1"
+            )
         return list(zip([k for k, _ in self.sizes], x.split([rows for _, rows in self.sizes]), strict=True))
 
     def _lora_hook(self, name: str):
@@ -76,7 +80,9 @@ class StackedClients:
         scaling, dropout = layer.scaling["default"], layer.lora_dropout["default"]
 
         def add_each_clients_adapter(module, args, output):
-            deltas = [F.linear(F.linear(dropout(x), self.tensors[k][a_key]), self.tensors[k][b_key]) * scaling for k, x in self._split(args[0])]
+            deltas = [
+                F.linear(F.linear(dropout(x), self.tensors[k][a_key]), self.tensors[k][b_key]) * scaling for k, x in self._split(args[0])
+            ]
             return output + torch.cat(deltas)
 
         return add_each_clients_adapter
@@ -85,7 +91,9 @@ class StackedClients:
         weight, bias = f"{name}.weight", f"{name}.bias"
 
         def each_clients_head(module, args, output):
-            return torch.cat([F.linear(x, self.tensors[k][weight], self.tensors[k].get(bias, module.bias)) for k, x in self._split(args[0])])
+            return torch.cat(
+                [F.linear(x, self.tensors[k][weight], self.tensors[k].get(bias, module.bias)) for k, x in self._split(args[0])]
+            )
 
         return each_clients_head
 
@@ -117,8 +125,16 @@ def _own_tensors(model: SharedModel, state: State, keys: list[str], trained: set
     return tensors
 
 
-def train_together(model: SharedModel, objective: Objective, work: Sequence[ClientWork], data: EncodedSplit, cfg: TrainConfig, seed: int,
-                   prefix: PrefixView | None = None, device: DeviceSide | None = None) -> list[Update]:
+def train_together(
+    model: SharedModel,
+    objective: Objective,
+    work: Sequence[ClientWork],
+    data: EncodedSplit,
+    cfg: TrainConfig,
+    seed: int,
+    prefix: PrefixView | None = None,
+    device: DeviceSide | None = None,
+) -> list[Update]:
     """``train_client`` for several clients at once: each client's update, in the order of ``work``."""
     device = device or DeviceSide()
     states = [{**w.plan.weights, **w.own} for w in work]
@@ -130,7 +146,10 @@ def train_together(model: SharedModel, objective: Objective, work: Sequence[Clie
     model.load(shared)
     model.freeze()  # nothing of the shared model trains in a group: the clients' own tensors do
     tensors = [_own_tensors(model, state, stacked, set(model.keys(w.plan.layout))) for w, state in zip(work, states, strict=True)]
-    optimizers = [LocalOptimizer({k: t for k, t in own.items() if t.requires_grad}, w.plan.lr, cfg, model) for own, w in zip(tensors, work, strict=True)]
+    optimizers = [
+        LocalOptimizer({k: t for k, t in own.items() if t.requires_grad}, w.plan.lr, cfg, model)
+        for own, w in zip(tensors, work, strict=True)
+    ]
     views = [ClientView(model, own) for own in tensors]
     group = StackedClients(model, tensors)
     start_training(model, seed)  # dropout: one draw for the group

@@ -49,8 +49,16 @@ Key = tuple[str, int]  # (split name, example index)
 
 
 class PrefixCache:
-    def __init__(self, model: SharedModel, boundary: int, limit_mb: float, dtype: str, spill_dir: str = "", trains: bool = True,
-                 device_limit_mb: float = 0.0):
+    def __init__(
+        self,
+        model: SharedModel,
+        boundary: int,
+        limit_mb: float,
+        dtype: str,
+        spill_dir: str = "",
+        trains: bool = True,
+        device_limit_mb: float = 0.0,
+    ):
         """``trains``: whether training reads it (not with dropout in the skipped blocks, nor without enough reuse: ``training_reuse``).
         ``device_limit_mb``: the tier in the model's device memory, before ``limit_mb`` of host memory (0: none)."""
         self.model, self.boundary, self.trains = model, boundary, trains
@@ -105,7 +113,9 @@ class PrefixCache:
         saved = json.loads(self.index.read_text()) if self.index.is_file() else {}
         size, width = os.fstat(self.spill.fileno()).st_size, self.model.info.hidden_size * self.dtype.itemsize
         if saved.get("header") == self._header():  # entries past the file's end were indexed but never flushed: dropped
-            self.spilled = {(split, i): (offset, tokens) for split, i, offset, tokens in saved["entries"] if offset + tokens * width <= size}
+            self.spilled = {
+                (split, i): (offset, tokens) for split, i, offset, tokens in saved["entries"] if offset + tokens * width <= size
+            }
         else:
             self.spill.truncate(0)
             self.spilled = {}
@@ -139,7 +149,9 @@ class PrefixCache:
         out = {}
         for group in groups:
             states = self.model.prefix_output(data.batch(group), self.boundary)  # (B, T, H)
-            out.update({i: states[j, : data.lengths[i]].to("cpu", self.dtype, copy=True) for j, i in enumerate(group)})  # own host storage, not the batch's
+            out.update(
+                {i: states[j, : data.lengths[i]].to("cpu", self.dtype, copy=True) for j, i in enumerate(group)}
+            )  # own host storage, not the batch's
         return out
 
     def _lookup(self, key: Key) -> torch.Tensor | None:
@@ -189,7 +201,11 @@ class PrefixCache:
         self.bytes += size
 
     def _write_spilled(self, key: Key, entry: torch.Tensor) -> None:
-        if self.spill is None or key in self.spilled or (self.spill_limit is not None and self.spill_bytes + entry.nbytes > self.spill_limit):
+        if (
+            self.spill is None
+            or key in self.spilled
+            or (self.spill_limit is not None and self.spill_bytes + entry.nbytes > self.spill_limit)
+        ):
             return
         offset = self.spill.seek(0, os.SEEK_END)
         self.spill.write(entry.view(torch.uint8).numpy().tobytes())

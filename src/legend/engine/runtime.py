@@ -67,8 +67,9 @@ class DeviceCrash(RuntimeError):
     """A simulated crash inside local training (``faults.crash``)."""
 
 
-def local_training(local: LocalTraining, job: Job, own: State | None = None, crash_at_step: int | None = None,
-                   data: EncodedSplit | None = None) -> Update:
+def local_training(
+    local: LocalTraining, job: Job, own: State | None = None, crash_at_step: int | None = None, data: EncodedSplit | None = None
+) -> Update:
     """What a device does with a job: train from the plan and its own tensors on its batches of its own data.
 
     ``crash_at_step``, ``data``: the simulation's fault injection; training raises DeviceCrash when it reaches that step,
@@ -139,8 +140,11 @@ class InProcess:
     def train(self, local: LocalTraining, jobs: list[Job]) -> dict[int, Update | str]:
         faults = {job.plan.client: self._faults(local, job) for job in jobs}
         running = [job for job in jobs if not isinstance(faults[job.plan.client], str)]
-        trains_alone = {job.plan.client for job in running if self.parallel_clients == 1 or faults[job.plan.client].crash_at_step is not None
-                        or faults[job.plan.client].flips}
+        trains_alone = {
+            job.plan.client
+            for job in running
+            if self.parallel_clients == 1 or faults[job.plan.client].crash_at_step is not None or faults[job.plan.client].flips
+        }
         alone = [job for job in running if job.plan.client in trains_alone]
         together = [job for job in running if job.plan.client not in trains_alone]
         results: dict[int, Update | str] = {client: fault for client, fault in faults.items() if isinstance(fault, str)}
@@ -159,7 +163,9 @@ class InProcess:
             return "dropped out after receiving its plan (faults.dropout)"
         steps = local_step_count(len(local.partitions[job.plan.client]), local.cfg)
         attacker = is_attacker(self.faults, job.seed)
-        return DeviceFaults(int(step * steps) if crashes < self.faults.crash else None, attacker, attacker and self.faults.attack == "label_flip")
+        return DeviceFaults(
+            int(step * steps) if crashes < self.faults.crash else None, attacker, attacker and self.faults.attack == "label_flip"
+        )
 
     def _alone(self, local: LocalTraining, job: Job, faults: DeviceFaults) -> Update | str:
         if faults.flips and self._flipped is None:
@@ -176,7 +182,9 @@ class InProcess:
             return result
         sent = result.weights
         if not faults.flips:
-            sent = poison(sent, {key: job.plan.weights[key][tuple(slice(0, n) for n in value.shape)] for key, value in sent.items()}, self.faults)
+            sent = poison(
+                sent, {key: job.plan.weights[key][tuple(slice(0, n) for n in value.shape)] for key, value in sent.items()}, self.faults
+            )
         return replace(result, weights=sent, metrics={**result.metrics, MALICIOUS: 1.0})
 
 

@@ -69,8 +69,16 @@ class Experiment:
 
     def local(self) -> LocalTraining:
         """What local training needs of this run, for one round (``Runtime.train``)."""
-        return LocalTraining(self.model, self.objective, self.train, self.partitions, self.config.train, self.strategy.device_side(),
-                             self.prefix_view("train"), len(self.label_names))
+        return LocalTraining(
+            self.model,
+            self.objective,
+            self.train,
+            self.partitions,
+            self.config.train,
+            self.strategy.device_side(),
+            self.prefix_view("train"),
+            len(self.label_names),
+        )
 
     def kept_keys(self, layout: AdapterLayout) -> set[str]:
         """The tensors of this layout that a device keeps as its own (FedSA-LoRA's B): never sent, stored by its runtime."""
@@ -88,9 +96,17 @@ def build_model(config: Config, label_names: tuple[str, ...]) -> tuple[SharedMod
     """The shared model with the strategy's global layout injected and initialised from the seed, the objective of
     data.format, and the strategy: what every run (and every export of one) starts from."""
     device = resolve_device(config.engine.device)  # before loading anything: a missing GPU is one line
-    model = SharedModel.build(config.model.name, len(label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout,
-                              resolve_precision(config.engine.precision, device), causal_lm=config.data.format == "instruct",
-                              quantize=config.model.quantize, device=device)
+    model = SharedModel.build(
+        config.model.name,
+        len(label_names),
+        tuple(config.lora.target_modules),
+        config.seed,
+        config.model.dropout,
+        resolve_precision(config.engine.precision, device),
+        causal_lm=config.data.format == "instruct",
+        quantize=config.model.quantize,
+        device=device,
+    )
     objective = objective_for(config, label_names, model.tokenizer)
     strategy = guarded(strategy_class(config.strategy.name)(config, model.info), config)  # the coverage guard, where asked
     compat.check_layout(config, strategy, model.info.num_blocks)
@@ -116,8 +132,15 @@ def build_experiment(config: Config) -> Experiment:
     prefix = None
     if boundary > 0 and engine.cache_mb > 0:  # and for training: no dropout in the skipped blocks, and enough reuse to repay it
         trains = config.model.dropout == 0.0 and training_reuse(config, len(train)) >= MIN_TRAINING_REUSE
-        prefix = PrefixCache(model, boundary, engine.cache_mb, engine.cache_dtype, engine.cache_spill_dir, trains,
-                             engine.cache_device_mb if model.device.type == "cuda" else 0.0)
+        prefix = PrefixCache(
+            model,
+            boundary,
+            engine.cache_mb,
+            engine.cache_dtype,
+            engine.cache_spill_dir,
+            trains,
+            engine.cache_device_mb if model.device.type == "cuda" else 0.0,
+        )
     spec, kept = ModelSpec.of(model), KeptActivations(model.info.hidden_size, train.lengths) if config.devices.activation_cache else None
     return Experiment(
         config=config,
@@ -140,9 +163,14 @@ def build_experiment(config: Config) -> Experiment:
     )
 
 
-def run_experiment(config: Config, out_dir: Path, resume: bool = False,
-                   on_round: Callable[[dict[str, Any]], None] | None = None,
-                   experiment: Experiment | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
+def run_experiment(
+    config: Config,
+    out_dir: Path,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    experiment: Experiment | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
     """Run (or resume) the configured experiment; writes metrics.jsonl, checkpoint.pt and summary.json.
 
     ``runtime`` is where the devices train: in this process unless given (Flower passes its own)."""
@@ -165,9 +193,18 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
         global_state = exp.strategy.initial_state(exp.model)
         runtime.start(out_dir, {key: global_state[key] for key in exp.kept_keys(exp.strategy.global_layout())}, None)
         scored, held_out = evaluate_global(exp, global_state)
-        rows = [RoundRecord(0, accuracy=scored.accuracy, loss=scored.loss, val_accuracy=held_out.accuracy, val_loss=held_out.loss,
-                            wall_s=round(time.perf_counter() - started, 4), forward_backward_s=round(scored.forward_s + held_out.forward_s, 4),
-                            peak_memory_mb=peak_memory_mb(exp.model.device)).row()]
+        rows = [
+            RoundRecord(
+                0,
+                accuracy=scored.accuracy,
+                loss=scored.loss,
+                val_accuracy=held_out.accuracy,
+                val_loss=held_out.loss,
+                wall_s=round(time.perf_counter() - started, 4),
+                forward_backward_s=round(scored.forward_s + held_out.forward_s, 4),
+                peak_memory_mb=peak_memory_mb(exp.model.device),
+            ).row()
+        ]
         _persist(out_dir, fingerprint, global_state, exp, runtime, rows)
     if on_round:
         for row in rows:
@@ -182,7 +219,9 @@ def run_experiment(config: Config, out_dir: Path, resume: bool = False,
     if config.privacy.clip_norm > 0:
         rate = config.fl.clients_per_round / config.fl.num_clients
         spent = epsilon(config.privacy.noise_multiplier, rate, summary["rounds"], config.privacy.delta)
-        summary.update(dp_epsilon=spent if math.isfinite(spent) else None, dp_delta=config.privacy.delta)  # null: clipping without noise, no guarantee
+        summary.update(
+            dp_epsilon=spent if math.isfinite(spent) else None, dp_delta=config.privacy.delta
+        )  # null: clipping without noise, no guarantee
     write_summary(out_dir, summary)
     return summary
 
@@ -196,9 +235,18 @@ def run_resumable(config: Config, out_dir: Path, on_round: Callable[[dict[str, A
 
 def _persist(out_dir: Path, fingerprint: dict, global_state: State, exp: Experiment, runtime: Runtime, rows: list[dict]) -> None:
     """The checkpoint is the source of truth; metrics.jsonl is rewritten from it."""
-    save_checkpoint(out_dir, {"config": fingerprint, "global_state": global_state, "strategy_state": exp.strategy.state_dict(),
-                              "capacity": exp.capacity.state_dict(), "devices": runtime.state_dict(), "metrics": rows,
-                              "kept": exp.kept.state_dict() if exp.kept is not None else {}})
+    save_checkpoint(
+        out_dir,
+        {
+            "config": fingerprint,
+            "global_state": global_state,
+            "strategy_state": exp.strategy.state_dict(),
+            "capacity": exp.capacity.state_dict(),
+            "devices": runtime.state_dict(),
+            "metrics": rows,
+            "kept": exp.kept.state_dict() if exp.kept is not None else {},
+        },
+    )
     runtime.checkpointed()
     write_metrics(out_dir, rows)
 

@@ -14,8 +14,13 @@ import torch
 from legend.core import State, Update
 
 
-def rejection(update: Update, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], start: State, max_norm: float,
-              expected_kept: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None) -> str | None:
+def rejection(
+    update: Update,
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    start: State,
+    max_norm: float,
+    expected_kept: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+) -> str | None:
     """Why the update must not be aggregated, or None when it is sound.
 
     expected: key -> (shape, dtype) of every tensor the plan asks the device to send;

@@ -98,8 +98,14 @@ def main(grid: Grid, context: Context) -> None:
         exp = _experiment(context.run_config)
         runtime = FlowerRuntime(grid, exp.config.flower, context)
         runtime.connect(exp)
-        summary = run_experiment(exp.config, out, resume=bool(context.run_config["resume"]), experiment=exp, runtime=runtime,
-                                 on_round=lambda row: logging.info("round %d accuracy %s", row["round"], row["accuracy"]))
+        summary = run_experiment(
+            exp.config,
+            out,
+            resume=bool(context.run_config["resume"]),
+            experiment=exp,
+            runtime=runtime,
+            on_round=lambda row: logging.info("round %d accuracy %s", row["round"], row["accuracy"]),
+        )
         logging.info("summary: %s", json.dumps(summary))
     except LegendError as exc:
         (out / ERROR_FILE).write_text(f"{exc}\n")

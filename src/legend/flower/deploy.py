@@ -30,8 +30,9 @@ CONNECTION = "legend-local"
 BIN = Path(sys.executable).parent
 
 
-def deploy_local(config: Config, nodes: int, out: Path, resume: bool = False, echo: Callable[[str], None] = print,
-                 simulation: bool = False) -> dict:
+def deploy_local(
+    config: Config, nodes: int, out: Path, resume: bool = False, echo: Callable[[str], None] = print, simulation: bool = False
+) -> dict:
     """Run the experiment through a SuperLink and ``nodes`` SuperNodes on this machine; returns the summary.
 
     ``simulation``: the SuperNodes are virtual, run by Flower's simulation runtime (Ray) inside the SuperLink's
@@ -41,7 +42,9 @@ def deploy_local(config: Config, nodes: int, out: Path, resume: bool = False, ec
     if simulation and importlib.util.find_spec("ray") is None:
         raise LegendError("Flower's simulation runtime needs Ray: pip install 'flwr[simulation]==1.41.0' (or legend[bench])")
     if nodes != config.fl.num_clients:
-        raise LegendError(f"--nodes {nodes} but fl.num_clients is {config.fl.num_clients}: each client runs on its own SuperNode, so make them equal")
+        raise LegendError(
+            f"--nodes {nodes} but fl.num_clients is {config.fl.num_clients}: each client runs on its own SuperNode, so make them equal"
+        )
     config = _portable(config)
     out = out.resolve()
     work = out / "flower"
@@ -56,13 +59,37 @@ def deploy_local(config: Config, nodes: int, out: Path, resume: bool = False, ec
     fleet = build_fleet(config.devices, config.fl.num_clients, config.seed)
     runtime = ["--simulation", "--isolation", "subprocess"] if simulation else []
     with _processes() as start:
-        start(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation", *runtime, "--host", "127.0.0.1", "--port", str(link_port)],
-              work / "superlink.log", env)
+        start(
+            [
+                "flower-superlink",
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                *runtime,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+            ],
+            work / "superlink.log",
+            env,
+        )
         _wait_for_port(link_port, work / "superlink.log")
         for client, port in enumerate([] if simulation else node_ports):
             node_config = f'client-id={client} device="{fleet.device_of(client).kind}"'
-            start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(port), "--node-config", node_config],
-                  work / f"supernode-{client}.log", env)
+            start(
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    node_config,
+                ],
+                work / f"supernode-{client}.log",
+                env,
+            )
         federation = ["--federation-config", f"num-supernodes={nodes}"] if simulation else []
         run = start(["flwr", "run", str(app), CONNECTION, "--stream", *federation], work / "serverapp.log", env)
         _follow(run, work / "serverapp.log", echo)
@@ -100,8 +127,9 @@ def _processes() -> Iterator[Callable[..., subprocess.Popen]]:
     def start(argv: list[str], log: Path, env: dict) -> subprocess.Popen:
         handle = open(log, "ab")  # noqa: SIM115 (closed with the process below)
         key, value = marker.split("=")
-        process = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], stdout=handle, stderr=subprocess.STDOUT, env={**env, key: value},
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [str(BIN / argv[0]), *argv[1:]], stdout=handle, stderr=subprocess.STDOUT, env={**env, key: value}, start_new_session=True
+        )
         process.log = handle
         started.append(process)
         return process
@@ -186,7 +214,9 @@ def _wait_for_port(port: int, log: Path, timeout_s: float = 60) -> None:
 def _write_connection(home: Path, port: int) -> None:
     """The `flwr` CLI's connection to our SuperLink (FLWR_HOME/config.toml)."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
 
 
 def _write_app(app: Path, config: Config, out: Path, resume: bool) -> Path:

@@ -28,8 +28,13 @@ def job_meta(job: Job) -> dict:
 
 def job_from_meta(meta: dict, weights: State) -> Job:
     layout = meta["layout"]
-    layout = AdapterLayout(layout["method"], tuple(layout["rank_by_block"]), tuple(layout["train_factors"]), layout["train_head"],
-                           tuple(layout["skipped_blocks"]))
+    layout = AdapterLayout(
+        layout["method"],
+        tuple(layout["rank_by_block"]),
+        tuple(layout["train_factors"]),
+        layout["train_head"],
+        tuple(layout["skipped_blocks"]),
+    )
     return Job(meta["round"], ClientPlan(meta["client"], layout, weights, meta["lr"]), meta["seed"])
 
 
@@ -43,11 +48,23 @@ def decode_job(content: RecordDict) -> Job:
 
 def encode_update(update: Update) -> RecordDict:
     meta = {"client": update.client, "num_samples": update.num_samples, "metrics": update.metrics}
-    return RecordDict({"weights": _arrays(update.weights), "kept": _arrays(update.kept), "kept_start": _arrays(update.kept_start),
-                       "meta": ConfigRecord({"json": json.dumps(meta)})})
+    return RecordDict(
+        {
+            "weights": _arrays(update.weights),
+            "kept": _arrays(update.kept),
+            "kept_start": _arrays(update.kept_start),
+            "meta": ConfigRecord({"json": json.dumps(meta)}),
+        }
+    )
 
 
 def decode_update(content: RecordDict) -> Update:
     meta = _meta(content)
-    return Update(meta["client"], content["weights"].to_torch_state_dict(), meta["num_samples"], meta["metrics"],
-                  content["kept"].to_torch_state_dict(), content["kept_start"].to_torch_state_dict())
+    return Update(
+        meta["client"],
+        content["weights"].to_torch_state_dict(),
+        meta["num_samples"],
+        meta["metrics"],
+        content["kept"].to_torch_state_dict(),
+        content["kept_start"].to_torch_state_dict(),
+    )

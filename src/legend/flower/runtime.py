@@ -50,8 +50,10 @@ class FlowerRuntime:
         self.exp = exp
         self._admit(list(self.grid.get_node_ids()), self.cfg.connect_timeout_s, restarted=False)
         if not self.node_of:
-            raise LegendError(f"no SuperNode answered within flower.connect_timeout_s={self.cfg.connect_timeout_s:g} s: start the SuperNodes, "
-                              "each with --node-config 'client-id=N device=\"CLASS\"'")
+            raise LegendError(
+                f"no SuperNode answered within flower.connect_timeout_s={self.cfg.connect_timeout_s:g} s: start the SuperNodes, "
+                "each with --node-config 'client-id=N device=\"CLASS\"'"
+            )
         missing = sorted(set(range(num_clients)) - set(self.node_of))
         if missing:
             log.warning("no SuperNode for clients %s: the run goes on without them", missing)
@@ -69,13 +71,17 @@ class FlowerRuntime:
             advert = dict(reply.content["advert"])
             client, kind = int(advert["client-id"]), str(advert["device"])
             if not 0 <= client < num_clients:
-                raise LegendError(f"a SuperNode advertises client-id={client}, outside 0..{num_clients - 1}: fix its --node-config or fl.num_clients")
+                raise LegendError(
+                    f"a SuperNode advertises client-id={client}, outside 0..{num_clients - 1}: fix its --node-config or fl.num_clients"
+                )
             if client in self.node_of and not restarted:
                 raise LegendError(f"two SuperNodes advertise client-id={client}: give each node its own client-id in --node-config")
             expected = exp.fleet.device_of(client).kind
             if kind != expected:
-                raise LegendError(f"the SuperNode of client {client} advertises device '{kind}', the config's fleet binds it to '{expected}': "
-                                  f"set its --node-config device=\"{expected}\" or change devices.fleet")
+                raise LegendError(
+                    f"the SuperNode of client {client} advertises device '{kind}', the config's fleet binds it to '{expected}': "
+                    f'set its --node-config device="{expected}" or change devices.fleet'
+                )
             if figures := advertised_figures(advert, client):
                 exp.fleet.advertise(client, figures)
             if restarted:
@@ -109,7 +115,9 @@ class FlowerRuntime:
         Under secure aggregation the nodes' updates come back only as their sum (``summed``)."""
         if self.cfg.secure_aggregation:
             scale = float(sum(len(local.partitions[job.plan.client]) for job in jobs))
-            outcome, self._summed = secure_round(self.grid, self.context, self.cfg, jobs, self.node_of, scale, self.global_shapes) if jobs else ({}, None)
+            outcome, self._summed = (
+                secure_round(self.grid, self.context, self.cfg, jobs, self.node_of, scale, self.global_shapes) if jobs else ({}, None)
+            )
             return outcome
         messages = [Message(encode_job(job), self.node_of[job.plan.client], "train", group_id=str(job.round_number)) for job in jobs]
         replies = self._exchange(messages, self.cfg.round_timeout_s)
@@ -141,7 +149,9 @@ def advertised_figures(advert: dict, client: int) -> dict[str, float]:
             except (TypeError, ValueError):
                 value = math.nan
             if not (math.isfinite(value) and value > 0):
-                raise LegendError(f"the SuperNode of client {client} advertises {key}={advert[key]!r}: give a positive number in its --node-config, e.g. {key}=4")
+                raise LegendError(
+                    f"the SuperNode of client {client} advertises {key}={advert[key]!r}: give a positive number in its --node-config, e.g. {key}=4"
+                )
             figures[field] = value
     return figures
 

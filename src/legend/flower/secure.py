@@ -93,7 +93,9 @@ def spread_masses(global_shapes: dict[str, tuple[int, ...]], masses: torch.Tenso
     return out
 
 
-def summand(update: Update, global_shapes: dict[str, tuple[int, ...]], weight_scale: float, wire_dtype: str, clip: float, seed: int) -> RecordDict:
+def summand(
+    update: Update, global_shapes: dict[str, tuple[int, ...]], weight_scale: float, wire_dtype: str, clip: float, seed: int
+) -> RecordDict:
     """What the node hands to SecAgg+: per global tensor (sorted by name) weight x value on the coordinates it trained,
     zero elsewhere, then one vector of its weight at the granularity it varies (``coverage_numel``: per rank row of a
     LoRA factor, per other tensor); its report as a metric. Refuses numbers outside the clipping range: SecAgg+ would
@@ -112,9 +114,15 @@ def summand(update: Update, global_shapes: dict[str, tuple[int, ...]], weight_sc
     arrays.append(torch.cat(masses).numpy())
     largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
     if not math.isfinite(largest) or largest > clip:
-        raise LegendError(f"client {update.client}: its update holds {largest:g}, outside flower.secure_clip={clip:g}: raise flower.secure_clip")
+        raise LegendError(
+            f"client {update.client}: its update holds {largest:g}, outside flower.secure_clip={clip:g}: raise flower.secure_clip"
+        )
     np.random.seed(seed % 2**32)  # SecAgg+ rounds stochastically with NumPy's global generator: the same job, the same sum
-    report = {"client": update.client, "num_samples": update.num_samples, "metrics": {**update.metrics, SENT_NUMEL: sum(t.numel() for t in update.weights.values())}}
+    report = {
+        "client": update.client,
+        "num_samples": update.num_samples,
+        "metrics": {**update.metrics, SENT_NUMEL: sum(t.numel() for t in update.weights.values())},
+    }
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {REPORT: json.dumps(report)})  # weight 1: legend weighs inside
     return compat.fitres_to_recorddict(fitres, keep_input=False)
 
@@ -198,28 +206,46 @@ def content_bytes(content: RecordDict) -> int:
     return size
 
 
-def secure_round(grid: Grid, context: Context, cfg: FlowerConfig, jobs: list[Job], node_of: dict[int, int], weight_scale: float,
-                 global_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[int, Update | str], SecureSum | None]:
+def secure_round(
+    grid: Grid,
+    context: Context,
+    cfg: FlowerConfig,
+    jobs: list[Job],
+    node_of: dict[int, int],
+    weight_scale: float,
+    global_shapes: dict[str, tuple[int, ...]],
+) -> tuple[dict[int, Update | str], SecureSum | None]:
     """One round's jobs through SecAgg+: each client's report (or why it has none) and the sum, None if the protocol halted."""
     round_number = jobs[0].round_number
     client_of = {node_of[job.plan.client]: job.plan.client for job in jobs}
-    collector = SumCollector([(GridClientProxy(node_of[job.plan.client], grid, context.run_id), _fitins(job, weight_scale, global_shapes))
-                              for job in jobs])
+    collector = SumCollector(
+        [(GridClientProxy(node_of[job.plan.client], grid, context.run_id), _fitins(job, weight_scale, global_shapes)) for job in jobs]
+    )
     legacy = LegacyContext(context, strategy=collector)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_number})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     shares = cfg.secure_shares if cfg.secure_shares <= 1 else int(cfg.secure_shares)
-    workflow = CoveredSecAggPlus(shares, cfg.secure_threshold, max_weight=1.0, clipping_range=cfg.secure_clip,
-                                 quantization_range=quantization_range(len(jobs)), modulus_range=MODULUS, timeout=cfg.round_timeout_s,
-                                 layouts={node_of[job.plan.client]: job.plan.layout for job in jobs}, k=cfg.secure_min_coverage)
+    workflow = CoveredSecAggPlus(
+        shares,
+        cfg.secure_threshold,
+        max_weight=1.0,
+        clipping_range=cfg.secure_clip,
+        quantization_range=quantization_range(len(jobs)),
+        modulus_range=MODULUS,
+        timeout=cfg.round_timeout_s,
+        layouts={node_of[job.plan.client]: job.plan.layout for job in jobs},
+        k=cfg.secure_min_coverage,
+    )
     metered, started = MeteredGrid(grid), time.monotonic()
     workflow(metered, legacy)
     seconds = time.monotonic() - started
     reports = {client_of[proxy.node_id]: json.loads(str(fitres.metrics[REPORT])) for proxy, fitres in collector.results}
     halted = "no masked update (node lost or too slow), or the protocol halted"
     if workflow.thin:
-        halted = (f"devices lost after masking left coordinates of clients {sorted(client_of[n] for n in workflow.thin)} to fewer than "
-                  f"flower.secure_min_coverage={cfg.secure_min_coverage} survivors, so their sum was not unmasked")
+        halted = (
+            f"devices lost after masking left coordinates of clients {sorted(client_of[n] for n in workflow.thin)} to fewer than "
+            f"flower.secure_min_coverage={cfg.secure_min_coverage} survivors, so their sum was not unmasked"
+        )
     outcome: dict[int, Update | str] = {}
     for job in jobs:
         client = job.plan.client
@@ -230,7 +256,9 @@ def secure_round(grid: Grid, context: Context, cfg: FlowerConfig, jobs: list[Job
             outcome[client] = f"secure aggregation: {metered.errors.get(node_of[client], halted)}"
     if not collector.results:
         return outcome, None
-    summed = [torch.from_numpy(np.asarray(a) * len(collector.results)).float() for a in parameters_to_ndarrays(collector.results[0][1].parameters)]
+    summed = [
+        torch.from_numpy(np.asarray(a) * len(collector.results)).float() for a in parameters_to_ndarrays(collector.results[0][1].parameters)
+    ]
     totals = {key: summed[i].reshape(global_shapes[key]) for i, key in enumerate(sorted(global_shapes))}
     masses = spread_masses(global_shapes, summed[-1])
     return outcome, SecureSum(totals, masses, metered.bytes_down, metered.bytes_up, seconds)

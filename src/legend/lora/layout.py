@@ -112,8 +112,13 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float], dropout: float,
     )
 
 
-def inject_lora(model: torch.nn.Module, module_names_by_block: dict[int, list[str]], layout: AdapterLayout,
-                alpha: float | Sequence[float], dropout: float) -> None:
+def inject_lora(
+    model: torch.nn.Module,
+    module_names_by_block: dict[int, list[str]],
+    layout: AdapterLayout,
+    alpha: float | Sequence[float],
+    dropout: float,
+) -> None:
     """Add PEFT LoRA layers in place: one rank per block, given by ``layout.rank_by_block``, and one alpha
     for every block or one per block (the scaling of block l is alpha_l / r_l)."""
     alphas = tuple(alpha) if isinstance(alpha, Sequence) else (alpha,) * len(layout.rank_by_block)

@@ -22,10 +22,14 @@ def resolve_device(name: str, setting: str = "engine.device") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise LegendError(f"{setting} '{name}' but this torch sees no CUDA device ({torch.__version__}): use {setting}=cpu (or auto), "
-                              "or install a CUDA build of torch (pytorch.org/get-started/locally)")
+            raise LegendError(
+                f"{setting} '{name}' but this torch sees no CUDA device ({torch.__version__}): use {setting}=cpu (or auto), "
+                "or install a CUDA build of torch (pytorch.org/get-started/locally)"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise LegendError(f"{setting} '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise LegendError(
+                f"{setting} '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     return device
 
 
@@ -50,8 +54,10 @@ def quantization_config(quantize: str, device: torch.device, compute_dtype: torc
     if quantize == "none":
         return None
     if device.type != "cuda":
-        raise LegendError(f"model.quantize '{quantize}' needs a CUDA GPU (bitsandbytes quantizes there) and this run is on the {device.type}: "
-                          "set engine.device=cuda on a GPU machine, or model.quantize='none'")
+        raise LegendError(
+            f"model.quantize '{quantize}' needs a CUDA GPU (bitsandbytes quantizes there) and this run is on the {device.type}: "
+            "set engine.device=cuda on a GPU machine, or model.quantize='none'"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -60,7 +66,9 @@ def quantization_config(quantize: str, device: torch.device, compute_dtype: torc
 
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
+    )
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -34,7 +34,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def default_target_modules(model_type: str) -> tuple[str, ...]:
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     if not targets:
-        raise LegendError(f"no default LoRA targets for model type '{model_type}': set lora.target_modules, e.g. [\"q_proj\", \"v_proj\"]")
+        raise LegendError(f'no default LoRA targets for model type \'{model_type}\': set lora.target_modules, e.g. ["q_proj", "v_proj"]')
     return tuple(targets)
 
 
@@ -49,8 +49,15 @@ class SharedModel:
     per client but those tensors.
     """
 
-    def __init__(self, module: nn.Module, tokenizer, info: ModelInfo, compute_dtype: torch.dtype = torch.float32, blocks_only: bool = False,
-                 quantize: str = "none"):
+    def __init__(
+        self,
+        module: nn.Module,
+        tokenizer,
+        info: ModelInfo,
+        compute_dtype: torch.dtype = torch.float32,
+        blocks_only: bool = False,
+        quantize: str = "none",
+    ):
         """``blocks_only``: nothing outside the blocks ever trains (a causal LM's embeddings, final norm and LM head,
         whatever the layout says: full fine-tuning then trains the blocks)."""
         self.module = module
@@ -93,9 +100,18 @@ class SharedModel:
         self._below_blocks = {key for i, key in enumerate(self.params) if i < first_block}
 
     @classmethod
-    def build(cls, name: str, num_labels: int, target_modules: tuple[str, ...] = (), seed: int = 0, dropout: float | None = None,
-              compute_dtype: torch.dtype = torch.float32, causal_lm: bool = False, quantize: str = "none",
-              device: torch.device | None = None) -> SharedModel:
+    def build(
+        cls,
+        name: str,
+        num_labels: int,
+        target_modules: tuple[str, ...] = (),
+        seed: int = 0,
+        dropout: float | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        causal_lm: bool = False,
+        quantize: str = "none",
+        device: torch.device | None = None,
+    ) -> SharedModel:
         """A sequence classifier with a new head of ``num_labels`` classes (drawn from the seed), or with ``causal_lm`` the
         model with its own LM head. ``quantize`` ('4bit', '8bit'): loaded straight onto ``device`` (a GPU) in bitsandbytes' form."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -114,10 +130,14 @@ class SharedModel:
             placed = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
             module = auto.from_pretrained(source, config=config, dtype=torch.float32, **placed)
         except OSError as exc:
-            raise LegendError(f"model.name '{name}' could not be loaded ({str(exc).splitlines()[0]}): use minilm-l6, smollm2-135m or a local directory") from None
+            raise LegendError(
+                f"model.name '{name}' could not be loaded ({str(exc).splitlines()[0]}): use minilm-l6, smollm2-135m or a local directory"
+            ) from None
         except ValueError as exc:  # transformers: no causal-LM (or classifier) class for this architecture
-            raise LegendError(f"model.name '{name}' cannot be loaded as {auto.__name__} ({str(exc).splitlines()[0][:160]}): "
-                              f"{'use a decoder (Llama, Qwen, Mistral family) for data.format=instruct' if causal_lm else 'use data.format=instruct for a decoder without a classifier'}") from None
+            raise LegendError(
+                f"model.name '{name}' cannot be loaded as {auto.__name__} ({str(exc).splitlines()[0][:160]}): "
+                f"{'use a decoder (Llama, Qwen, Mistral family) for data.format=instruct' if causal_lm else 'use data.format=instruct for a decoder without a classifier'}"
+            ) from None
         if tokenizer.pad_token_id is None:  # decoder models: pad with EOS, and tell the head where padding starts
             tokenizer.pad_token = tokenizer.eos_token
         module.config.pad_token_id = tokenizer.pad_token_id
@@ -126,8 +146,9 @@ class SharedModel:
         info = ModelInfo(module.config.model_type, len(blocks), module.config.hidden_size, targets, prefix)
         return cls(module, tokenizer, info, compute_dtype, blocks_only=causal_lm, quantize=quantize)
 
-    def add_adapters(self, layout: AdapterLayout, lora_alpha: float | Sequence[float], lora_dropout: float, seed: int = 0,
-                     lora_init: str = "default") -> None:
+    def add_adapters(
+        self, layout: AdapterLayout, lora_alpha: float | Sequence[float], lora_dropout: float, seed: int = 0, lora_init: str = "default"
+    ) -> None:
         """Inject the strategy's global layout once (initial adapters drawn from the seed, or FeDeRA's SVD of
         the weights: the same on every client and the server)."""
         blocks = self._blocks()
@@ -143,7 +164,11 @@ class SharedModel:
 
     def _inject_lora(self, blocks: nn.ModuleList, layout: AdapterLayout, lora_alpha: float | Sequence[float], lora_dropout: float) -> None:
         names = {
-            i: [f"{self.blocks_prefix}.{i}.{sub}" for sub, m in block.named_modules() if isinstance(m, nn.Linear) and sub.split(".")[-1] in self.info.target_modules]
+            i: [
+                f"{self.blocks_prefix}.{i}.{sub}"
+                for sub, m in block.named_modules()
+                if isinstance(m, nn.Linear) and sub.split(".")[-1] in self.info.target_modules
+            ]
             for i, block in enumerate(blocks)
         }
         if not any(names.values()):
@@ -158,7 +183,11 @@ class SharedModel:
 
     def keys(self, layout: AdapterLayout) -> list[str]:
         """Tensors this layout trains, in a fixed order."""
-        return [k for k in self.params if layout.trains(k, self._block[k], self._is_head[k]) and not (self.blocks_only and self._block[k] is None)]
+        return [
+            k
+            for k in self.params
+            if layout.trains(k, self._block[k], self._is_head[k]) and not (self.blocks_only and self._block[k] is None)
+        ]
 
     def device_shapes(self, layout: AdapterLayout) -> dict[str, tuple[int, ...]]:
         """Shape on the device of every tensor this layout trains (LoRA factors cut to its ranks)."""
@@ -192,7 +221,11 @@ class SharedModel:
 
     def prefix_parameters(self, boundary: int) -> list[nn.Parameter]:
         """The embeddings and the blocks below ``boundary``."""
-        return [p for key, p in self.params.items() if key in self._below_blocks or (self._block[key] is not None and self._block[key] < boundary)]
+        return [
+            p
+            for key, p in self.params.items()
+            if key in self._below_blocks or (self._block[key] is not None and self._block[key] < boundary)
+        ]
 
     @torch.no_grad()
     def prefix_output(self, batch: dict[str, torch.Tensor], boundary: int) -> torch.Tensor:

@@ -50,11 +50,15 @@ class Instruct(Objective):
             if not self.prompt:
                 raise LegendError("data.prompt: a custom label task trained as instructions needs a prompt holding {text}; set data.prompt")
             if len(self.label_words) != len(label_names):
-                raise LegendError(f"data.label_words: {len(self.label_words)} words for the {len(label_names)} classes {list(label_names)}; give one word per class, in class order")
+                raise LegendError(
+                    f"data.label_words: {len(self.label_words)} words for the {len(label_names)} classes {list(label_names)}; give one word per class, in class order"
+                )
             first = [tokenizer(response_text(word, self.chat), add_special_tokens=False)["input_ids"][0] for word in self.label_words]
             if len(set(first)) < len(first):
-                raise LegendError(f"data.label_words {list(self.label_words)}: two start with the same token, and accuracy compares the first "
-                                  "token's likelihood; choose words that start differently")
+                raise LegendError(
+                    f"data.label_words {list(self.label_words)}: two start with the same token, and accuracy compares the first "
+                    "token's likelihood; choose words that start differently"
+                )
             self.choices = torch.tensor(first)
 
     def encode(self, table: datasets.Dataset, max_length: int) -> InstructSplit:
@@ -115,6 +119,12 @@ class Instruct(Objective):
         for j, prompt in enumerate(prompts):
             ids[j, width - len(prompt) :] = torch.from_numpy(prompt)
             mask[j, width - len(prompt) :] = 1
-        out = module.generate(input_ids=ids.to(module.device), attention_mask=mask.to(module.device), max_new_tokens=self.max_new_tokens, do_sample=False,
-                              pad_token_id=pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        out = module.generate(
+            input_ids=ids.to(module.device),
+            attention_mask=mask.to(module.device),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
         return [answer.strip() for answer in self.tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)]

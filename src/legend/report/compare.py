@@ -16,7 +16,15 @@ from pathlib import Path
 from legend.config import Config, override_config
 from legend.errors import LegendError
 
-DEFAULT_STRATEGIES = ("legend", "fedit", "hetlora", "flexlora", "fedra", "ffa", "federa")  # what `legend compare` and `legend tune` run unless told
+DEFAULT_STRATEGIES = (
+    "legend",
+    "fedit",
+    "hetlora",
+    "flexlora",
+    "fedra",
+    "ffa",
+    "federa",
+)  # what `legend compare` and `legend tune` run unless told
 PLAN = "compare.json"
 
 
@@ -24,9 +32,17 @@ def run_dir(out: Path, strategy: str, seed: int) -> Path:
     return out / "runs" / f"{strategy}-seed{seed}"
 
 
-def compare(config: Config, out: Path, strategies: list[str], seeds: list[int], command: str,
-            on_run: Callable[[str], None] = lambda label: None, on_round: Callable[[dict], None] | None = None,
-            tuned: dict[str, dict[str, str]] | None = None, jobs: int = 1) -> Path:
+def compare(
+    config: Config,
+    out: Path,
+    strategies: list[str],
+    seeds: list[int],
+    command: str,
+    on_run: Callable[[str], None] = lambda label: None,
+    on_round: Callable[[dict], None] | None = None,
+    tuned: dict[str, dict[str, str]] | None = None,
+    jobs: int = 1,
+) -> Path:
     """Run every (seed, strategy) not yet finished, ``jobs`` at a time, then write the report; returns OUT/report.md.
 
     ``tuned``: per strategy, the settings `legend tune` chose, applied over the config for that strategy's runs."""
@@ -37,10 +53,20 @@ def compare(config: Config, out: Path, strategies: list[str], seeds: list[int], 
     for name in strategies:
         strategy_class(name)  # an unknown name fails before hours of runs
         if tuned is not None and name not in tuned:
-            raise LegendError(f"--tuned has no settings for {name} (it has {', '.join(tuned)}): tune {name} too, or leave it out of --strategies")
-    runs = [(f"{name} seed {seed} -> {run_dir(out, name, seed)}",
-             override_config(config, [*(f"{key}={value}" for key, value in (tuned or {}).get(name, {}).items()), f"strategy.name={name}", f"seed={seed}"]),
-             run_dir(out, name, seed)) for seed in seeds for name in strategies]
+            raise LegendError(
+                f"--tuned has no settings for {name} (it has {', '.join(tuned)}): tune {name} too, or leave it out of --strategies"
+            )
+    runs = [
+        (
+            f"{name} seed {seed} -> {run_dir(out, name, seed)}",
+            override_config(
+                config, [*(f"{key}={value}" for key, value in (tuned or {}).get(name, {}).items()), f"strategy.name={name}", f"seed={seed}"]
+            ),
+            run_dir(out, name, seed),
+        )
+        for seed in seeds
+        for name in strategies
+    ]
     check_jobs(jobs, [run_config for _, run_config, _ in runs])
     out.mkdir(parents=True, exist_ok=True)
     plan = {"config": config.model_dump(mode="json"), "strategies": strategies, "seeds": seeds}
@@ -48,7 +74,9 @@ def compare(config: Config, out: Path, strategies: list[str], seeds: list[int], 
         plan["tuned"] = {name: tuned[name] for name in strategies}
     saved = _read_plan(out)
     if saved and ({k: saved.get(k) for k in plan} != plan or ("tuned" in saved) != ("tuned" in plan)):
-        raise LegendError(f"{out} holds a comparison with another config, strategies or seeds: use a new --out, or the same arguments to resume it")
+        raise LegendError(
+            f"{out} holds a comparison with another config, strategies or seeds: use a new --out, or the same arguments to resume it"
+        )
     started = saved["started"] if saved else datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), Python {platform.python_version()}"
     (out / PLAN).write_text(json.dumps({**plan, "command": command, "started": started, "machine": machine}, indent=1) + "\n")

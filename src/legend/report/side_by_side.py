@@ -26,12 +26,17 @@ def check_jobs(jobs: int, configs: list[Config]) -> None:
     if jobs < 1:
         raise LegendError(f"--jobs {jobs} is not a number of runs at a time: give 1 or more")
     if jobs > 1 and any(config.engine.threads == 0 for config in configs):
-        raise LegendError(f"--jobs {jobs} runs {jobs} runs side by side, each on all cores (engine.threads=0): "
-                          f"give each its share, e.g. engine.threads=1")
+        raise LegendError(
+            f"--jobs {jobs} runs {jobs} runs side by side, each on all cores (engine.threads=0): give each its share, e.g. engine.threads=1"
+        )
 
 
-def run_side_by_side(runs: list[Run], jobs: int, on_start: Callable[[str], None] = lambda label: None,
-                     on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+def run_side_by_side(
+    runs: list[Run],
+    jobs: int,
+    on_start: Callable[[str], None] = lambda label: None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
     """Run (or resume, or only re-read) every run, after ``check_jobs``; ``on_round`` sees each round only when they
     run one at a time."""
     from legend.engine.simulation import run_resumable

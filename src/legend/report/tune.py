@@ -47,8 +47,16 @@ def overrides(setting: dict[str, Any]) -> list[str]:
     return [f"{key}={value}" for key, value in setting.items()]
 
 
-def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[str]], seeds: list[int], command: str,
-         on_run: Callable[[str], None] = lambda label: None, jobs: int = 1) -> dict[str, Any]:
+def tune(
+    config: Config,
+    out: Path,
+    strategies: list[str],
+    grid: dict[str, list[str]],
+    seeds: list[int],
+    command: str,
+    on_run: Callable[[str], None] = lambda label: None,
+    jobs: int = 1,
+) -> dict[str, Any]:
     """Run every (strategy, setting, seed) not yet finished, ``jobs`` at a time; write and return OUT/tuned.json's content."""
     from legend.report.side_by_side import check_jobs, run_side_by_side
     from legend.strategies import strategy_class
@@ -72,7 +80,9 @@ def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[
     plan = {"config": config.model_dump(mode="json"), "strategies": strategies, "grid": grid, "seeds": seeds}
     saved = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
     if saved and {k: saved[k] for k in plan} != plan:
-        raise LegendError(f"{out} holds a tuning run with another config, strategies, grid or seeds: use a new --out, or the same arguments to resume it")
+        raise LegendError(
+            f"{out} holds a tuning run with another config, strategies, grid or seeds: use a new --out, or the same arguments to resume it"
+        )
     (out / PLAN).write_text(json.dumps({**plan, "command": command}, indent=1) + "\n")
     run_side_by_side(list(runs.values()), jobs, on_run)
     chosen = {}
@@ -81,11 +91,22 @@ def tune(config: Config, out: Path, strategies: list[str], grid: dict[str, list[
         for index, point in enumerate(points):
             scores = [score(runs[name, index, seed][2]) for seed in seeds]
             reached = [to_target(read_metrics(runs[name, index, seed][2]), config.eval.target_accuracy) for seed in seeds]
-            tried.append({"settings": point, "score": sum(scores) / len(scores), "per_seed": scores,
-                          "time_to_target_held_s": [t for t, _ in reached], "bytes_to_target_held": [b for _, b in reached]})
+            tried.append(
+                {
+                    "settings": point,
+                    "score": sum(scores) / len(scores),
+                    "per_seed": scores,
+                    "time_to_target_held_s": [t for t, _ in reached],
+                    "bytes_to_target_held": [b for _, b in reached],
+                }
+            )
         best = max(tried, key=lambda t: t["score"])  # the first of equals: grid order
         chosen[name] = {"settings": best["settings"], "score": best["score"], "tried": tried}
-    result = {"selected_on": f"validation accuracy, mean of the last {LAST_EVALUATIONS} evaluations and of seeds {seeds}", "grid": grid, "strategies": chosen}
+    result = {
+        "selected_on": f"validation accuracy, mean of the last {LAST_EVALUATIONS} evaluations and of seeds {seeds}",
+        "grid": grid,
+        "strategies": chosen,
+    }
     (out / TUNED).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -114,4 +135,6 @@ def read_tuned(path: Path) -> dict[str, dict[str, str]]:
         tuned = json.loads(path.read_text())["strategies"]
         return {name: dict(entry["settings"]) for name, entry in tuned.items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LegendError(f"--tuned {path} is not a {TUNED} of `legend tune` ({type(exc).__name__}): give OUT/{TUNED} of a finished tuning run") from None
+        raise LegendError(
+            f"--tuned {path} is not a {TUNED} of `legend tune` ({type(exc).__name__}): give OUT/{TUNED} of a finished tuning run"
+        ) from None

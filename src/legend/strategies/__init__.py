@@ -1,6 +1,21 @@
 """One file per federated algorithm, all behind the Strategy interface in base.py."""
 
-from legend.strategies import adapter, bitfit, fedavg_full, fedex, fedit, federa, fedprox, fedra, fedsa, ffa, flexlora, flora, hetlora, legend  # noqa: F401  (registers them)
+from legend.strategies import (
+    adapter,
+    bitfit,
+    fedavg_full,
+    fedex,
+    fedit,
+    federa,
+    fedprox,
+    fedra,
+    fedsa,
+    ffa,
+    flexlora,
+    flora,
+    hetlora,
+    legend,
+)  # noqa: F401  (registers them)
 from legend.strategies.base import Strategy
 from legend.strategies.registry import STRATEGIES, strategy_class
 

@@ -72,7 +72,10 @@ def robust_average(current: torch.Tensor, tensors: list[torch.Tensor], rule: str
     ordered = stacked.sort(dim=0).values  # NaN sort last
     position = torch.arange(len(tensors)).view(-1, *([1] * current.dim()))
     if rule == "median":  # the mean of the two middle values for an even count
-        low, high = ordered.gather(0, ((count - 1) // 2).clamp_min(0)[None]), ordered.gather(0, (count // 2).clamp_max(len(tensors) - 1)[None])
+        low, high = (
+            ordered.gather(0, ((count - 1) // 2).clamp_min(0)[None]),
+            ordered.gather(0, (count // 2).clamp_max(len(tensors) - 1)[None]),
+        )
         value = ((low + high) / 2)[0]
     else:
         cut = (trim * count).floor().long()

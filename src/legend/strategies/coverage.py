@@ -48,8 +48,13 @@ def enough_clients(clients: list[int], config: Config, round_number: int) -> lis
     """The round's sampled clients, or none (the round is skipped) when fewer than ``fewest_clients`` could be sampled."""
     fewest = fewest_clients(config)
     if 0 < len(clients) < fewest:
-        log.warning("round %d: only %d client(s) available, and %s needs %d: the round is skipped", round_number, len(clients),
-                    "secure aggregation" if config.flower.secure_aggregation else f"fl.min_coverage={config.fl.min_coverage}", fewest)
+        log.warning(
+            "round %d: only %d client(s) available, and %s needs %d: the round is skipped",
+            round_number,
+            len(clients),
+            "secure aggregation" if config.flower.secure_aggregation else f"fl.min_coverage={config.fl.min_coverage}",
+            fewest,
+        )
         return []
     return clients
 
@@ -115,8 +120,15 @@ class CoverageGuard:
                 if plan.wire is not None:
                     raise RuntimeError(f"{self.strategy.name} sends a compact plan, which the coverage guard cannot cut")
                 planned, trained = plan.layout, layouts[client]
-                rows.append({"client": client, "planned_rank_by_block": list(planned.rank_by_block), "planned_head": planned.train_head,
-                             "rank_by_block": list(trained.rank_by_block), "head": trained.train_head})
+                rows.append(
+                    {
+                        "client": client,
+                        "planned_rank_by_block": list(planned.rank_by_block),
+                        "planned_head": planned.train_head,
+                        "rank_by_block": list(trained.rank_by_block),
+                        "head": trained.train_head,
+                    }
+                )
                 cut[client] = recut(plan, layouts[client], global_state, self.strategy.info.block_of)
         self.withheld = (round_number, rows)
         return cut

@@ -42,11 +42,15 @@ class FedRA(Strategy):
     def __init__(self, config, info):
         super().__init__(config, info)
         if config.engine.parallel_clients > 1:
-            raise LegendError(f"fedra: each device leaves out its own blocks, and engine.parallel_clients = {config.engine.parallel_clients} "
-                              "trains a group of clients in one pass through every block: set engine.parallel_clients = 1")
+            raise LegendError(
+                f"fedra: each device leaves out its own blocks, and engine.parallel_clients = {config.engine.parallel_clients} "
+                "trains a group of clients in one pass through every block: set engine.parallel_clients = 1"
+            )
         if config.lora.top_blocks:
-            raise LegendError("fedra allocates every block of the model to its devices, and lora.top_blocks restricts LoRA to the top ones: "
-                              "leave lora.top_blocks at 0")
+            raise LegendError(
+                "fedra allocates every block of the model to its devices, and lora.top_blocks restricts LoRA to the top ones: "
+                "leave lora.top_blocks at 0"
+            )
 
     def global_layout(self) -> AdapterLayout:
         return AdapterLayout.uniform_lora(self.info.num_blocks, self.config.lora.r)
@@ -54,8 +58,9 @@ class FedRA(Strategy):
     def device_layout(self, held: Iterable[int]) -> AdapterLayout:
         """LoRA at rank lora.r on the blocks a device holds; every other block skipped."""
         held, blocks = set(held), range(self.info.num_blocks)
-        return AdapterLayout("lora", tuple(self.config.lora.r if i in held else 0 for i in blocks),
-                             skipped_blocks=tuple(i for i in blocks if i not in held))
+        return AdapterLayout(
+            "lora", tuple(self.config.lora.r if i in held else 0 for i in blocks), skipped_blocks=tuple(i for i in blocks if i not in held)
+        )
 
     def layer_counts(self, devices: DeviceView, clients: list[int]) -> dict[int, int]:
         """L_k per client: floor(L x min_j t_j / t_k) in [1, L], lowered until its training fits the device's memory

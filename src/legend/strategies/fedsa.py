@@ -70,7 +70,14 @@ class FedSALoRA(FedIT):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "weighted_b_sum" not in state:  # written before client_state/ (2026-11-24): every client's B in the checkpoint
-            state = {**state, "weighted_b_sum": {key: sum((b[key].double() * state["samples"][c] for c, b in state["local_b"].items()),
-                                                          torch.zeros_like(initial, dtype=torch.float64))
-                                                 for key, initial in state["initial_b"].items()}}
+            state = {
+                **state,
+                "weighted_b_sum": {
+                    key: sum(
+                        (b[key].double() * state["samples"][c] for c, b in state["local_b"].items()),
+                        torch.zeros_like(initial, dtype=torch.float64),
+                    )
+                    for key, initial in state["initial_b"].items()
+                },
+            }
         self.samples, self.weighted_b_sum = state["samples"], state["weighted_b_sum"]

@@ -33,7 +33,10 @@ class FlexLoRA(FedIT):
     supports = LORA_ONLY | {ROBUST_AGGREGATION}
 
     def plan(self, round_number: int, clients: list[int], global_state: State, devices: DeviceView) -> dict[int, ClientPlan]:
-        ranks, lr = ranks_by_capacity(devices, clients, self.config.hetlora_r_min, self.config.lora.r, self.config.lora.top_blocks), self.lr(round_number)
+        ranks, lr = (
+            ranks_by_capacity(devices, clients, self.config.hetlora_r_min, self.config.lora.r, self.config.lora.top_blocks),
+            self.lr(round_number),
+        )
         plans = {}
         for c in clients:
             layout = AdapterLayout.uniform_lora(self.info.num_blocks, ranks[c], self.config.lora.top_blocks)

@@ -36,7 +36,9 @@ class FLoRA(FedIT):
     def __init__(self, config, info):
         super().__init__(config, info)
         if config.lora.init != "default":  # merging s B A and restarting from A0, B0 would add FeDeRA's principal part again every round
-            raise LegendError("lora.init 'federa' does not combine with flora, which merges the whole adapter every round: use lora.init='default'")
+            raise LegendError(
+                "lora.init 'federa' does not combine with flora, which merges the whole adapter every round: use lora.init='default'"
+            )
         self.synced: dict[int, int] = {}  # client -> the last round whose merge its W holds (0: the pre-trained W)
         self.stacks: dict[int, State] = {}  # round -> its stacked factors, kept while cheaper to send than W
 
@@ -59,7 +61,9 @@ class FLoRA(FedIT):
         if not pending:
             return message  # nothing merged since the pre-trained W
         if all(r in self.stacks for r in pending):
-            stacked = {key: torch.cat([self.stacks[r][key] for r in pending], dim=0 if ".lora_A." in key else 1) for key in self.stacks[pending[0]]}
+            stacked = {
+                key: torch.cat([self.stacks[r][key] for r in pending], dim=0 if ".lora_A." in key else 1) for key in self.stacks[pending[0]]
+            }
             return {**message, **stacked}
         return {**message, **{base_weight_key(m): global_state[base_weight_key(m)] for m in modules}}
 

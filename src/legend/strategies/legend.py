@@ -49,8 +49,10 @@ def global_ranks_of(config, num_blocks: int) -> tuple[int, ...]:
     if cfg.rank_by_block:
         ranks = tuple(cfg.rank_by_block)
         if len(ranks) != num_blocks or min(ranks) < 0 or max(ranks) == 0:
-            raise LegendError(f"legend.rank_by_block {list(ranks)} must give one rank >= 0 for each of the model's {num_blocks} blocks, "
-                              "input first, not all 0: e.g. " + str([0] * (num_blocks - 2) + [8, 16]))
+            raise LegendError(
+                f"legend.rank_by_block {list(ranks)} must give one rank >= 0 for each of the model's {num_blocks} blocks, "
+                "input first, not all 0: e.g. " + str([0] * (num_blocks - 2) + [8, 16])
+            )
         return ranks
     top = config.lora.top_blocks
     if cfg.max_depth and top and cfg.max_depth != top:
@@ -84,8 +86,9 @@ def estimate_layout(view: DeviceView, client: int, layout: AdapterLayout, global
     return estimate_round(view, client, layout, applied, down, up)
 
 
-def configure_depth(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], slack: float, rank_cap: bool,
-                    whole: bool = True) -> dict[int, Assignment]:
+def configure_depth(
+    view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], slack: float, rank_cap: bool, whole: bool = True
+) -> dict[int, Assignment]:
     """Greedy depth (and rank cap) per device within T* = slowest depth-1 time x (1 + slack) and its memory."""
     global_layout = AdapterLayout("lora", global_ranks)
     caps = sorted({r for r in global_ranks if r > 0}, reverse=True)
@@ -119,8 +122,9 @@ class Worth:
         return sum(self.depth_decay ** (top - block) * (1.0 - math.exp(-rank / self.rank_scale)) for block, rank in enumerate(ranks))
 
 
-def greedy_path(view: DeviceView, client: int, global_ranks: tuple[int, ...], worth: Worth, fixed_depth: bool = False,
-                whole: bool = True) -> list[Assignment]:
+def greedy_path(
+    view: DeviceView, client: int, global_ranks: tuple[int, ...], worth: Worth, fixed_depth: bool = False, whole: bool = True
+) -> list[Assignment]:
     """One device's layouts from the smallest (the top block at rank 1; with ``fixed_depth`` every global block at rank 1)
     upward, each step the increment of highest worth per estimated second that fits its memory: one more rank row in a
     block of its region (ranks stay non-decreasing toward the output and within the global ones), or one more block below
@@ -138,11 +142,14 @@ def greedy_path(view: DeviceView, client: int, global_ranks: tuple[int, ...], wo
     while True:
         ranks = path[-1].layout.rank_by_block
         lowest = n - path[-1].depth
-        steps = [ranks[:b] + (ranks[b] + 1,) + ranks[b + 1:] for b in range(lowest, n)
-                 if ranks[b] < global_ranks[b] and (b == n - 1 or ranks[b] < ranks[b + 1])]
+        steps = [
+            ranks[:b] + (ranks[b] + 1,) + ranks[b + 1 :]
+            for b in range(lowest, n)
+            if ranks[b] < global_ranks[b] and (b == n - 1 or ranks[b] < ranks[b + 1])
+        ]
         if not fixed_depth and lowest > 0 and global_ranks[lowest - 1] > 0:
             below = lowest - 1
-            steps += [ranks[:below] + (r,) + ranks[below + 1:] for r in range(1, min(global_ranks[below], ranks[lowest]) + 1)]
+            steps += [ranks[:below] + (r,) + ranks[below + 1 :] for r in range(1, min(global_ranks[below], ranks[lowest]) + 1)]
         here, here_worth = path[-1].estimate.total_s, worth.of(ranks)
         best, best_rate = None, -math.inf
         for candidate in map(assign, steps):
@@ -167,8 +174,9 @@ def within(path: list[Assignment], deadline: float) -> Assignment:
     return reached
 
 
-def configure_joint(view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], worth: Worth,
-                    fixed_depth: bool = False, whole: bool = True) -> dict[int, Assignment]:
+def configure_joint(
+    view: DeviceView, clients: list[int], global_ranks: tuple[int, ...], worth: Worth, fixed_depth: bool = False, whole: bool = True
+) -> dict[int, Assignment]:
     """Depth and ranks per device, and the round's deadline T*: among the times the devices' paths reach, the one that
     maximises the round's estimated progress per second, (sum_k n_k worth_k(T) / sum_k n_k) / T, where n_k is the
     number of sequences the device trains this round; T* is never below the slowest device's smallest layout (every device trains)."""
@@ -222,8 +230,13 @@ class Legend(Strategy):
         if self.config.legend.download == "all":
             return ClientPlan(client, layout, weights, lr)
         below = {k for k in weights if (b := self.info.block_of(k)) is not None and layout.rank_by_block[b] == 0}
-        return ClientPlan(client, layout, {k: torch.zeros_like(v) if k in below else v for k, v in weights.items()}, lr,
-                          wire={k: v for k, v in weights.items() if k not in below})
+        return ClientPlan(
+            client,
+            layout,
+            {k: torch.zeros_like(v) if k in below else v for k, v in weights.items()},
+            lr,
+            wire={k: v for k, v in weights.items() if k not in below},
+        )
 
     def configure(self, view: DeviceView, clients: list[int]) -> dict[int, Assignment]:
         """Each sampled device's layout by legend.planner."""
