@@ -2,10 +2,10 @@ import subprocess
 import sys
 
 import pytest
+from tests.conftest import ROOT
 
 from legend.config import load_config
 from legend.errors import LegendError
-from tests.conftest import ROOT
 
 
 def test_quickstart_loads_with_overrides():

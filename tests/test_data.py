@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from tests.conftest import DATA
 from transformers import AutoTokenizer
 
 from legend.config import DataConfig
@@ -8,7 +9,6 @@ from legend.data.partition import partition_indices, top_up
 from legend.data.tasks import load_task
 from legend.errors import LegendError
 from legend.models.resolve import resolve_model
-from tests.conftest import DATA
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from tests.conftest import ROOT, NodesInThisProcess, tiny_overrides
 
 from legend.config import DevicesConfig, load_config
 from legend.core import ClientPlan, Update
-from legend.devices.fleet import build_fleet
 from legend.devices.capacity import CapacityEstimator
+from legend.devices.fleet import build_fleet
 from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.runtime import Job
 from legend.engine.simulation import run_experiment

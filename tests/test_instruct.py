@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from legend.cli import app
 from legend.config import load_config
+from legend.data.batching import model_inputs
 from legend.data.instructions import IGNORE, encode_conversations, render
 from legend.engine.checkpoint import CHECKPOINT
 from legend.engine.client import forward_passes
 from legend.engine.simulation import build_experiment, run_experiment
 from legend.export import export
-from legend.data.batching import model_inputs
 from legend.objectives.instruct import normalise_answer
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"

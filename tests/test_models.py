@@ -1,12 +1,12 @@
 """Model resolution and a decoder (LLaMA-family) model through the same engine as the encoder."""
 
 import pytest
+from tests.conftest import ROOT, tiny_overrides
 
 from legend.config import load_config
 from legend.engine.simulation import run_experiment
 from legend.errors import LegendError
 from legend.models.resolve import _new_partial, _publish, resolve_model
-from tests.conftest import ROOT, tiny_overrides
 
 
 def test_unknown_model_name_is_one_clear_error():

@@ -14,8 +14,8 @@ from tests.conftest import ROOT, tiny_overrides
 from legend.config import load_config
 from legend.core import ModelInfo, Update
 from legend.engine.checkpoint import CHECKPOINT
-from legend.errors import LegendError
 from legend.engine.simulation import run_experiment
+from legend.errors import LegendError
 from legend.records import MEASURED
 from legend.strategies import STRATEGIES
 from legend.strategies.fedsa import FedSALoRA

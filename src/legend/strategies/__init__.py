@@ -1,12 +1,12 @@
 """One file per federated algorithm, all behind the Strategy interface in base.py."""
 
-from legend.strategies import (
+from legend.strategies import (  # noqa: F401  (registers them)
     adapter,
     bitfit,
     fedavg_full,
+    federa,
     fedex,
     fedit,
-    federa,
     fedprox,
     fedra,
     fedsa,
@@ -15,7 +15,7 @@ from legend.strategies import (
     flora,
     hetlora,
     legend,
-)  # noqa: F401  (registers them)
+)
 from legend.strategies.base import Strategy
 from legend.strategies.registry import STRATEGIES, strategy_class
 
