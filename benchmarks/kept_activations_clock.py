@@ -80,8 +80,8 @@ def main() -> None:
         for entry, _, run in (t.rpartition("=") for t in args.trained)
     }
     print(
-        f"| strategy | device cache (default off) | virtual s, all rounds | mean round s | MB, all rounds | storage reads s, all device-rounds "
-        f"| round to {target:g} (trained run) | virtual s to it | MB to it |"
+        "| strategy | device cache (default off) | virtual s, all rounds | mean round s | MB, all rounds | storage reads s, all "
+        f"device-rounds | round to {target:g} (trained run) | virtual s to it | MB to it |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for entry in args.strategies.split(","):
@@ -94,8 +94,10 @@ def main() -> None:
             to = reached.get(entry)
             upto = [r for r in rows if to is not None and r["round"] <= to]
             print(
-                f"| {entry} | {'on' if cache == 'true' else 'off'} | {rows[-1]['virtual_time_s']:.1f} | {statistics.mean(r['round_time_s'] for r in rows):.3f} | "
-                f"{sum(r['bytes_up'] + r['bytes_down'] for r in rows) / 1e6:.1f} | {sum(d.get('read_s', 0) for r in rows for d in r['devices']):.2f} | "
+                f"| {entry} | {'on' if cache == 'true' else 'off'} | {rows[-1]['virtual_time_s']:.1f} | "
+                f"{statistics.mean(r['round_time_s'] for r in rows):.3f} | "
+                f"{sum(r['bytes_up'] + r['bytes_down'] for r in rows) / 1e6:.1f} | "
+                f"{sum(d.get('read_s', 0) for r in rows for d in r['devices']):.2f} | "
                 + (
                     f"{to} | {upto[-1]['virtual_time_s']:.1f} | {sum(r['bytes_up'] + r['bytes_down'] for r in upto) / 1e6:.1f} |"
                     if upto

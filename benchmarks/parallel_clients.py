@@ -72,7 +72,8 @@ def main() -> None:
     print(f"{'K':>3} {'train s':>9} {'samples/s':>10} {'speedup':>8} {'max diff':>10} {'accuracy':>9}")
     for row in rows:
         print(
-            f"{row['parallel_clients']:>3} {row['train_s']:>9.1f} {row['samples_per_s']:>10.1f} {row['speedup']:>8.2f} {row['max_difference']:>10.2e} {row['final_accuracy']:>9.4f}"
+            f"{row['parallel_clients']:>3} {row['train_s']:>9.1f} {row['samples_per_s']:>10.1f} {row['speedup']:>8.2f} "
+            f"{row['max_difference']:>10.2e} {row['final_accuracy']:>9.4f}"
         )
     print(json.dumps({"config": str(args.config), "overrides": overrides, "threads": torch.get_num_threads(), "rows": rows}))
 

@@ -1,5 +1,6 @@
 """engine.precision = "bfloat16" (or "float16", with loss scaling): the matrix multiplies run in half precision,
-parameters and loss stay float32, and a round of training ends near the float32 adapter (tolerance below). engine.device: the CPU is today's run, exactly."""
+parameters and loss stay float32, and a round of training ends near the float32 adapter (tolerance below).
+engine.device: the CPU is today's run, exactly."""
 
 from types import SimpleNamespace
 

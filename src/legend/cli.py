@@ -310,7 +310,8 @@ def devices(
     console.print(table)
     console.print(
         "bandwidth: median (one sigma either side) of the per-round log-normal draw; sustained = peak x efficiency; storage: what a device "
-        f"may fill with kept activations, and its read rate (devices.activation_cache = {str(cfg.devices.activation_cache).lower()}, default false)",
+        f"may fill with kept activations, and its read rate (devices.activation_cache = {str(cfg.devices.activation_cache).lower()}, "
+        "default false)",
         style="dim",
     )
 
@@ -416,7 +417,8 @@ def plan(
             style="dim",
         )
     console.print(
-        f"estimated round time over the clients: min {spread['min_s']:.2f} s, median {spread['median_s']:.2f} s, max {spread['max_s']:.2f} s"
+        f"estimated round time over the clients: min {spread['min_s']:.2f} s, median {spread['median_s']:.2f} s, "
+        f"max {spread['max_s']:.2f} s"
     )
 
 
@@ -539,12 +541,16 @@ def deploy_local(
     _deploy(config, overrides, out, resume, nodes, simulation=False)
 
 
-@deploy_app.command("simulation")
+@deploy_app.command(
+    "simulation",
+    # the help as a string, not a docstring: typer would show a docstring's line break in `legend deploy --help`
+    help="Run the experiment under Flower's simulation runtime (Ray, from the bench extra): "
+    "a SuperLink whose virtual SuperNodes run the ClientApp.",
+)
 @user_errors
 def deploy_simulation(
     config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: Path = DEPLOY_OUT, resume: bool = RESUME, debug: bool = DEBUG
 ):
-    """Run the experiment under Flower's simulation runtime (Ray, from the bench extra): a SuperLink whose virtual SuperNodes run the ClientApp."""
     _deploy(config, overrides, out, resume, 0, simulation=True)
 
 

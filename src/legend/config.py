@@ -26,23 +26,26 @@ class ModelConfig(Section):
     )
     quantize: Literal["none", "4bit", "8bit"] = Field(
         "none",
-        description="QLoRA on a CUDA GPU: the frozen base model's block weights in 4-bit NF4 (double quantisation) or 8-bit through bitsandbytes "
-        "(pip install 'legend[gpu]'), LoRA trained over them; LoRA strategies that leave the base weights alone",
+        description="QLoRA on a CUDA GPU: the frozen base model's block weights in 4-bit NF4 (double quantisation) or 8-bit through "
+        "bitsandbytes (pip install 'legend[gpu]'), LoRA trained over them; LoRA strategies that leave the base weights alone",
     )
 
 
 class DataConfig(Section):
     task: str = Field(
         "sst2",
-        description="'sst2', 'agnews', 'qnli', 'custom' (then set text_columns and label_column), or 'instructions' (open instruction/response data in data.path; data.format='instruct')",
+        description="'sst2', 'agnews', 'qnli', 'custom' (then set text_columns and label_column), or 'instructions' (open "
+        "instruction/response data in data.path; data.format='instruct')",
     )
     format: Literal["classification", "instruct"] = Field(
         "classification",
-        description="what the model learns: 'classification' (a classifier head on the labels) or 'instruct' (a causal LM trained on prompt/response pairs, loss on the response only)",
+        description="what the model learns: 'classification' (a classifier head on the labels) or 'instruct' (a causal LM trained on "
+        "prompt/response pairs, loss on the response only)",
     )
     template: Literal["auto", "chat", "plain"] = Field(
         "auto",
-        description="instruct: how a conversation becomes text: the tokenizer's 'chat' template, the 'plain' one (turns as paragraphs, then 'Answer:'), or 'auto' (chat where the tokenizer has one)",
+        description="instruct: how a conversation becomes text: the tokenizer's 'chat' template, the 'plain' one (turns as paragraphs, "
+        "then 'Answer:'), or 'auto' (chat where the tokenizer has one)",
     )
     prompt: str = Field("", description="instruct, label tasks: the user's turn, with {text} (and {text_pair}) in it; default per task")
     label_words: list[str] = Field(
@@ -56,7 +59,8 @@ class DataConfig(Section):
     output_column: str = Field("output", description="instructions: column of the reference response")
     messages_column: str = Field(
         "messages",
-        description="instructions: chat-style column of {role, content} lists, used instead of the three above where present (the last assistant turn is the response)",
+        description="instructions: chat-style column of {role, content} lists, used instead of the three above where present (the last "
+        "assistant turn is the response)",
     )
     path: str = Field("", description="folder with train and test files (.tsv or .csv); default ../shared/data/<task>")
     hub_id: str = Field("", description="a Hugging Face hub dataset id to use instead of path (needs network)")
@@ -74,7 +78,8 @@ class DataConfig(Section):
     val_size: int = Field(
         0,
         ge=0,
-        description="hold out this many training examples (stratified by label, seeded) as a validation split, before partitioning: targets and tuning are then judged on it (0 = none)",
+        description="hold out this many training examples (stratified by label, seeded) as a validation split, before partitioning: "
+        "targets and tuning are then judged on it (0 = none)",
     )
     partition: Literal["iid", "dirichlet"] = Field("dirichlet", description="how training data is split over clients")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over labels: smaller is more non-IID")
@@ -95,7 +100,8 @@ class LoraConfig(Section):
     top_blocks: int = Field(
         0,
         ge=0,
-        description="LoRA on the top this many blocks only, for every LoRA strategy (0 = every block); LEGEND: its global depth unless legend.max_depth is set",
+        description="LoRA on the top this many blocks only, for every LoRA strategy (0 = every block); LEGEND: its global depth unless "
+        "legend.max_depth is set",
     )
 
 
@@ -138,7 +144,8 @@ class LegendConfig(Section):
     slack: float = Field(0.2, ge=0, description="LEGEND: target round time T* = slowest sampled device's depth-1 time x (1 + slack)")
     scaling: Literal["uniform", "rank"] = Field(
         "uniform",
-        description="LEGEND: LoRA scaling per block: 'uniform' = lora.alpha / lora.r in every block (FedIT's), 'rank' = lora.alpha / r_l (PEFT's)",
+        description="LEGEND: LoRA scaling per block: 'uniform' = lora.alpha / lora.r in every block (FedIT's), 'rank' = lora.alpha / r_l "
+        "(PEFT's)",
     )
     rank_cap: bool = Field(False, description="LEGEND: a device may also cap its ranks (nested truncation) to go deeper within T*")
     replan_every: int = Field(1, gt=0, description="LEGEND: refresh the capacity estimates the planner uses every this many rounds")
@@ -188,13 +195,15 @@ class FlConfig(Section):
     )
     aggregator: Literal["mean", "trimmed_mean", "median"] = Field(
         "mean",
-        description="how coordinate-mean strategies combine updates: the sample-weighted 'mean', or per coordinate (unweighted) the 'trimmed_mean' or 'median', which poisoned updates move less",
+        description="how coordinate-mean strategies combine updates: the sample-weighted 'mean', or per coordinate (unweighted) the "
+        "'trimmed_mean' or 'median', which poisoned updates move less",
     )
     trim_fraction: float = Field(
         0.2,
         ge=0,
         lt=0.5,
-        description="trimmed_mean: share of the updates covering a coordinate dropped at each end (floor of it), e.g. 0.2 of 8 drops 1 lowest and 1 highest",
+        description="trimmed_mean: share of the updates covering a coordinate dropped at each end (floor of it), e.g. 0.2 of 8 drops 1 "
+        "lowest and 1 highest",
     )
     min_coverage: int = Field(
         0,
@@ -302,8 +311,8 @@ class DevicesConfig(Section):
     )
     activation_cache: bool = Field(
         False,
-        description="each device keeps its examples' hidden states at the lower edge of the global LoRA region (float16, within its profile's storage_gb) "
-        "and is charged the frozen blocks' forward once per example, then a read at storage_mb_s (docs/devices.md)",
+        description="each device keeps its examples' hidden states at the lower edge of the global LoRA region (float16, within its "
+        "profile's storage_gb) and is charged the frozen blocks' forward once per example, then a read at storage_mb_s (docs/devices.md)",
     )
 
 
@@ -312,7 +321,8 @@ class EngineConfig(Section):
     cache_mb: float = Field(
         1024.0,
         ge=0,
-        description="memory for the frozen-prefix cache: each example's hidden states below the lowest block any client trains, computed once (0 = off)",
+        description="memory for the frozen-prefix cache: each example's hidden states below the lowest block any client trains, computed "
+        "once (0 = off)",
     )
     cache_device_mb: float = Field(
         2048.0,
@@ -328,18 +338,20 @@ class EngineConfig(Section):
     )
     device: str = Field(
         "auto",
-        description="where the shared model trains and evaluates: 'auto' (the first CUDA GPU torch sees, else the CPU), 'cpu', 'cuda' or 'cuda:N'; states, aggregation and the wire stay on the CPU",
+        description="where the shared model trains and evaluates: 'auto' (the first CUDA GPU torch sees, else the CPU), 'cpu', 'cuda' or "
+        "'cuda:N'; states, aggregation and the wire stay on the CPU",
     )
     precision: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32",
-        description="dtype of the matrix multiplies in forward and backward passes: bfloat16 autocasts them, ~2x faster on CPUs with AVX-512 BF16 or AMX "
-        "(parameters, optimizer and loss stay float32); float16 adds loss scaling; 'auto': bfloat16 where the GPU or CPU multiplies "
-        "it natively, float16 on a GPU without bfloat16, else float32",
+        description="dtype of the matrix multiplies in forward and backward passes: bfloat16 autocasts them, ~2x faster on CPUs with "
+        "AVX-512 BF16 or AMX (parameters, optimizer and loss stay float32); float16 adds loss scaling; 'auto': bfloat16 where the GPU "
+        "or CPU multiplies it natively, float16 on a GPU without bfloat16, else float32",
     )
     client_state_mb: float = Field(
         64.0,
         ge=0,
-        description="memory for the most recently updated clients' own tensors (FedSA-LoRA's B); every client's are in a file in the run folder's client_state/",
+        description="memory for the most recently updated clients' own tensors (FedSA-LoRA's B); every client's are in a file in the run "
+        "folder's client_state/",
     )
     parallel_clients: int = Field(
         1,
@@ -366,7 +378,8 @@ class FaultsConfig(Section):
     )
     attack: Literal["label_flip", "sign_flip", "scale"] = Field(
         "sign_flip",
-        description="what an attacker does: trains on flipped labels (C-1-y), sends the opposite of its change, or its change times faults.attack_scale",
+        description="what an attacker does: trains on flipped labels (C-1-y), sends the opposite of its change, or its change times "
+        "faults.attack_scale",
     )
     attack_scale: float = Field(10.0, description="the factor a 'scale' attacker multiplies its change by")
 
@@ -386,7 +399,8 @@ class PrivacyConfig(Section):
 class FlowerConfig(Section):
     clock: Literal["virtual", "measured"] = Field(
         "virtual",
-        description="round times on Flower: 'virtual' from the device profiles, as in the embedded engine (nodes on one machine stand in for the fleet), 'measured' from the nodes' own compute and transfer times",
+        description="round times on Flower: 'virtual' from the device profiles, as in the embedded engine (nodes on one machine stand in "
+        "for the fleet), 'measured' from the nodes' own compute and transfer times",
     )
     round_timeout_s: float = Field(
         600.0, gt=0, description="a node that has not answered this many seconds after its job went out is lost for the round"
@@ -396,8 +410,8 @@ class FlowerConfig(Section):
     )
     secure_aggregation: bool = Field(
         False,
-        description="Flower's SecAgg+: the ServerApp receives only the sum of the round's updates (each padded to the global layout, with the "
-        "per-coordinate weight LEGEND's masked average needs); for strategies that average coordinates, fl.aggregator='mean', no DP",
+        description="Flower's SecAgg+: the ServerApp receives only the sum of the round's updates (each padded to the global layout, with "
+        "the per-coordinate weight LEGEND's masked average needs); for strategies that average coordinates, fl.aggregator='mean', no DP",
     )
     secure_clip: float = Field(
         8.0,
@@ -408,7 +422,8 @@ class FlowerConfig(Section):
     secure_shares: float = Field(
         1.0,
         gt=0,
-        description="SecAgg+ num_shares: each node's secrets are shared with this fraction of the round's nodes (<= 1), or this many (> 1, odd, >= 3)",
+        description="SecAgg+ num_shares: each node's secrets are shared with this fraction of the round's nodes (<= 1), or this many (> 1, "
+        "odd, >= 3)",
     )
     secure_threshold: float = Field(
         0.5,

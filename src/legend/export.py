@@ -294,6 +294,8 @@ def model_card(trained: TrainedModel, merge: bool) -> str:
     else:
         load = _classifier_load_snippet(base, merge, id2label, trained.model.tokenizer.pad_token_id)
     pipeline = "text-generation" if trained.causal_lm else "text-classification"
+    split = f"{config.data.partition} split" + (f", alpha {config.data.alpha}" if config.data.partition == "dirichlet" else "")
+    example = "an instruction" if trained.causal_lm and not labels else "a sentence"
     front = [
         "---",
         f"base_model: {base}",
@@ -318,7 +320,7 @@ This is {form}: {whose}, after {rounds} of federated fine-tuning with legend {le
 | task | `{config.data.task}`, text columns {list(task_text_columns(config.data))}, at most {config.data.max_length} tokens |
 | labels | {_labels_row(trained)} |
 | rounds | {trained.rounds} of {config.fl.rounds} |
-| clients | {config.fl.num_clients}, {config.fl.clients_per_round} per round ({config.data.partition} split{f", alpha {config.data.alpha}" if config.data.partition == "dirichlet" else ""}) |
+| clients | {config.fl.num_clients}, {config.fl.clients_per_round} per round ({split}) |
 | final accuracy | {accuracy} (the global model's last evaluation in the run, on its test split) |
 
 ## Use
@@ -327,7 +329,7 @@ This is {form}: {whose}, after {rounds} of federated fine-tuning with legend {le
 {load.replace("PATH", "this-folder")}
 ```
 
-Or with legend: `legend predict this-folder "{"an instruction" if trained.causal_lm and not labels else "a sentence"}"` and `legend evaluate this-folder`.
+Or with legend: `legend predict this-folder "{example}"` and `legend evaluate this-folder`.
 
 ## The exact config
 
@@ -344,7 +346,8 @@ def _labels_row(trained: TrainedModel) -> str:
         return "none: open instructions, scored by exact match of greedy answers"
     named = ", ".join(f"{i} = `{name}`" for i, name in enumerate(labels))
     if trained.causal_lm:
-        return f"{named}, answered by the words {', '.join(f'`{w}`' for w in trained.objective.label_words)} after the prompt `{trained.objective.prompt!r}`"
+        words = ", ".join(f"`{w}`" for w in trained.objective.label_words)
+        return f"{named}, answered by the words {words} after the prompt `{trained.objective.prompt!r}`"
     return named
 
 

@@ -247,7 +247,8 @@ def _response_scores(module: torch.nn.Module, objective: Instruct, split, batch_
 
 
 def scores(truth: np.ndarray, predicted: np.ndarray, classes: int) -> dict[str, Any]:
-    """Accuracy, macro-F1 over every class (F1 = 0 for a class never true nor predicted, as scikit-learn's default), confusion matrix (rows: truth)."""
+    """Accuracy, macro-F1 over every class (F1 = 0 for a class never true nor predicted, as scikit-learn's default),
+    confusion matrix (rows: truth)."""
     confusion = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(confusion, (truth, predicted), 1)
     true_positive = np.diag(confusion)

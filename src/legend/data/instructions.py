@@ -69,7 +69,8 @@ def label_conversations(table: datasets.Dataset, prompt: str, label_words: tuple
     fields = {name for _, name, _, _ in Formatter().parse(prompt) if name is not None}
     if not fields <= {"text", "text_pair"} or "text" not in fields:
         raise LegendError(
-            f"data.prompt must hold {{text}} (and may hold {{text_pair}}), and no other {{...}} field (got {sorted(fields)}); write literal braces as {{{{ }}}}"
+            f"data.prompt must hold {{text}} (and may hold {{text_pair}}), and no other {{...}} field (got {sorted(fields)}); write "
+            f"literal braces as {{{{ }}}}"
         )
     read = table[:]
     pairs = read.get("text_pair") or [""] * len(table)

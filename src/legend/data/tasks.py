@@ -144,7 +144,8 @@ def _load_folder(cfg: DataConfig) -> dict[str, datasets.Dataset]:
         file = next((folder / f"{split}{ext}" for ext in (".tsv", ".csv", ".jsonl", ".json") if (folder / f"{split}{ext}").is_file()), None)
         if file is None:
             raise LegendError(
-                f"data: no {split}.tsv, .csv or .jsonl in {folder}: add it or set data.{'train' if split == cfg.train_split else 'test'}_split"
+                f"data: no {split}.tsv, .csv or .jsonl in {folder}: add it or set "
+                f"data.{'train' if split == cfg.train_split else 'test'}_split"
             )
         if file.suffix in (".jsonl", ".json"):
             try:
@@ -175,7 +176,8 @@ def _load_hub(cfg: DataConfig) -> dict[str, datasets.Dataset]:
     for split in (cfg.train_split, cfg.test_split):
         if split not in loaded:
             raise LegendError(
-                f"data: hub dataset '{cfg.hub_id}' has no split '{split}' (splits: {', '.join(loaded)}); set data.train_split / data.test_split"
+                f"data: hub dataset '{cfg.hub_id}' has no split '{split}' (splits: {', '.join(loaded)}); set data.train_split / "
+                "data.test_split"
             )
     return {split: loaded[split] for split in (cfg.train_split, cfg.test_split)}
 
@@ -190,7 +192,8 @@ def _to_ids(table, split, text_columns, label_column, label_names) -> datasets.D
     unknown = sorted(set(raw_labels) - index.keys())
     if unknown:
         raise LegendError(
-            f"data: label '{unknown[0]}' in the {split} split is not one of {', '.join(label_names)}; set data.labels to every label in class order"
+            f"data: label '{unknown[0]}' in the {split} split is not one of {', '.join(label_names)}; set data.labels to every label in "
+            "class order"
         )
     columns = {"text": [str(t) for t in column(table, text_columns[0])], "label": [index[v] for v in raw_labels]}
     if len(text_columns) == 2:

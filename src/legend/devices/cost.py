@@ -6,7 +6,8 @@ layer with in + out features costs 2 r (in + out). Backward runs only from the o
 block the device trains: below it nothing needs a gradient, so autograd never goes there. Within that
 region, frozen weights cost one backward matmul (the input gradient), trained ones two (input and weight
 gradients); the lowest trained block's query, key and value projections read an input that needs no
-gradient, so autograd skips their input gradients too (checked against torch's FLOP counter in the tests). The layers outside the blocks act once per output position: a classifier (and pooler) once per
+gradient, so autograd skips their input gradients too (checked against torch's FLOP counter in the tests).
+The layers outside the blocks act once per output position: a classifier (and pooler) once per
 sequence, trained; a causal LM's vocabulary projection once per response token (only those reach the loss),
 frozen, so it costs its forward and its input gradient. Embedding look-ups, norms and activations are not
 counted: calibration folds them into the device's sustained FLOP/s.
@@ -215,8 +216,8 @@ def trainable_params(spec: ModelSpec, layout: AdapterLayout) -> int:
 
 
 def training_memory_bytes(spec: ModelSpec, layout: AdapterLayout, batches: Batches) -> int:
-    """Weights (the blocks' linear weights at ``block_weight_bytes``) + activations kept for backward in the trained blocks + the output logits and their gradient + gradients
-    and AdamW state.
+    """Weights (the blocks' linear weights at ``block_weight_bytes``) + activations kept for backward in the trained blocks
+    + the output logits and their gradient + gradients and AdamW state.
 
     Activations per token and trained block: 8 h + 2 ffn floats plus heads x T for the attention
     probabilities (Korthikanti et al. 2022, arXiv 2205.05198, without dropout masks). A skipped block's linear weights are

@@ -78,7 +78,8 @@ CATALOG: dict[str, DeviceProfile] = {
         availability=0.6,
         storage_gb=4.0,
         storage_mb_s=1500.0,
-        source="Qualcomm Snapdragon 778G: 4x Cortex-A78 (2.4/2.2 GHz, 16 FP32 FLOP/cycle) + 4x Cortex-A55 (1.9 GHz, 8); training on the CPU",
+        source="Qualcomm Snapdragon 778G: 4x Cortex-A78 (2.4/2.2 GHz, 16 FP32 FLOP/cycle) + 4x Cortex-A55 (1.9 GHz, 8); training on "
+        "the CPU",
     ),
     "laptop-cpu": DeviceProfile(
         peak_flops=4 * 2.8e9 * 32,
@@ -123,7 +124,8 @@ def host_profile_from(calibration: dict) -> DeviceProfile:
         bandwidth_sigma=0.2,
         storage_gb=round(0.1 * shutil.disk_usage(Path.home()).free / 1e9, 1),  # a tenth of the free disk
         storage_mb_s=500.0,  # an SSD, assumed: edit the file to change
-        source=f"legend calibrate: {calibration['model']} blocks on {where}, {calibration.get('precision', 'float32')}, {time.strftime('%Y-%m-%d')}",
+        source=f"legend calibrate: {calibration['model']} blocks on {where}, {calibration.get('precision', 'float32')}, "
+        f"{time.strftime('%Y-%m-%d')}",
     )
 
 

@@ -31,7 +31,8 @@ def read_checkpoint(out_dir: Path, purpose: str) -> dict[str, Any]:
             + (
                 "run without --resume to start fresh"
                 if purpose == "--resume"
-                else "give the --out folder of `legend run` or `legend deploy`, or OUT/runs/<strategy>-seed<N> of `legend compare`, once its first round has finished"
+                else "give the --out folder of `legend run` or `legend deploy`, or OUT/runs/<strategy>-seed<N> of `legend compare`, once "
+                "its first round has finished"
             )
         )
     try:

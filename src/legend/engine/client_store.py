@@ -88,7 +88,8 @@ class ClientStore:
         missing = [name for name in state["files"].values() if self.folder is None or not (self.folder / name).is_file()]
         if missing:
             raise LegendError(
-                f"--resume: {missing[0]} (a client's saved tensors) is missing from {self.folder}: restore the run folder whole, or start a new run"
+                f"--resume: {missing[0]} (a client's saved tensors) is missing from {self.folder}: restore the run folder whole, or start "
+                "a new run"
             )
         self.memory, self.bytes = OrderedDict(), 0
         self.files, self.written = dict(state["files"]), state["written"]

@@ -13,9 +13,9 @@ Computing an example alone costs about three times its share of a batched pass, 
 cache only when examples come back often enough to repay it (``training_reuse``). On a GPU the most
 recently used examples stay in its memory, up to ``engine.cache_device_mb``, and a batch of them is read
 there without a copy; the least recently used move to host memory, up to ``engine.cache_mb``, and leave it
-for a file in ``engine.cache_spill_dir`` when one is set, else they are recomputed when next needed. A Flower node whose device keeps its activations
-(``devices.activation_cache``) keeps them in a file of its own instead (``keep_on_disk``), which the next
-process of the node finds again.
+for a file in ``engine.cache_spill_dir`` when one is set, else they are recomputed when next needed.
+A Flower node whose device keeps its activations (``devices.activation_cache``) keeps them in a file of its own
+instead (``keep_on_disk``), which the next process of the node finds again.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ def resolve_device(name: str, setting: str = "engine.device") -> torch.device:
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise LegendError(
-                f"{setting} '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+                f"{setting} '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
             )
     return device
 

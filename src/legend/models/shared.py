@@ -134,9 +134,13 @@ class SharedModel:
                 f"model.name '{name}' could not be loaded ({str(exc).splitlines()[0]}): use minilm-l6, smollm2-135m or a local directory"
             ) from None
         except ValueError as exc:  # transformers: no causal-LM (or classifier) class for this architecture
+            fix = (
+                "use a decoder (Llama, Qwen, Mistral family) for data.format=instruct"
+                if causal_lm
+                else "use data.format=instruct for a decoder without a classifier"
+            )
             raise LegendError(
-                f"model.name '{name}' cannot be loaded as {auto.__name__} ({str(exc).splitlines()[0][:160]}): "
-                f"{'use a decoder (Llama, Qwen, Mistral family) for data.format=instruct' if causal_lm else 'use data.format=instruct for a decoder without a classifier'}"
+                f"model.name '{name}' cannot be loaded as {auto.__name__} ({str(exc).splitlines()[0][:160]}): {fix}"
             ) from None
         if tokenizer.pad_token_id is None:  # decoder models: pad with EOS, and tell the head where padding starts
             tokenizer.pad_token = tokenizer.eos_token

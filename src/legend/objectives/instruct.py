@@ -51,7 +51,8 @@ class Instruct(Objective):
                 raise LegendError("data.prompt: a custom label task trained as instructions needs a prompt holding {text}; set data.prompt")
             if len(self.label_words) != len(label_names):
                 raise LegendError(
-                    f"data.label_words: {len(self.label_words)} words for the {len(label_names)} classes {list(label_names)}; give one word per class, in class order"
+                    f"data.label_words: {len(self.label_words)} words for the {len(label_names)} classes {list(label_names)}; give one "
+                    "word per class, in class order"
                 )
             first = [tokenizer(response_text(word, self.chat), add_special_tokens=False)["input_ids"][0] for word in self.label_words]
             if len(set(first)) < len(first):

@@ -192,7 +192,8 @@ def _markdown(plan: dict, runs: list[Runs], finished: list[Runs], target: float,
         f"{config['model']['name']}, {config['fl']['num_clients']} clients on {fleet}, {config['data']['partition']} split"
         + (f" (alpha {config['data']['alpha']})" if config["data"]["partition"] == "dirichlet" else "")
         + f", {config['fl']['clients_per_round']} clients per round, seeds {', '.join(map(str, plan['seeds']))}; devices keep their "
-        f"frozen-prefix activations (`devices.activation_cache`, default off): {'on' if config['devices'].get('activation_cache') else 'off'}.",
+        "frozen-prefix activations (`devices.activation_cache`, default off): "
+        f"{'on' if config['devices'].get('activation_cache') else 'off'}.",
         "",
         f"Command: `{plan['command']}`",
         "",
@@ -261,7 +262,8 @@ def _html(markdown: str) -> str:
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}"
     )
-    return f"<!doctype html>\n<html><head><meta charset='utf-8'><title>legend report</title><style>{style}</style></head><body>\n{body}</body></html>\n"
+    head = f"<head><meta charset='utf-8'><title>legend report</title><style>{style}</style></head>"
+    return f"<!doctype html>\n<html>{head}<body>\n{body}</body></html>\n"
 
 
 def _target_split(finished: list[Runs]) -> str:

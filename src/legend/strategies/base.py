@@ -65,7 +65,8 @@ class Strategy(ABC):
         self.info = info
 
     def lr(self, round_number: int) -> float:
-        """The clients' learning rate this round: train.lr (or the strategy's default), warmed up over train.warmup_rounds, then under train.lr_schedule."""
+        """The clients' learning rate this round: train.lr (or the strategy's default), warmed up over train.warmup_rounds,
+        then under train.lr_schedule."""
         train = self.config.train
         base = train.lr or self.default_lr
         if round_number <= train.warmup_rounds:

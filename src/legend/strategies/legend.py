@@ -250,7 +250,8 @@ class Legend(Strategy):
         return configure_joint(view, clients, self.global_ranks, Worth(cfg.depth_decay, cfg.rank_scale), cfg.planner == "ranks", whole)
 
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
-        """Each coordinate: the sample-weighted mean (or fl.aggregator's robust rule) over the devices that trained it; the rest keeps its value."""
+        """Each coordinate: the sample-weighted mean (or fl.aggregator's robust rule) over the devices that trained it;
+        the rest keeps its value."""
         fl = self.config.fl
         if fl.aggregator != "mean":
             return {**global_state, **robust_updates(global_state, updates, fl.aggregator, fl.trim_fraction)}
