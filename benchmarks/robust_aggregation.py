@@ -33,7 +33,8 @@ def run_grid(config_path: str, overrides: list[str], out: Path, attacks: list[st
 
 def markdown(results: dict, attacks: list[str], aggregators: list[str], malicious: float) -> str:
     lines = [
-        f"final / best accuracy ({malicious:.0%} attackers per round; in brackets: final accuracy minus the clean run's with that aggregator)",
+        f"final / best accuracy ({malicious:.0%} attackers per round; in brackets: final accuracy minus the clean run's "
+        "with that aggregator)",
         "",
         "| attack | " + " | ".join(f"`{a}`" for a in aggregators) + " |",
         "|---" * (len(aggregators) + 1) + "|",

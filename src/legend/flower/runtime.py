@@ -150,7 +150,8 @@ def advertised_figures(advert: dict, client: int) -> dict[str, float]:
                 value = math.nan
             if not (math.isfinite(value) and value > 0):
                 raise LegendError(
-                    f"the SuperNode of client {client} advertises {key}={advert[key]!r}: give a positive number in its --node-config, e.g. {key}=4"
+                    f"the SuperNode of client {client} advertises {key}={advert[key]!r}: give a positive number in its "
+                    f"--node-config, e.g. {key}=4"
                 )
             figures[field] = value
     return figures
