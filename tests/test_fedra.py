@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 import torch
 from tests.conftest import ROOT, NodesInThisProcess, tiny_overrides
+from tests.test_legend import SPEC, H
 from torch.utils.flop_counter import FlopCounterMode
 
 from legend.config import load_config
@@ -22,24 +23,6 @@ from legend.strategies.fedra import FedRA
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
-# MiniLM-L6's sizes (tests/test_devices.py reads them from the real model)
-H, FFN = 384, 1536
-SPEC = ModelSpec(
-    num_blocks=6,
-    hidden=H,
-    heads=12,
-    ffn=FFN,
-    attention_width=H,
-    block_linear_params=4 * H * H + 2 * H * FFN,
-    input_projection_params=3 * H * H,
-    lora_features=2 * (H + H),
-    outside_linear_params=H * H + 2 * H,
-    output_features=2,
-    frozen_output=False,
-    total_params=22_713_986,
-    head_params=2 * H + 2,
-    bias_params=0,
-)
 MINILM = ModelInfo("bert", 6, H, ("query", "value"), "bert.encoder.layer")
 WORK = Batches.uniform(5, 16, 32)
 

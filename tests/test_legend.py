@@ -27,6 +27,7 @@ from legend.strategies.legend import (
     estimate_layout,
     greedy_path,
     rank_distribution,
+    within,
 )
 
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
@@ -237,16 +238,8 @@ def test_joint_planner_picks_the_deadline_of_most_progress_per_second():
     paths = [greedy_path(devices, c, PAPER_RANKS, WORTH) for c in range(3)]
     floor = max(path[0].estimate.total_s for path in paths)
 
-    def reached(path, deadline):  # walk the path until a step overruns the deadline
-        point = path[0]
-        for step in path[1:]:
-            if step.estimate.total_s > deadline:
-                break
-            point = step
-        return point
-
     def rate(deadline):  # the workloads are equal, so the progress is the plain mean of the worths reached
-        return sum(WORTH.of(reached(path, deadline).layout.rank_by_block) for path in paths) / 3 / deadline
+        return sum(WORTH.of(within(path, deadline).layout.rank_by_block) for path in paths) / 3 / deadline
 
     chosen = max(a.estimate.total_s for a in plan.values())
     candidates = {p.estimate.total_s for path in paths for p in path if p.estimate.total_s >= floor}
