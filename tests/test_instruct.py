@@ -147,16 +147,21 @@ def sst2_as_instructions(tmp_path_factory):
     return folder
 
 
-def test_open_instruction_data_is_scored_by_generated_answers(tiny_decoder, sst2_as_instructions, tmp_path):
-    overrides = {
+def open_instructions(path, **extra):
+    """Overrides for FedIT on open instructions (SST-2 written as instructions, IID), scored by 3-token generated answers."""
+    return {
         "data.task": "instructions",
-        "data.path": f'"{sst2_as_instructions}"',
+        "data.path": f'"{path}"',
         "data.partition": "iid",
         "data.test_size": 0,
         "eval.max_new_tokens": 3,
         "strategy.name": "fedit",
-        "fl.rounds": 1,
+        **extra,
     }
+
+
+def test_open_instruction_data_is_scored_by_generated_answers(tiny_decoder, sst2_as_instructions, tmp_path):
+    overrides = open_instructions(sst2_as_instructions, **{"fl.rounds": 1})
     config = instruct_config(tiny_decoder, **overrides)
     exp = build_experiment(config)
     assert exp.test.classes is None and exp.test.references[0] in ("negative", "positive")
@@ -183,14 +188,7 @@ def test_open_instruction_data_is_scored_by_generated_answers(tiny_decoder, sst2
 def test_exact_match_scores_an_answer_equal_to_its_reference_1_and_any_other_0(tiny_decoder, sst2_as_instructions):
     """The scorer against references set from the model's own greedy answers: the answer itself, or written as the
     normalisation forgives (another case, an article, punctuation, spacing), counts 1; the answer with a word more counts 0."""
-    overrides = {
-        "data.task": "instructions",
-        "data.path": f'"{sst2_as_instructions}"',
-        "data.partition": "iid",
-        "data.test_size": 0,
-        "eval.max_new_tokens": 3,
-        "strategy.name": "fedit",
-    }
+    overrides = open_instructions(sst2_as_instructions)
     exp = build_experiment(instruct_config(tiny_decoder, **overrides))
     module, split, rows = exp.model.module.eval(), exp.test, np.arange(4)
     answers = exp.objective.generate(module, [split.input_ids[i][: split.prompt_lengths[i]] for i in rows], split.pad_token_id)
