@@ -110,7 +110,9 @@ def run_ours(overrides: list[str], out: Path) -> dict:
     skipped = exp.prefix.boundary if exp.prefix is not None and exp.prefix.trains else 0
     flops = 0.0
     for job, _ in runtime.trained:
-        work = Batches.of(batch_shapes(exp.train, client_batches(exp.train, exp.partitions[job.plan.client], config.train, job.seed)))
+        work = Batches.of(
+            batch_shapes(exp.train, client_batches(exp.train, exp.partitions[job.plan.client], config.train, job.seed), config.train)
+        )
         layout = job.plan.layout
         flops += training_flops(exp.spec, layout, work, applied_ranks(layout, exp.strategy.global_layout()))
         flops -= skipped * block_forward_flops(exp.spec, work, 0)  # the cached blocks never ran

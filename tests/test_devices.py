@@ -299,6 +299,7 @@ def test_each_device_is_charged_the_compute_of_its_own_layout_in_a_real_run(tmp_
                 batch_shapes(
                     exp.train,
                     client_batches(exp.train, exp.partitions[client], config.train, derived_seed(config.seed, row["round"], client)),
+                    config.train,
                 )
             )
             flops_per_s = exp.fleet.device_of(client).profile.flops

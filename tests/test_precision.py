@@ -66,9 +66,10 @@ def test_float16_loss_scaling_keeps_gradients_float16_would_flush_to_zero(scaled
 
 def test_engine_device_cpu_gives_the_golden_summary_exactly(tmp_path):
     """Placement on an explicit CPU changes nothing: the tiny LEGEND run's summary as legend has always written it."""
-    from tests.test_strategies import GOLDEN, assert_matches_golden
+    from tests.test_strategies import GOLDEN, GOLDEN_SETTINGS, assert_matches_golden
 
-    summary = run_experiment(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "legend", "engine.device": "cpu"})), tmp_path)
+    overrides = tiny_overrides(**{"strategy.name": "legend", "engine.device": "cpu", **GOLDEN_SETTINGS})
+    summary = run_experiment(load_config(QUICKSTART, overrides), tmp_path)
     assert_matches_golden(summary, GOLDEN["legend"])
 
 

@@ -22,6 +22,10 @@ def save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> None:
     atomic_write(out_dir / CHECKPOINT, buffer.getbuffer())  # a view: no second copy of the checkpoint in memory
 
 
+# Keys added with a default other than how the runs before them behaved: a checkpoint that predates one reads this value.
+AS_BEFORE_ADDED = {"train.split_by_length": False}
+
+
 def read_checkpoint(out_dir: Path, purpose: str) -> dict[str, Any]:
     """The saved run state, its config completed with the defaults of keys added since; ``purpose`` starts each error line."""
     path = out_dir / CHECKPOINT
@@ -41,7 +45,11 @@ def read_checkpoint(out_dir: Path, purpose: str) -> dict[str, Any]:
         raise LegendError(f"{purpose}: {path} is unreadable ({type(exc).__name__}): delete it to start over") from None
     if payload.get("format") != FORMAT_VERSION:
         raise LegendError(f"{purpose}: {path} has format {payload.get('format')}, this legend reads {FORMAT_VERSION}: start a new run")
-    return {**payload, "config": _with_defaults(renamed_keys(payload["config"]), Config().model_dump())}
+    defaults = Config().model_dump()
+    for dotted, value in AS_BEFORE_ADDED.items():
+        section, key = dotted.split(".")
+        defaults[section][key] = value
+    return {**payload, "config": _with_defaults(renamed_keys(payload["config"]), defaults)}
 
 
 def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def device_view(
     """Each client's batches this round (drawn from (seed, round, client), whatever its plan) and what the strategy may know."""
     config = exp.config
     batches = {c: local.batches(c, derived_seed(config.seed, round_number, c)) for c in clients}
-    workload = {c: Batches.of(batch_shapes(local.data, b)) for c, b in batches.items()}
+    workload = {c: Batches.of(batch_shapes(local.data, b, local.cfg)) for c, b in batches.items()}
     return batches, DeviceView(exp.spec, exp.capacity.estimates(), workload, config.fl.wire_dtype)
 
 
