@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from legend.cli import app
 from legend.config import load_config
-from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, accuracy_within, held_crossing, summarize
+from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, accuracy_within, held_crossing, summarize, target_held
 
 TARGET = 0.8
 
@@ -131,3 +131,27 @@ def test_a_tuning_grids_settings_carry_their_time_and_bytes_to_the_held_target()
 
     assert to_target(curve([0.5, 0.85, 0.7, 0.82, 0.83]), TARGET) == (30.0, 3 * 100_000_000)  # round 3, not the spike at 1
     assert to_target(curve([0.5, 0.85, 0.7]), TARGET) == (None, None)
+
+
+def test_target_held_needs_the_last_two_evaluations_at_or_above_it():
+    assert target_held(curve([0.5, 0.81, None, 0.82]), TARGET)
+    assert not target_held(curve([0.5, 0.81, 0.79]), TARGET)  # fell back
+    assert not target_held(curve([0.5, 0.81]), TARGET)  # not yet confirmed
+    assert not target_held(curve([0.9, 0.9], validation=False)[1:], TARGET)  # one evaluation is no pair
+
+
+def test_a_run_that_stops_at_its_target_ends_on_the_confirming_round_and_resumes_no_further(tmp_path):
+    """eval.stop_at_target on a real tiny run: target 0 is held by rounds 1 and 2, so of 4 rounds 2 run; with an
+    unreachable target all 4 run."""
+    from tests.conftest import tiny_overrides
+
+    from legend.engine.simulation import run_experiment
+
+    def run(out, target, resume=False):
+        overrides = tiny_overrides(**{"fl.rounds": 4, "eval.every": 1, "eval.stop_at_target": "true", "eval.target_accuracy": target})
+        return run_experiment(load_config(ROOT / "configs" / "quickstart.toml", overrides), out, resume=resume)
+
+    stopped = run(tmp_path / "reached", 0.0)
+    assert (stopped["rounds"], stopped["round_to_target_held"]) == (2, 1)
+    assert run(tmp_path / "reached", 0.0, resume=True)["rounds"] == 2
+    assert run(tmp_path / "never", 1.0)["rounds"] == 4

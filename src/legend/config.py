@@ -261,6 +261,11 @@ class EvalConfig(Section):
     every: int = Field(1, gt=0, description="evaluate the global model every this many rounds (and after the last)")
     batch_size: int = Field(128, gt=0, description="evaluation batch size")
     target_accuracy: float = Field(0.8, ge=0, le=1, description="accuracy that defines time_to_target_s and bytes_to_target")
+    stop_at_target: bool = Field(
+        False,
+        description="stop once the target is held: two evaluations in a row at or above eval.target_accuracy (on the validation "
+        "split where data.val_size holds one out), as early stopping does; fl.rounds stays the limit",
+    )
     max_new_tokens: int = Field(
         32,
         gt=0,

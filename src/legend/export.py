@@ -39,7 +39,7 @@ from legend.lora.layout import lora_config
 from legend.models.resolve import resolve_model
 from legend.models.shared import SharedModel
 from legend.objectives import Objective
-from legend.records import METRICS_FILE
+from legend.records import METRICS_FILE, target_held
 from legend.strategies import Strategy
 
 LEGEND_FILE = "legend.json"  # in every export: what legend needs to predict and evaluate with it (labels, text columns, config)
@@ -59,6 +59,7 @@ class TrainedModel:
     initial: State  # every LoRA factor as the run initialised it (FeDeRA's A0 and B0)
     label_names: tuple[str, ...]
     rounds: int  # the last finished round
+    stopped_at_target: bool  # the run ended before fl.rounds because it held its target (eval.stop_at_target)
     final_accuracy: float | None  # of the last evaluation (the global model's, also for a client's export)
     client: int | None
 
@@ -119,7 +120,18 @@ def load_trained(folder: Path, client: int | None = None, purpose: str = "export
     rows = saved["metrics"]
     evaluated = [row["accuracy"] for row in rows if row["accuracy"] is not None]
     return TrainedModel(
-        folder, config, model, objective, strategy, state, initial, labels, rows[-1]["round"], evaluated[-1] if evaluated else None, client
+        folder,
+        config,
+        model,
+        objective,
+        strategy,
+        state,
+        initial,
+        labels,
+        rows[-1]["round"],
+        config.eval.stop_at_target and target_held(rows, config.eval.target_accuracy),
+        evaluated[-1] if evaluated else None,
+        client,
     )
 
 
@@ -277,9 +289,12 @@ def model_card(trained: TrainedModel, merge: bool) -> str:
         if merge
         else "a PEFT LoRA adapter (with the trained classification head)"
     )
-    finished = trained.rounds >= config.fl.rounds
     rounds = f"{trained.rounds} rounds" + (
-        "" if finished else f" of the {config.fl.rounds} configured (the run was interrupted; this is its last checkpoint)"
+        ""
+        if trained.rounds >= config.fl.rounds
+        else " (it stopped once its target was held)"
+        if trained.stopped_at_target
+        else f" of the {config.fl.rounds} configured (the run was interrupted; this is its last checkpoint)"
     )
     whose = (
         f"client {trained.client}'s personalised model (its own B, the shared A and head)"

@@ -88,6 +88,13 @@ def held_crossing(rows: list[dict[str, Any]], key: str, target: float) -> dict[s
     return next(held, None)
 
 
+def target_held(rows: list[dict[str, Any]], target: float) -> bool:
+    """Whether the last two evaluations are both at or above ``target``: a held crossing, confirmed (eval.stop_at_target)."""
+    key = target_key(rows)
+    evaluations = _evaluations(rows, key)
+    return len(evaluations) >= 2 and min(r[key] for r in evaluations[-2:]) >= target
+
+
 def bytes_through(rows: list[dict[str, Any]], round_number: int) -> int:
     """Bytes up and down sent in rounds 1 to ``round_number``."""
     return sum(r["bytes_up"] + r["bytes_down"] for r in rows if 0 < r["round"] <= round_number)

@@ -40,7 +40,7 @@ from legend.lora.layout import AdapterLayout
 from legend.models.placement import peak_memory_mb, resolve_device, resolve_precision
 from legend.models.shared import SharedModel
 from legend.objectives import Objective, objective_for
-from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, summarize
+from legend.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, summarize, target_held
 from legend.strategies import Strategy, strategy_class
 from legend.strategies.coverage import guarded
 
@@ -210,6 +210,8 @@ def run_experiment(
         for row in rows:
             on_round(row)
     for round_number in range(rows[-1]["round"] + 1, config.fl.rounds + 1):
+        if config.eval.stop_at_target and target_held(rows, config.eval.target_accuracy):
+            break
         global_state, row = run_round(exp, runtime, round_number, global_state, rows[-1]["virtual_time_s"])
         rows.append(row)
         _persist(out_dir, fingerprint, global_state, exp, runtime, rows)
