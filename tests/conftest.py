@@ -29,6 +29,9 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # fast subset keeps every strategy's formula and bookkeeping tests, config and error handling, data, layouts, aggregation
 # and a few single runs end to end; CI runs everything (`python -m pytest -q`).
 SLOW = {
+    "test_batching.py::test_pieces_give_the_global_adapter_of_whole_batches_and_cost_less",
+    "test_batching.py::test_a_decoders_pieces_average_over_the_whole_batchs_response_tokens",
+    "test_held_crossing.py::test_a_run_that_stops_at_its_target_ends_on_the_confirming_round_and_resumes_no_further",
     "test_activation_cache.py::test_a_device_is_charged_the_frozen_blocks_once_then_a_read_and_the_model_is_the_same",
     "test_activation_cache.py::test_a_resumed_run_charges_what_an_uninterrupted_one_does",
     "test_client_store.py::test_a_fedsa_checkpoint_from_before_client_state_resumes_as_the_uninterrupted_run",
