@@ -80,17 +80,16 @@ def rank_heterogeneous_round(ranks, seed):
 
 
 @pytest.mark.parametrize(("rule", "ranks"), [("median", (1, 3, 3, 2)), ("trimmed_mean", (2, 3, 1, 3, 3, 1))])
-def test_hetlora_takes_each_rank_row_by_the_rule_over_the_devices_whose_rank_holds_it(rule, ranks):
+def test_hetlora_takes_each_rank_row_by_the_rule_over_all_devices_zero_padded(rule, ranks):
     state, updates = rank_heterogeneous_round(ranks, 0)
     config = load_config(None, ["lora.r=4", "lora.alpha=8.0", f"fl.aggregator={rule}", "fl.trim_fraction=0.25"])
     new = HetLoRA(config, ModelInfo("bert", 1, 6, ("m",))).aggregate(1, state, updates)
-    for row in range(4):  # rank row 3 is nobody's: it keeps its value (zero padding would pull the others' rows toward 0)
-        holders = [u for u in updates if u.weights[A].shape[0] > row]
+    for row in range(4):  # a device whose rank stops below the row counts as 0 there; rank row 3 is nobody's, so it is 0
         for j in range(6):
             for key, index in ((A, (row, j)), (B, (j, row))):
-                values = [u.weights[key][index].item() for u in holders]
-                expected = by_definition(values, rule, 0.25) if values else state[key][index].item()
-                assert new[key][index].item() == pytest.approx(expected, abs=1e-6)
+                values = [u.weights[key][index].item() if u.weights[A].shape[0] > row else 0.0 for u in updates]
+                assert new[key][index].item() == pytest.approx(by_definition(values, rule, 0.25), abs=1e-6)
+    assert not new[A][3].any() and not new[B][:, 3].any()
     assert torch.allclose(new[HEAD], robust_average(state[HEAD], [u.weights[HEAD] for u in updates], rule, 0.25))
 
 

@@ -133,6 +133,18 @@ def hetlora_factors(factors: list[Factors], rank: int) -> Factors:
     return weighted_average([a for a, _ in padded], weights), weighted_average([b for _, b in padded], weights)
 
 
+def robust_hetlora_factors(factors: list[Factors], rank: int, rule: str, trim: float) -> Factors:
+    """HetLoRA's zero padding with ``robust_average``'s rule in place of its norm-weighted mean: each rank row of A and B is
+    the rule over every device of the round, a device whose rank stops below the row counting as zeros.
+
+    Zeros, not the old row: a row few devices hold is pulled toward 0 as HetLoRA's padding pulls it (the trimmed mean cuts
+    a lone holder), and a row nobody holds any more becomes 0, so the global adapter is the devices' pruned one; kept at
+    its old value it would go on adding a stale term to every prediction that no device trains against."""
+    padded = [pad_factors(f, rank) for f in factors]
+    a, b = zip(*padded, strict=True)
+    return robust_average(a[0], list(a), rule, trim), robust_average(b[0], list(b), rule, trim)
+
+
 def svd_factors(delta: torch.Tensor, rank: int, scaling: float) -> Factors:
     """FlexLoRA's redistribution: delta = U S V^T; a client of ``rank`` gets B = U_r diag(S_r) / s, A = V_r^T.
 

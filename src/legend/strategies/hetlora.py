@@ -7,9 +7,9 @@ lambda * sum ||B[:, floor(gamma r_k):]|| ||A[floor(gamma r_k):, :]||. It reports
 it shrank since the device's previous round, the device prunes its rank to floor(gamma r_k) (never
 below hetlora.r_min). The server zero-pads every device to r_max and weights it per module by
 w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F; the head is the sample-weighted mean. Under fl.aggregator (median,
-trimmed mean) each rank row of A and B, and each coordinate of the head, is instead the rule over the devices whose
-rank holds it, unweighted (``robust_average``): a norm weight or zero padding would let a device, or the many devices
-of low rank, outvote the rest; a row no device holds keeps its value.
+trimmed mean) each coordinate of the zero-padded A and B, and of the head, is instead the rule over all the round's
+devices, unweighted (``robust_hetlora_factors``): a norm weight would let an attacker buy weight with a large update,
+and the padding keeps HetLoRA's meaning (a row few devices hold shrinks, a row nobody holds any more is pruned to 0).
 Up and down: the device's truncated A and B, and the head.
 """
 
@@ -24,7 +24,14 @@ from legend.core import ClientPlan, State, Update
 from legend.devices.capacity import DeviceView, ranks_by_capacity
 from legend.lora.layout import AdapterLayout, cut_to_layout, lora_modules
 from legend.models.shared import SharedModel
-from legend.strategies.aggregate import Factors, average_updates, client_factors, hetlora_factors, robust_updates
+from legend.strategies.aggregate import (
+    Factors,
+    average_updates,
+    client_factors,
+    hetlora_factors,
+    robust_average,
+    robust_hetlora_factors,
+)
 from legend.strategies.base import LORA_ONLY, ROBUST_AGGREGATION, DeviceSide
 from legend.strategies.fedit import FedIT
 from legend.strategies.registry import register
@@ -65,7 +72,7 @@ class HetLoRADevice(DeviceSide):
 @register
 class HetLoRA(FedIT):
     name = "hetlora"
-    # no coordinate means (it weights clients by their update's norm); a robust rule runs per rank row over the devices holding it
+    # no coordinate means (it weights clients by their update's norm); a robust rule runs on the zero-padded factors
     supports = LORA_ONLY | {ROBUST_AGGREGATION}
 
     def __init__(self, config, info):
@@ -87,16 +94,20 @@ class HetLoRA(FedIT):
         return HetLoRADevice(self.config.hetlora.penalty, self.config.hetlora.gamma)
 
     def aggregate(self, round_number: int, global_state: State, updates: list[Update]) -> State:
-        """Zero-padded factors weighted by their product's norm; or, under fl.aggregator, each rank row's robust rule."""
+        """Zero-padded factors weighted by their product's norm; or, under fl.aggregator, the robust rule on the same padding."""
         for update in updates:
             self._self_prune(update.client, update.metrics[TAIL_NORM])
-        fl = self.config.fl
-        if fl.aggregator != "mean":
-            return {**global_state, **robust_updates(global_state, updates, fl.aggregator, fl.trim_fraction)}
-        factors = {}
+        fl, rank, factors = self.config.fl, self.config.lora.r, {}
         for a_key, b_key in lora_modules(global_state).values():
-            factors[a_key], factors[b_key] = hetlora_factors(client_factors(updates, a_key, b_key), self.config.lora.r)
-        head = average_updates(updates, [k for k in updates[0].weights if k not in factors])
+            clients = client_factors(updates, a_key, b_key)
+            if fl.aggregator == "mean":
+                factors[a_key], factors[b_key] = hetlora_factors(clients, rank)
+            else:
+                factors[a_key], factors[b_key] = robust_hetlora_factors(clients, rank, fl.aggregator, fl.trim_fraction)
+        keys = [k for k in updates[0].weights if k not in factors]  # the head: every device carries it whole
+        if fl.aggregator == "mean":
+            return {**global_state, **average_updates(updates, keys), **factors}
+        head = {k: robust_average(global_state[k], [u.weights[k] for u in updates], fl.aggregator, fl.trim_fraction) for k in keys}
         return {**global_state, **head, **factors}
 
     def _self_prune(self, client: int, tail_norm: float) -> None:
