@@ -3,10 +3,12 @@ simulation runtime, in one run.
 
     pip install -e ".[bench]"        # flwr[simulation]: Ray
     python benchmarks/engine_speed.py --out runs/engine-speed
+    python benchmarks/engine_speed.py --workload instruct --out runs/engine-speed-instruct
 
 The workload, for LEGEND and for FedIT: MiniLM-L6 on SST-2 (the 60k training sentences less 872 held out for
 validation), 20 clients on the jetson-mix fleet with a Dirichlet 0.5 split, 10 clients per round, 5 local steps of
-16, evaluation on the validation and the 872 test sentences after every round. Each way trains until the validation
+16, evaluation on the validation and the 872 test sentences after every round; or (``--workload instruct``)
+``configs/instruct-sst2.toml``, SmolLM2-135M answering SST-2 as instructions, evaluated every round. Each way trains until the validation
 accuracy holds ``--target`` (default 0.80; held: two evaluations in a row at or above it, ``eval.stop_at_target``)
 or ``--rounds`` (default 40) have run. It runs three ways,
 each in a fresh process timed from its start to its exit (start-up included: users wait for it too), so a way's
@@ -14,8 +16,8 @@ wall seconds are its time to the target:
 
 - ours: the embedded engine (``run_experiment``, as ``legend run`` calls it);
 - naive: what most research code does (this file, ``--variant naive``): the model rebuilt from its
-  files for each client and for each evaluation, every batch padded to ``data.max_length``, random
-  batches, no cache; otherwise the engine's work: the same sampling, batches, AdamW settings and
+  files for each client and for each evaluation, every batch padded to ``data.max_length`` and computed whole,
+  random batches, no cache; otherwise the engine's work: the same sampling, batches, AdamW settings and
   truncation, the same strategy objects plan and aggregate, and the same capacity observations (the
   virtual clock's report of each update), so LEGEND plans from the same estimates;
 - flower-sim: legend's own Flower ServerApp and ClientApp under Flower's simulation runtime
@@ -49,21 +51,33 @@ from legend.records import held_crossing, read_metrics, target_held
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "configs" / "quickstart.toml"  # every way starts from it (lr schedule, dropout off, LoRA r=8), then the workload's settings
+BASE = ROOT / "configs" / "quickstart.toml"  # lr schedule, dropout off, LoRA r=8: the classification workload's config before its settings
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 STRATEGIES = ("legend", "fedit")
+WORKLOADS = {  # each way starts from the config, then the settings
+    "sst2": (
+        BASE,
+        [
+            f'data.path="{DATA}"',
+            "data.task=sst2",
+            "data.val_size=872",
+            "fl.num_clients=20",
+            "fl.clients_per_round=10",
+            "train.local_steps=5",
+            "train.batch_size=16",
+        ],
+    ),
+    # SmolLM2-135M answering SST-2 as instructions (docs/instruct.md): 20 clients, 4 a round, 200 sentences for validation
+    "instruct": (ROOT / "configs" / "instruct-sst2.toml", [f'data.path="{DATA}"']),
+}
 
 
-def workload(strategy: str, rounds: int, target: float) -> list[str]:
-    return [
-        f'data.path="{DATA}"',
-        "data.task=sst2",
-        "data.val_size=872",
-        "fl.num_clients=20",
-        "fl.clients_per_round=10",
+def workload(name: str, strategy: str, rounds: int, target: float) -> tuple[Path, list[str]]:
+    """The workload's config and its settings, evaluated every round and stopping once the target is held."""
+    base, settings = WORKLOADS[name]
+    return base, [
+        *settings,
         f"fl.rounds={rounds}",
-        "train.local_steps=5",
-        "train.batch_size=16",
         "eval.every=1",
         f"eval.target_accuracy={target}",
         "eval.stop_at_target=true",
@@ -102,7 +116,7 @@ def memory_workload(clients: int, per_round: int) -> list[str]:
 # --- what runs inside each timed process --------------------------------------------------------
 
 
-def run_ours(overrides: list[str], out: Path) -> dict:
+def run_ours(base: Path, overrides: list[str], out: Path) -> dict:
     """The embedded engine; returns the seconds of the round loop and where they went."""
     from legend.config import load_config
     from legend.devices.cost import Batches, applied_ranks, block_forward_flops, training_flops
@@ -120,7 +134,7 @@ def run_ours(overrides: list[str], out: Path) -> dict:
             self.trained += [(job, returned[job.plan.client]) for job in jobs if not isinstance(returned[job.plan.client], str)]
             return returned
 
-    config = load_config(BASE, overrides)
+    config = load_config(base, overrides)
     exp = build_experiment(config)
     runtime = Recording(config.faults)
     stamps = []
@@ -146,41 +160,42 @@ def run_ours(overrides: list[str], out: Path) -> dict:
     }
 
 
-def run_naive(overrides: list[str]) -> dict:
+def run_naive(base: Path, overrides: list[str]) -> dict:
     """Rebuild the model per client and per evaluation, pad every batch to data.max_length, random batches, no cache;
     evaluate the validation and test splits after every round, as ours does, and stop once the target is held."""
     import numpy as np
     import torch
+    import torch.nn.functional as F
 
     from legend.config import load_config
     from legend.core import Update, numel
-    from legend.data.table import column
-    from legend.data.tasks import load_task, subsample
     from legend.engine.client import derived_seed, local_step_count, training_batches
     from legend.engine.round import device_view, sample_clients
     from legend.engine.simulation import build_experiment
     from legend.models.shared import SharedModel
+    from legend.objectives.instruct import IGNORE
 
-    config = load_config(BASE, [*overrides, "engine.cache_mb=0", "train.group_by_length=false"])
+    config = load_config(base, [*overrides, "engine.cache_mb=0", "train.group_by_length=false"])
     torch.set_num_threads(config.engine.threads or os.cpu_count())
     exp = build_experiment(config)  # the split, the strategy and its capacity estimates: legend's algorithm, naive execution
-    task = subsample(load_task(config.data), config.data, config.seed)
-    tokenizer, pad_to = exp.model.tokenizer, config.data.max_length
-    train, validation, test = (
-        tokenizer(column(t, "text"), padding="max_length", truncation=True, max_length=pad_to, return_tensors="pt")
-        for t in (task.train, task.validation, task.test)
-    )
-    train_labels, validation_labels, test_labels = (torch.tensor(column(t, "label")) for t in (task.train, task.validation, task.test))
+    objective, width = exp.objective, config.data.max_length
+    fill = {"input_ids": exp.train.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE}
+
+    def batch(split, rows) -> dict:
+        """The rows' tensors, every (rows, tokens) one padded to data.max_length."""
+        return {key: F.pad(t, (0, width - t.shape[1]), value=fill[key]) if t.dim() == 2 else t for key, t in split.batch(rows).items()}
 
     def rebuilt() -> SharedModel:
         model = SharedModel.build(
-            config.model.name, len(task.label_names), tuple(config.lora.target_modules), config.seed, config.model.dropout
+            config.model.name,
+            len(exp.label_names),
+            tuple(config.lora.target_modules),
+            config.seed,
+            config.model.dropout,
+            causal_lm=objective.causal_lm,
         )
         model.add_adapters(exp.strategy.global_layout(), exp.strategy.lora_alpha, config.lora.dropout, config.seed, exp.strategy.lora_init)
         return model
-
-    def batch(encoded, labels, rows) -> dict:
-        return {**{k: v[rows] for k, v in encoded.items()}, "labels": labels[rows]}
 
     def train_client(plan, round_number: int) -> Update:
         model = rebuilt()
@@ -191,7 +206,7 @@ def run_naive(overrides: list[str]) -> dict:
         rng = np.random.default_rng(derived_seed(config.seed, round_number, plan.client))
         model.module.train()
         for rows in training_batches(exp.train, indices, local_step_count(len(indices), config.train), config.train, rng):
-            model.module(**batch(train, train_labels, torch.from_numpy(rows))).loss.backward()
+            objective.loss(model.module, batch(exp.train, rows)).backward()
             torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
@@ -199,22 +214,18 @@ def run_naive(overrides: list[str]) -> dict:
         return Update(plan.client, trained, len(indices))
 
     @torch.no_grad()
-    def accuracy(model, encoded, labels) -> float:
-        correct = sum(
-            (model.module(**batch(encoded, labels, rows)).logits.argmax(-1) == labels[rows]).sum().item()
-            for rows in torch.arange(len(labels)).split(config.eval.batch_size)
-        )
-        return correct / len(labels)
+    def accuracy(model, split) -> float:
+        correct = 0
+        for rows in np.array_split(np.arange(len(split)), -(-len(split) // config.eval.batch_size)):
+            scored = objective.score(model.module, batch(split, rows)).correct
+            correct += objective.exact_matches(model.module, split, rows) if scored is None else scored
+        return correct / len(split)
 
     def evaluated(round_number: int, state) -> dict:
         model = rebuilt()
         model.load(state)
         model.module.eval()
-        return {
-            "round": round_number,
-            "val_accuracy": accuracy(model, validation, validation_labels),
-            "accuracy": accuracy(model, test, test_labels),
-        }
+        return {"round": round_number, "val_accuracy": accuracy(model, exp.validation), "accuracy": accuracy(model, exp.test)}
 
     state = exp.strategy.initial_state(exp.model)
     rows = [evaluated(0, state)]
@@ -231,7 +242,8 @@ def run_naive(overrides: list[str]) -> dict:
             exp.capacity.observe(c, {**update.metrics, **report})
         state = exp.strategy.aggregate(round_number, state, updates)
         rows.append(evaluated(round_number, state))
-    majority = float(test_labels.bincount().max()) / len(test_labels)
+    labels = exp.test.labels if hasattr(exp.test, "labels") else exp.test.classes
+    majority = float(np.bincount(labels).max()) / len(labels)
     return {"loop_s": time.perf_counter() - started, "majority_rate": majority, **reached(rows, config.eval.target_accuracy)}
 
 
@@ -249,8 +261,12 @@ def timed(argv: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def inner(variant: str, overrides: list[str], out: Path) -> list[str]:
-    return [sys.executable, __file__, "--variant", variant, "--result", str(out / "result.json"), "--out", str(out), "--", *overrides]
+def inner(variant: str, base: Path, overrides: list[str], out: Path) -> list[str]:
+    return [
+        sys.executable,
+        __file__,
+        *("--variant", variant, "--base", str(base), "--result", str(out / "result.json"), "--out", str(out), "--", *overrides),
+    ]
 
 
 def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
@@ -269,16 +285,16 @@ def _time(work) -> float:
     return time.perf_counter() - started
 
 
-def measure(out: Path, rounds: int, target: float) -> dict:
+def measure(out: Path, name: str, rounds: int, target: float) -> dict:
     results = {"matmul_flops": matmul_flops()}
     for strategy in STRATEGIES:
-        settings = workload(strategy, rounds, target)
+        base, settings = workload(name, strategy, rounds, target)
         for variant, argv in (
-            ("ours", inner("ours", settings, out / strategy / "ours")),
-            ("naive", inner("naive", settings, out / strategy / "naive")),
+            ("ours", inner("ours", base, settings, out / strategy / "ours")),
+            ("naive", inner("naive", base, settings, out / strategy / "naive")),
             (
                 "flower-sim",
-                [str(BIN / "legend"), "deploy", "simulation", str(BASE), *settings, "--out", str(out / strategy / "flower-sim")],
+                [str(BIN / "legend"), "deploy", "simulation", str(base), *settings, "--out", str(out / strategy / "flower-sim")],
             ),
         ):
             (out / strategy / variant).mkdir(parents=True, exist_ok=True)
@@ -360,15 +376,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/engine-speed"))
     parser.add_argument("--rounds", type=int, default=40, help="the most rounds a way may run to reach the target")
     parser.add_argument("--target", type=float, default=0.80, help="validation accuracy each way must hold")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="sst2", help="MiniLM-L6 classifying, or SmolLM2-135M instructed")
     parser.add_argument("--variant", choices=["ours", "naive"], help=argparse.SUPPRESS)  # one timed process of the benchmark
+    parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        result = run_ours(args.overrides, args.out) if args.variant == "ours" else run_naive(args.overrides)
+        result = run_ours(args.base, args.overrides, args.out) if args.variant == "ours" else run_naive(args.base, args.overrides)
         args.result.write_text(json.dumps(result))
         return
-    report(measure(args.out.resolve(), args.rounds, args.target), args.target)
+    report(measure(args.out.resolve(), args.workload, args.rounds, args.target), args.target)
 
 
 if __name__ == "__main__":
