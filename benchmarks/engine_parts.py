@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_speed import BASE, workload  # noqa: E402  (the same workload, and benchmarks/ is not a package)
+from engine_speed import workload  # noqa: E402  (the same workload, and benchmarks/ is not a package)
 
 
 def best_seconds(work, repeats: int) -> float:
@@ -54,7 +54,8 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "import legend.engine.simulation"], check=True)
     result = {"import_s": time.perf_counter() - started}
     started = time.perf_counter()
-    build_experiment(load_config(BASE, workload("legend", 3)))
+    base, settings = workload("sst2", "legend", 3, 0.8)
+    build_experiment(load_config(base, settings))
     result["build_experiment_s"] = time.perf_counter() - started
     if not args.startup:
         cores = torch.get_num_threads()
@@ -64,7 +65,7 @@ def main() -> None:
             linear_gflops_bf16=linear_gflops(cores, torch.bfloat16),
         )
         for precision in ("float32", "bfloat16"):
-            exp = build_experiment(load_config(BASE, [*workload("legend", 3), f"engine.precision={precision}", "engine.cache_mb=0"]))
+            exp = build_experiment(load_config(base, [*settings, f"engine.precision={precision}", "engine.cache_mb=0"]))
             rows = np.flatnonzero(exp.train.lengths == 30)[:16]  # 16 sentences of 30 tokens
             exp.model.set_trainable(exp.strategy.global_layout())
             exp.model.module.train()
