@@ -172,8 +172,8 @@ def test_skipped_blocks_cost_nothing_in_flops_and_memory(model):
 
 def test_local_training_runs_only_the_blocks_a_device_holds(tmp_path):
     """A tiny real run: each block runs in training exactly local_steps times per device that held it that round (the devices'
-    layouts as the run recorded them); evaluation runs every block."""
-    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "fedra"}))
+    layouts as the run recorded them; whole batches, one pass a step); evaluation runs every block."""
+    config = load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "fedra", "train.split_by_length": "false"}))
     exp = build_experiment(config)
     calls = Counter()
     for i, block in enumerate(exp.model._blocks()):

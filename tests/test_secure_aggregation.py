@@ -180,7 +180,15 @@ def test_every_rank_row_block_and_head_left_is_trained_by_k_devices_and_only_tho
 
 # LEGEND capping ranks, without slack: client 2 trains (0, 0, 8, 10, 10, 10), deeper and with more rank rows than
 # clients 1 (0, 0, 0, 8, 8, 8) and 0 (0, 0, 0, 0, 8, 8): block 2 and rows 8-9 of blocks 3-5 would be its own.
-DEEP = {**THREE, "strategy.name": "legend", "legend.rank_cap": "true", "legend.slack": 0, "legend.r_min": 8}
+# whole batches: the devices' plans the tests below describe come from these batches' compute
+DEEP = {
+    **THREE,
+    "strategy.name": "legend",
+    "legend.rank_cap": "true",
+    "legend.slack": 0,
+    "legend.r_min": 8,
+    "train.split_by_length": "false",
+}
 
 
 def private_regions(row, block_of, state):
