@@ -48,7 +48,9 @@ def test_a_group_of_one_is_exactly_one_by_one(tmp_path, monkeypatch):
         "local_training_together",
         lambda exp, jobs, owns: [u for j, o in zip(jobs, owns, strict=True) for u in together(exp, [j], [o])],
     )
-    overrides = tiny_overrides(**{"strategy.name": "legend", "fl.clients_per_round": 4, "devices.activation_cache": "true"})
+    overrides = tiny_overrides(
+        **{"strategy.name": "legend", "fl.clients_per_round": 4, "devices.activation_cache": "true", "train.split_by_length": "false"}
+    )  # whole batches one by one: a group computes each step whole
     assert largest_difference(run(tmp_path / "one", 1, overrides)[1], run(tmp_path / "four", 4, overrides)[1]) == 0.0
 
 
