@@ -120,7 +120,7 @@ def run_ours(base: Path, overrides: list[str], out: Path) -> dict:
     """The embedded engine; returns the seconds of the round loop and where they went."""
     from legend.config import load_config
     from legend.devices.cost import Batches, applied_ranks, block_forward_flops, training_flops
-    from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches
+    from legend.engine.client import FORWARD_BACKWARD_S, batch_shapes, client_batches, passes
     from legend.engine.runtime import InProcess
     from legend.engine.simulation import build_experiment, run_experiment
 
@@ -145,7 +145,10 @@ def run_ours(base: Path, overrides: list[str], out: Path) -> dict:
     flops = 0.0
     for job, _ in runtime.trained:
         work = Batches.of(
-            batch_shapes(exp.train, client_batches(exp.train, exp.partitions[job.plan.client], config.train, job.seed), config.train)
+            batch_shapes(
+                exp.train,
+                passes(exp.train, client_batches(exp.train, exp.partitions[job.plan.client], config.train, job.seed), config.train),
+            )
         )
         layout = job.plan.layout
         flops += training_flops(exp.spec, layout, work, applied_ranks(layout, exp.strategy.global_layout()))

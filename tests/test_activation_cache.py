@@ -29,7 +29,7 @@ EVERY_EXAMPLE_EACH_ROUND = {
 
 
 def run(tmp_path, name, **extra):
-    config = load_config(QUICKSTART, tiny_overrides(**EVERY_EXAMPLE_EACH_ROUND, **extra))
+    config = load_config(QUICKSTART, tiny_overrides(**{**EVERY_EXAMPLE_EACH_ROUND, **extra}))
     run_experiment(config, tmp_path / name)
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return config, rows, torch.load(tmp_path / name / CHECKPOINT, weights_only=True)["global_state"]
@@ -59,6 +59,16 @@ def test_a_device_is_charged_the_frozen_blocks_once_then_a_read_and_the_model_is
         assert kept["compute_s"] < plain["compute_s"] - 0.1 * below
         assert (kept["kept_blocks"], kept["storage_mb"]) == (edge, pytest.approx(stored / 1e6, abs=1e-4))
     assert kept_rows[2]["virtual_time_s"] < rows[2]["virtual_time_s"]
+
+
+def test_in_pieces_a_devices_first_round_costs_what_a_plain_run_does(tmp_path):
+    """One batch of 16 per round, computed in pieces: the blocks a keeping device runs below its edge are charged per piece,
+    as the blocks above are, so before it holds anything it costs what a device that keeps nothing does."""
+    one_batch = {"train.local_epochs": 0, "train.local_steps": 1, "train.batch_size": 16}
+    _, kept_rows, _ = run(tmp_path, "kept", **{"devices.activation_cache": "true", **one_batch})
+    _, rows, _ = run(tmp_path, "plain", **one_batch)
+    pairs = list(zip(kept_rows[1]["devices"], rows[1]["devices"], strict=True))
+    assert pairs and all(kept["compute_s"] == plain["compute_s"] and kept["read_s"] == 0 for kept, plain in pairs)
 
 
 def test_a_resumed_run_charges_what_an_uninterrupted_one_does(tmp_path):

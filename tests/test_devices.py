@@ -280,7 +280,7 @@ def test_each_device_is_charged_the_compute_of_its_own_layout_in_a_real_run(tmp_
     own batches, at its profile's FLOP/s. Where layouts differ, the mutant that charges the global layout instead is shown
     to differ on every device below it, so the check can fail; FedIT and FeDeRA give every device the global layout."""
     from legend.devices.cost import applied_ranks
-    from legend.engine.client import batch_shapes, client_batches, derived_seed
+    from legend.engine.client import batch_shapes, client_batches, derived_seed, passes
     from legend.engine.simulation import build_experiment
 
     overrides = tiny_overrides(
@@ -298,8 +298,11 @@ def test_each_device_is_charged_the_compute_of_its_own_layout_in_a_real_run(tmp_
             work = Batches.of(
                 batch_shapes(
                     exp.train,
-                    client_batches(exp.train, exp.partitions[client], config.train, derived_seed(config.seed, row["round"], client)),
-                    config.train,
+                    passes(
+                        exp.train,
+                        client_batches(exp.train, exp.partitions[client], config.train, derived_seed(config.seed, row["round"], client)),
+                        config.train,
+                    ),
                 )
             )
             flops_per_s = exp.fleet.device_of(client).profile.flops

@@ -91,10 +91,14 @@ def step_pieces(data: EncodedSplit, rows: np.ndarray, cfg: TrainConfig) -> list[
     return length_pieces(data.lengths, rows) if cfg.split_by_length else [rows]
 
 
-def batch_shapes(data: EncodedSplit, batches: list[np.ndarray], cfg: TrainConfig) -> list[tuple[int, int, int]]:
-    """(sequences, padded length, positions the output layer projects) of each pass of local training (a batch, or each
-    of its pieces): what the device's compute and memory depend on."""
-    return [(len(piece), int(data.lengths[piece].max()), data.outputs(piece)) for rows in batches for piece in step_pieces(data, rows, cfg)]
+def passes(data: EncodedSplit, batches: list[np.ndarray], cfg: TrainConfig) -> list[np.ndarray]:
+    """The rows of each forward and backward pass of local training, in order: each batch, or each of its pieces."""
+    return [piece for rows in batches for piece in step_pieces(data, rows, cfg)]
+
+
+def batch_shapes(data: EncodedSplit, batches: list[np.ndarray]) -> list[tuple[int, int, int]]:
+    """(sequences, padded length, positions the output layer projects) of each pass: what the device's compute and memory depend on."""
+    return [(len(rows), int(data.lengths[rows].max()), data.outputs(rows)) for rows in batches]
 
 
 class LocalOptimizer:

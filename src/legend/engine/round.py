@@ -23,7 +23,7 @@ from legend.devices.clock import RoundTime, synchronous_round
 from legend.devices.cost import Batches, kept_memory_bytes, layout_numel, require_fits
 from legend.devices.preview import preview_rows
 from legend.engine.attacks import MALICIOUS
-from legend.engine.client import FORWARD_BACKWARD_S, PEAK_MEMORY_MB, Evaluation, LocalTraining, batch_shapes, derived_seed, evaluate
+from legend.engine.client import FORWARD_BACKWARD_S, PEAK_MEMORY_MB, Evaluation, LocalTraining, batch_shapes, derived_seed, evaluate, passes
 from legend.engine.privacy import add_noise, clip_update
 from legend.engine.runtime import ROUND_TRIP_S, SENT_NUMEL, Job, Runtime
 from legend.engine.validation import rejection
@@ -108,10 +108,11 @@ def sample_clients(seed: int, round_number: int, available: list[int], per_round
 def device_view(
     exp: Experiment, local: LocalTraining, round_number: int, clients: list[int]
 ) -> tuple[dict[int, list[np.ndarray]], DeviceView]:
-    """Each client's batches this round (drawn from (seed, round, client), whatever its plan) and what the strategy may know."""
+    """Each client's passes of local training this round (its batches, drawn from (seed, round, client) whatever its plan,
+    or their pieces: what its device computes and keeps) and what the strategy may know."""
     config = exp.config
-    batches = {c: local.batches(c, derived_seed(config.seed, round_number, c)) for c in clients}
-    workload = {c: Batches.of(batch_shapes(local.data, b, local.cfg)) for c, b in batches.items()}
+    batches = {c: passes(local.data, local.batches(c, derived_seed(config.seed, round_number, c)), local.cfg) for c in clients}
+    workload = {c: Batches.of(batch_shapes(local.data, b)) for c, b in batches.items()}
     return batches, DeviceView(exp.spec, exp.capacity.estimates(), workload, config.fl.wire_dtype)
 
 
