@@ -155,3 +155,13 @@ def test_a_run_that_stops_at_its_target_ends_on_the_confirming_round_and_resumes
     assert (stopped["rounds"], stopped["round_to_target_held"]) == (2, 1)
     assert run(tmp_path / "reached", 0.0, resume=True)["rounds"] == 2
     assert run(tmp_path / "never", 1.0)["rounds"] == 4
+
+
+@pytest.mark.parametrize("command", ["compare", "tune"])
+def test_compare_and_tune_refuse_runs_that_stop_at_their_target(tmp_path, command):
+    """Both read every strategy over the same rounds: one line naming the key, exit code 2, before any run."""
+    extra = ["--grid", "train.lr=1e-3"] if command == "tune" else []
+    args = [command, str(ROOT / "configs" / "quickstart.toml"), "eval.stop_at_target=true", "data.val_size=100", *extra]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "set eval.stop_at_target=false" in result.output
+    assert not (tmp_path / "out" / "runs").exists()

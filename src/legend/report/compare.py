@@ -50,6 +50,11 @@ def compare(
     from legend.report.side_by_side import check_jobs, run_side_by_side
     from legend.strategies import strategy_class
 
+    if config.eval.stop_at_target:
+        raise LegendError(
+            "legend compare sets strategies side by side over the same rounds (quality under budget, every curve): "
+            "set eval.stop_at_target=false"
+        )
     for name in strategies:
         strategy_class(name)  # an unknown name fails before hours of runs
         if tuned is not None and name not in tuned:

@@ -63,6 +63,11 @@ def tune(
 
     if config.data.val_size <= 0:
         raise LegendError("legend tune chooses settings on a validation split: set data.val_size, e.g. data.val_size=2000")
+    if config.eval.stop_at_target:
+        raise LegendError(
+            "legend tune scores each setting by its last evaluations, which a run stopped at its target never reaches: "
+            "set eval.stop_at_target=false"
+        )
     if not grid:
         raise LegendError("legend tune needs a grid: give --grid key=v1,v2 (for example --grid train.lr=1e-3,3e-3)")
     points = settings(grid)
