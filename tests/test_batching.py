@@ -58,7 +58,7 @@ def largest_difference(a, b):
     [
         ("fedit", {}),
         ("fedit", {"lora.top_blocks": 2, "devices.activation_cache": "true"}),
-        ("fedprox", {}),
+        ("fedprox", {"fedprox.mu": 10, "train.local_steps": 4}),
         ("fedit", {"train.logit_adjustment": 1}),
     ],
 )
