@@ -17,7 +17,7 @@ wall seconds are its time to the target:
 - ours: the embedded engine (``run_experiment``, as ``legend run`` calls it);
 - naive: what most research code does (this file, ``--variant naive``): the model rebuilt from its
   files for each client and for each evaluation, every batch padded to ``data.max_length`` and computed whole,
-  random batches, no cache; otherwise the engine's work: the same sampling, batches, AdamW settings and
+  no cache; otherwise the engine's work: the same sampling, batches, AdamW settings and
   truncation, the same strategy objects plan and aggregate, and the same capacity observations (the
   virtual clock's report of each update), so LEGEND plans from the same estimates;
 - flower-sim: legend's own Flower ServerApp and ClientApp under Flower's simulation runtime
@@ -164,7 +164,7 @@ def run_ours(base: Path, overrides: list[str], out: Path) -> dict:
 
 
 def run_naive(base: Path, overrides: list[str]) -> dict:
-    """Rebuild the model per client and per evaluation, pad every batch to data.max_length, random batches, no cache;
+    """Rebuild the model per client and per evaluation, pad every batch to data.max_length and compute it whole, no cache;
     evaluate the validation and test splits after every round, as ours does, and stop once the target is held."""
     import numpy as np
     import torch
@@ -178,7 +178,7 @@ def run_naive(base: Path, overrides: list[str]) -> dict:
     from legend.models.shared import SharedModel
     from legend.objectives.instruct import IGNORE
 
-    config = load_config(base, [*overrides, "engine.cache_mb=0", "train.group_by_length=false"])
+    config = load_config(base, [*overrides, "engine.cache_mb=0"])
     torch.set_num_threads(config.engine.threads or os.cpu_count())
     exp = build_experiment(config)  # the split, the strategy and its capacity estimates: legend's algorithm, naive execution
     objective, width = exp.objective, config.data.max_length

@@ -246,9 +246,9 @@ class TrainConfig(Section):
     )
     max_grad_norm: float = Field(1.0, ge=0, description="clip the local gradient norm (0 = off)")
     group_by_length: bool = Field(
-        False,
-        description="sort each window of 50 batches by length before cutting it, as Hugging Face's Trainer does: less padding, but "
-        "batches of similar length learn more slowly on a client's few hundred examples",
+        True,
+        description="sort each window of 50 batches by length before cutting it, then shuffle the batches, as Hugging Face's Trainer "
+        "does: less padding (off: random batches)",
     )
     split_by_length: bool = Field(
         True,
