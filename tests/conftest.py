@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -140,6 +142,22 @@ def tiny_instruct_overrides(decoder: Path, **extra) -> list[str]:
     return tiny_overrides(
         **{"model.name": f'"{decoder}"', "data.format": '"instruct"', "data.train_size": 200, "data.test_size": 32, **extra}
     )
+
+
+def in_fresh_process(script: str, args: list[str], payload) -> dict:
+    """Run ``python -c script args`` offline with ``payload`` as JSON on stdin, as a user's own process would load an export
+    (nothing of this one's imports or state): the JSON object on its last line of output."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def tiny_overrides(**extra) -> list[str]:

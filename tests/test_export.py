@@ -6,14 +6,12 @@ are compared with those of legend's shared model holding the run's state (the en
 """
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, in_fresh_process, tiny_overrides
 from typer.testing import CliRunner
 
 from legend.cli import app
@@ -72,17 +70,7 @@ def tiny_config(strategy, **extra):
 
 def fresh_logits(folders, texts):
     """Each export's logits and its text-classification pipeline's first labels (merged exports), from one fresh process."""
-    done = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, *map(str, folders)],
-        input=json.dumps(texts),
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = in_fresh_process(FRESH_PROCESS, [str(f) for f in folders], texts)
     return [(np.asarray(results[str(f)]["logits"]), results[str(f)]["pipeline_labels"]) for f in folders]
 
 

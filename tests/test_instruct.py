@@ -3,14 +3,12 @@ and plain templates, answer scoring, the frozen-prefix cache under causal attent
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from tests.conftest import DATA, ROOT, tiny_instruct_overrides
+from tests.conftest import DATA, ROOT, in_fresh_process, tiny_instruct_overrides
 from typer.testing import CliRunner
 
 from legend.cli import app
@@ -255,18 +253,7 @@ def test_a_causal_lm_run_exports_an_adapter_and_a_merged_model_that_transformers
     ids = [p[:width].tolist() for p in prompts]  # one length: no padding in the comparison
     with torch.no_grad():
         ours = exp.model.module(input_ids=torch.tensor(ids)).logits[:, -1].numpy()
-    fresh = [sys.executable, "-c", FRESH_PROCESS, str(folder), str(merged)]
-    done = subprocess.run(
-        fresh,
-        input=json.dumps(ids),
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    loaded = in_fresh_process(FRESH_PROCESS, [str(folder), str(merged)], ids)
     assert np.abs(np.asarray(loaded[str(folder)]) - ours).max() <= 1e-4
     assert np.abs(np.asarray(loaded[str(merged)]) - ours).max() <= 1e-4
     result = CliRunner().invoke(app, ["evaluate", str(folder), "--json"])
