@@ -61,7 +61,7 @@ def client_batches(data: EncodedSplit, indices: np.ndarray, cfg: TrainConfig, se
 
 
 PIECE_OVERHEAD_TOKENS = 32  # one more forward and backward pass costs about as much as this many more tokens (MiniLM-L6 on one
-# CPU thread, 2026-12-07: 17 ms a pass plus 0.55 ms a token)
+# CPU thread, benchmarks/batching.py, 2026-12-07: 18.7 ms a pass plus 0.51 ms a token)
 
 
 def length_pieces(lengths: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
