@@ -17,7 +17,7 @@ wall seconds are its time to the target:
 - ours: the embedded engine (``run_experiment``, as ``legend run`` calls it);
 - naive: what most research code does (this file, ``--variant naive``): the model rebuilt from its
   files for each client and for each evaluation, every batch padded to ``data.max_length`` and computed whole,
-  no cache; otherwise the engine's work: the same sampling, batches, AdamW settings and
+  in float32, no cache; otherwise the engine's work: the same sampling, batches, AdamW settings and
   truncation, the same strategy objects plan and aggregate, and the same capacity observations (the
   virtual clock's report of each update), so LEGEND plans from the same estimates;
 - flower-sim: legend's own Flower ServerApp and ClientApp under Flower's simulation runtime

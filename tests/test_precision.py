@@ -79,3 +79,28 @@ def test_auto_precision_is_bfloat16_exactly_where_the_cpu_multiplies_it_natively
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
     assert (resolve_precision("float32", cpu), resolve_precision("bfloat16", cpu)) == (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("has_bfloat16", [True, False])
+def test_auto_precision_on_a_gpu_is_bfloat16_where_it_has_it_and_float32_where_not(monkeypatch, has_bfloat16):
+    """The default never picks float16: it needs loss scaling, and no run measured it as a default. The GPU's answer is
+    the only thing replaced (this machine has none)."""
+    from legend.models.placement import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: has_bfloat16)
+    assert resolve_precision("auto", torch.device("cuda")) == (torch.bfloat16 if has_bfloat16 else torch.float32)
+
+
+def test_the_default_precision_is_auto_and_a_run_says_what_it_chose(tmp_path):
+    from typer.testing import CliRunner
+
+    from legend.cli import app
+    from legend.config import Config
+    from legend.models.placement import cpu_has_native_bfloat16
+
+    assert Config().engine.precision == "auto"
+    overrides = [o for o in tiny_overrides(**{"fl.rounds": 1}) if not o.startswith("engine.precision=")]
+    result = CliRunner().invoke(app, ["run", str(QUICKSTART), *overrides, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    chosen = "bfloat16" if cpu_has_native_bfloat16() else "float32"
+    assert f"{chosen} matrix multiplies on the cpu" in " ".join(result.output.split())

@@ -61,10 +61,14 @@ def run(
     cfg = load_config(config, overrides or [])
     quiet_libraries()
     from legend.engine.simulation import run_experiment
+    from legend.models.placement import resolve_device, resolve_precision
 
+    device = resolve_device(cfg.engine.device)
+    precision = str(resolve_precision(cfg.engine.precision, device)).removeprefix("torch.")  # what 'auto' chose here
     console.print(
         f"[bold]legend[/bold] {cfg.strategy.name} on {cfg.data.task} with {cfg.model.name}: "
-        f"{cfg.fl.rounds} rounds, {cfg.fl.clients_per_round} of {cfg.fl.num_clients} clients per round -> {out}"
+        f"{cfg.fl.rounds} rounds, {cfg.fl.clients_per_round} of {cfg.fl.num_clients} clients per round, "
+        f"{precision} matrix multiplies on the {device.type} -> {out}"
     )
     with Progress(
         TextColumn("round"),
@@ -326,7 +330,7 @@ def calibrate(
         False, "--instruct", help="time a decoder as a causal LM trained on instruction responses (data.format=instruct)"
     ),
     device: str = typer.Option("auto", "--device", help="as engine.device: auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N"),
-    precision: str = typer.Option("float32", "--precision", help="as engine.precision: float32, bfloat16, float16 or auto"),
+    precision: str = typer.Option("auto", "--precision", help="as engine.precision: auto, float32, bfloat16 or float16"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
     save: bool = typer.Option(True, "--save/--no-save", help="store the measured rate as the 'host' device profile"),
     debug: bool = DEBUG,

@@ -353,11 +353,11 @@ class EngineConfig(Section):
         description="where the shared model trains and evaluates: 'auto' (the first CUDA GPU torch sees, else the CPU), 'cpu', 'cuda' or "
         "'cuda:N'; states, aggregation and the wire stay on the CPU",
     )
-    precision: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32",
-        description="dtype of the matrix multiplies in forward and backward passes: bfloat16 autocasts them, ~2x faster on CPUs with "
-        "AVX-512 BF16 or AMX (parameters, optimizer and loss stay float32); float16 adds loss scaling; 'auto': bfloat16 where the GPU "
-        "or CPU multiplies it natively, float16 on a GPU without bfloat16, else float32",
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the matrix multiplies in forward and backward passes: 'auto' = bfloat16 where the GPU or CPU multiplies it "
+        "natively (a CUDA GPU with bfloat16, a CPU with AVX-512 BF16 or AMX), else float32; bfloat16 autocasts them (parameters, "
+        "optimizer and loss stay float32); float16 adds loss scaling; float32 reproduces runs from before auto was the default",
     )
     client_state_mb: float = Field(
         64.0,

@@ -36,14 +36,14 @@ def resolve_device(name: str, setting: str = "engine.device") -> torch.device:
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """'auto': bfloat16 where the hardware multiplies it natively (a CUDA GPU that supports it; a CPU with AVX-512 BF16
-    or AMX), float16 (with loss scaling) on an older GPU, else float32; 'float32', 'bfloat16' and 'float16' as asked."""
+    or AMX), else float32 (float16 only by name: it needs loss scaling and has no measured default); 'float32',
+    'bfloat16' and 'float16' as asked."""
     if name not in ("float32", "bfloat16", "float16", "auto"):
         raise LegendError(f"precision '{name}' is not one: use float32, bfloat16, float16 or auto")
     if name != "auto":
         return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bfloat16()
+    return torch.bfloat16 if native else torch.float32
 
 
 QUANTIZED_BYTES = {"4bit": 4.127 / 8, "8bit": 1.0}  # per weight: NF4 with double-quantised scales (QLoRA, arXiv 2305.14314), LLM.int8
