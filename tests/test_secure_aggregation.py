@@ -134,6 +134,14 @@ def test_the_coverage_guard_is_refused_where_a_strategy_would_not_keep_a_withhel
         build_experiment(load_config(QUICKSTART, tiny_overrides(**{"strategy.name": "hetlora", "fl.min_coverage": 2})))
 
 
+@pytest.mark.parametrize("guard", [{"fl.min_coverage": 2}, {"flower.secure_aggregation": "true", "fl.min_clients": 2}])
+def test_the_coverage_guard_is_refused_over_legends_region_download_whose_plans_it_cannot_cut(guard):
+    overrides = tiny_overrides(**{"strategy.name": "legend", "legend.download": '"region"', **guard})
+    with pytest.raises(LegendError, match="legend.download='region' sends each device only its region"):
+        build_experiment(load_config(QUICKSTART, overrides))
+    build_experiment(load_config(QUICKSTART, [*overrides, 'legend.download="all"']))  # the fix the line names works
+
+
 def in_process_runtime(config, exp, tmp_path, clients):
     """legend's FlowerRuntime over the in-process grid, with a node for each of ``clients``."""
     nodes = {1000 + c: {"client-id": c, "device": exp.fleet.device_of(c).kind, "state-dir": str(tmp_path)} for c in clients}
