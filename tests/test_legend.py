@@ -147,6 +147,7 @@ def test_legend_run_sends_every_global_adapter_down_and_only_its_region_up(tmp_p
                 "strategy.name": "legend",
                 "legend.ranks": "linear",
                 "legend.max_depth": 6,
+                "legend.download": "all",
                 "fl.clients_per_round": 4,
                 "devices.fleet": "jetson-mix-80",
             }
@@ -338,9 +339,9 @@ def test_region_download_sends_only_the_region_and_zeroes_the_adapters_below_it(
     assert torch.equal(plan.wire["head"], state["head"]) and torch.equal(
         plan.weights["layers.2.m.lora_A.default.weight"], state["layers.2.m.lora_A.default.weight"]
     )
-    everything = Legend(load_config(None, ["legend.r_min=2", "legend.r_max=4", "legend.max_depth=3"]), info).client_plan(
-        0, layout, state, 1e-3
-    )
+    everything = Legend(
+        load_config(None, ["legend.r_min=2", "legend.r_max=4", "legend.max_depth=3", "legend.download=all"]), info
+    ).client_plan(0, layout, state, 1e-3)
     assert everything.wire is None and torch.equal(everything.weights[keys[0]], state[keys[0]])
 
 

@@ -59,7 +59,12 @@ WIRE = {
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "tiny_summaries.json").read_text())
 # The settings they were written under, pinned where a default has changed since (batching changes which rows share a pass,
 # so float rounding; the precision changes the matrix multiplies).
-GOLDEN_SETTINGS = {"train.group_by_length": "true", "train.split_by_length": "false", "engine.precision": '"float32"'}
+GOLDEN_SETTINGS = {
+    "train.group_by_length": "true",
+    "train.split_by_length": "false",
+    "engine.precision": '"float32"',
+    "legend.download": '"all"',
+}
 
 
 ADDED_SINCE = {

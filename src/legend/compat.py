@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from legend.errors import LegendError
 from legend.strategies.base import DP, PARALLEL_GROUPS, QUANTIZED_BASE, ROBUST_AGGREGATION, SECURE_SUMS
-from legend.strategies.coverage import min_coverage
 
 if TYPE_CHECKING:
     from legend.config import Config
@@ -54,11 +53,6 @@ def check(config: Config, strategy_cls: type[Strategy]) -> None:
         raise LegendError(
             f"fl.min_coverage keeps a coordinate that fewer devices would train at its old value, which only a strategy that "
             f"averages coordinates does, and {name} does not: use one of {supporting(SECURE_SUMS)}, or fl.min_coverage=0"
-        )
-    if name == "legend" and config.legend.download == "region" and min_coverage(config) > 1:
-        raise LegendError(
-            "legend.download='region' sends each device only its region, and the coverage guard (fl.min_coverage, or "
-            "flower.secure_min_coverage on a secure run) cannot cut such a plan yet: use legend.download='all' with the guard"
         )
     if config.devices.activation_cache and config.model.dropout != 0.0:
         raise LegendError(

@@ -165,7 +165,7 @@ class LegendConfig(Section):
         "legend.ranks from r_min to r_max over max_depth blocks",
     )
     download: Literal["all", "region"] = Field(
-        "all",
+        "region",
         description="LEGEND: what a device downloads: 'all' = every global adapter (it applies those below its region, frozen), "
         "'region' = its own region and the head only (zero adapters below it)",
     )

@@ -86,17 +86,20 @@ def covered_layouts(layouts: dict[int, AdapterLayout], k: int) -> dict[int, Adap
 
 def recut(plan: ClientPlan, layout: AdapterLayout, global_state: State, block_of) -> ClientPlan:
     """The plan of a device whose layout the guard cut: a block it still trains sent at its smaller rank, a block it no
-    longer trains sent whole from the global state (the device applies it frozen)."""
-    weights = {}
+    longer trains sent whole from the global state (the device applies it frozen). A compact plan (LEGEND's own region,
+    ``wire`` a part of ``weights``) sends its tensors cut the same way, and each newly frozen block's too."""
+    weights, frozen = {}, []
     for key, value in plan.weights.items():
         block = block_of(key)
         if block is None or layout.rank_by_block[block] == plan.layout.rank_by_block[block]:
             weights[key] = value
         elif layout.rank_by_block[block] == 0:
             weights[key] = global_state[key]
+            frozen.append(key)
         else:
             weights[key] = value[tuple(slice(0, n) for n in layout.device_shape(key, block, global_state[key].shape))]
-    return replace(plan, layout=layout, weights=weights)
+    wire = None if plan.wire is None else {key: weights[key] for key in [*plan.wire, *frozen]}
+    return replace(plan, layout=layout, weights=weights, wire=wire)
 
 
 class CoverageGuard:
@@ -117,8 +120,6 @@ class CoverageGuard:
         rows, cut = [], dict(plans)
         for client, plan in plans.items():
             if layouts[client] != plan.layout:
-                if plan.wire is not None:
-                    raise RuntimeError(f"{self.strategy.name} sends a compact plan, which the coverage guard cannot cut")
                 planned, trained = plan.layout, layouts[client]
                 rows.append(
                     {
