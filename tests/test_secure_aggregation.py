@@ -261,7 +261,14 @@ def test_the_coverage_guard_cuts_legends_region_plans_and_sends_the_blocks_it_fr
         "head": True,
     }
     per_rank, head = 4 * 384, 2 * 384 + 2  # MiniLM-L6's query and value: A (r x 384) and B (384 x r) per rank; the head
-    frozen = {cut["client"]: exp.strategy.global_ranks[4] for cut in row["withheld"]}
+    frozen = {  # per cut device, the global ranks of the blocks it was planned to train and now applies frozen
+        cut["client"]: sum(
+            rank
+            for rank, planned, trained in zip(exp.strategy.global_ranks, cut["planned_rank_by_block"], cut["rank_by_block"])
+            if planned and not trained
+        )
+        for cut in row["withheld"]
+    }
     for device in row["devices"]:
         assert device["bytes_up"] == 4 * (per_rank * sum(device["rank_by_block"]) + head)
         assert device["bytes_down"] == 4 * (per_rank * (sum(device["rank_by_block"]) + frozen.get(device["client"], 0)) + head)

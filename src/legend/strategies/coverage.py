@@ -7,9 +7,9 @@ from its own plans which those are: a coordinate only one device trained comes o
 largest rank among the round's sampled devices (rank row j is trained by the devices whose rank exceeds j, so exactly the
 rows fewer than k devices train go); a block of another method, or the head, that fewer than k devices train is trained
 by none. What is cut is neither trained nor sent, and a strategy that averages coordinates keeps its old value; the
-device still applies the block's global tensor, frozen (sent with the plan, even where the strategy sends only a
-device's own region: LEGEND's default download). A round
-samples at least k devices (``enough_clients``); each round records whose plan was cut (``withheld``).
+device still applies the block's global tensor, frozen, sent with the plan even where the strategy sends a device only
+its own region (LEGEND's default download). A round samples at least k devices (``enough_clients``); each round records
+whose plan was cut (``withheld``).
 
 Devices that drop after the plan are not covered by this: the Flower side checks the survivors' coverage again before
 SecAgg+ unmasks their sum (``flower/secure.py``).
